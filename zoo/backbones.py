@@ -1,0 +1,179 @@
+"""The public face of the registry: list, describe and build backbones by name."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import registry
+from .errors import PluginError, UnknownWeightsError, ZooError
+from .records import LayerGroup, Normalization, WeightsInfo
+
+DEFAULT = "default"  # the `weights=` value meaning "the plugin's default pretrained weights"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Everything the zoo knows about one backbone with one choice of weights."""
+
+    name: str  # qualified provider/model
+    provider: str
+    model: str
+    family: str
+    plugin: str
+    weights: str | None  # tag, "file:<name>@<sha>", or None for random init
+    default_weights: str | None
+    available_weights: tuple[WeightsInfo, ...]
+    normalization: Normalization
+    feature_dim: int | None
+    layer_groups: tuple[LayerGroup, ...] = ()
+    num_params: int | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "provider": self.provider,
+            "model": self.model,
+            "family": self.family,
+            "plugin": self.plugin,
+            "weights": self.weights,
+            "default_weights": self.default_weights,
+            "available_weights": [
+                {"tag": w.tag, "source": w.source, "num_classes": w.num_classes, "metrics": dict(w.metrics),
+                 "license": w.license}
+                for w in self.available_weights
+            ],
+            "normalization": self.normalization.to_dict(),
+            "feature_dim": self.feature_dim,
+            "num_params": self.num_params,
+            "layer_groups": [{"name": g.name, "num_params": None, "parameters": len(g.parameters)}
+                             for g in self.layer_groups],
+            "description": self.description,
+        }
+
+
+def list_models(
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    provider: str | None = None,
+    pretrained_only: bool = False,
+) -> list[str]:
+    """Qualified names of registered backbones, filtered by glob patterns (torchvision style)."""
+    return registry.backbones().list_models(include, exclude, provider, pretrained_only)
+
+
+def _choose_weights(rec: registry.BackboneRecord, tag_in_name: str | None, weights: Any) -> tuple[str, Any]:
+    """-> ("tag", tag | None) or ("file", path)."""
+    from .weights import looks_like_path
+
+    if weights is None:
+        if tag_in_name is not None:
+            raise UnknownWeightsError(f"{rec.name}.{tag_in_name} names weights but weights=None asks for random init")
+        return "tag", None
+    if weights == DEFAULT:
+        return "tag", tag_in_name if tag_in_name is not None else rec.spec.default_weights
+    if isinstance(weights, str) and weights in rec.spec.weight_tags:
+        if tag_in_name is not None and tag_in_name != weights:
+            raise UnknownWeightsError(f"the name asks for weights {tag_in_name!r} but weights={weights!r}")
+        return "tag", weights
+    if looks_like_path(weights):
+        return "file", Path(weights)
+    raise UnknownWeightsError(
+        f"{rec.name}: weights={weights!r} is neither a tag ({', '.join(rec.spec.weight_tags) or 'none'}), "
+        f"'{DEFAULT}', None (random init), nor a local .safetensors/.pth file"
+    )
+
+
+def get_info(name: str, weights: Any = DEFAULT) -> BackboneInfo:
+    """Describe a backbone without building it (normalization, static feature dim, weights)."""
+    reg = registry.backbones()
+    rec, tag_in_name = reg.resolve(name)
+    kind, value = _choose_weights(rec, tag_in_name, weights)
+    norm_tag = value if kind == "tag" else rec.spec.default_weights
+    return BackboneInfo(
+        name=rec.name,
+        provider=rec.spec.provider,
+        model=rec.spec.model,
+        family=rec.spec.family,
+        plugin=rec.plugin,
+        weights=value if kind == "tag" else f"file:{Path(value).name}",
+        default_weights=rec.spec.default_weights,
+        available_weights=rec.spec.weights,
+        normalization=reg.normalization(rec, norm_tag),
+        feature_dim=reg.static_feature_dim(rec),
+        description=rec.spec.description,
+    )
+
+
+def get_normalization(name: str, weights: Any = DEFAULT) -> Normalization:
+    """The preprocessing stats the backbone's plugin prescribes for these weights."""
+    return get_info(name, weights).normalization
+
+
+def create_backbone(name: str, weights: Any = DEFAULT) -> tuple["torch.nn.Module", BackboneInfo]:  # noqa: F821
+    """Build the headless backbone (pooled features out) and describe it.
+
+    weights: "default" (the plugin's default pretrained tag, or random init if it has none),
+    a tag such as "IMAGENET1K_V2", None (random init), or a local .safetensors / .pth file
+    (read without unpickling code). Returns (module in eval mode, BackboneInfo).
+    """
+    from .weights import file_digest, load_into, read_state_dict
+
+    reg = registry.backbones()
+    rec, tag_in_name = reg.resolve(name)
+    kind, value = _choose_weights(rec, tag_in_name, weights)
+    host = reg.host
+    build_tag = value if kind == "tag" else None
+    module = host.call_owner(rec.plugin, "create_backbone", spec=rec.spec, weights=build_tag)
+    if module is None:
+        raise PluginError(f"plugin {rec.plugin!r} registered {rec.name} but its create_backbone returned nothing")
+    weights_id: str | None = build_tag
+    if kind == "file":
+        path = Path(value)
+        ignored = load_into(module, read_state_dict(path), f"weights file {str(path)!r}")
+        if ignored:
+            warnings.warn(f"{rec.name}: ignored {len(ignored)} keys from {path.name} (classifier): {ignored[:4]}",
+                          stacklevel=2)
+        weights_id = f"file:{path.name}@sha256:{file_digest(path)}"
+    norm_tag = value if kind == "tag" else rec.spec.default_weights
+    feature_dim = host.call_owner(rec.plugin, "backbone_feature_dim", spec=rec.spec, model=module)
+    groups = host.call_owner(rec.plugin, "backbone_layer_groups", spec=rec.spec, model=module)
+    if groups is None:
+        from .layers import auto_layer_groups
+
+        groups = auto_layer_groups(module)
+    module.eval()
+    info = BackboneInfo(
+        name=rec.name,
+        provider=rec.spec.provider,
+        model=rec.spec.model,
+        family=rec.spec.family,
+        plugin=rec.plugin,
+        weights=weights_id,
+        default_weights=rec.spec.default_weights,
+        available_weights=rec.spec.weights,
+        normalization=reg.normalization(rec, norm_tag),
+        feature_dim=int(feature_dim) if feature_dim is not None else None,
+        layer_groups=tuple(groups),
+        num_params=sum(p.numel() for p in module.parameters()),
+        description=rec.spec.description,
+    )
+    return module, info
+
+
+def offline_weights_error(model: str, file_name: str, directory: str | os.PathLike, source: str,
+                          cause: BaseException | None = None) -> ZooError:
+    """The message every plugin gives when pretrained weights cannot be had: what, where, else."""
+    from .errors import WeightsUnavailableError
+
+    why = f" ({type(cause).__name__}: {cause})" if cause else ""
+    return WeightsUnavailableError(
+        f"pretrained weights for {model} are not available offline{why}.\n"
+        f"  - place the file {file_name!r} in {str(directory)!r} (from {source}), or\n"
+        f"  - pass a local file: weights='path/to/weights.safetensors' (or a .pth state_dict), or\n"
+        f"  - use random init: weights=None (CLI: --weights none)"
+    )

@@ -1,0 +1,60 @@
+"""Classifier heads put on top of a backbone's pooled features."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from .errors import ZooError
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Linear by default; "mlp" stacks hidden layers (Linear, norm, activation, dropout)."""
+
+    kind: str = "linear"  # linear | mlp
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.0
+    norm: str | None = None  # None | batchnorm | layernorm
+    activation: str = "gelu"  # gelu | relu | silu
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HeadConfig":
+        return cls(kind=d.get("kind", "linear"), hidden=tuple(d.get("hidden", (512,))),
+                   dropout=float(d.get("dropout", 0.0)), norm=d.get("norm"), activation=d.get("activation", "gelu"))
+
+
+_ACT = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+_NORM = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
+
+
+def build_head(in_features: int, num_classes: int, config: HeadConfig | None = None) -> nn.Module:
+    cfg = config or HeadConfig()
+    if in_features <= 0 or num_classes < 2:
+        raise ZooError(f"a head needs in_features > 0 and at least 2 classes, got {in_features} and {num_classes}")
+    if cfg.kind == "linear":
+        layers: list[nn.Module] = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
+        return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
+    if cfg.kind != "mlp":
+        raise ZooError(f"unknown head kind {cfg.kind!r}: expected 'linear' or 'mlp'")
+    if cfg.activation not in _ACT or (cfg.norm is not None and cfg.norm not in _NORM):
+        raise ZooError(f"head activation must be one of {sorted(_ACT)} and norm one of {sorted(_NORM)} or None")
+    layers = []
+    width = in_features
+    for hidden in cfg.hidden:
+        layers.append(nn.Linear(width, hidden))
+        if cfg.norm:
+            layers.append(_NORM[cfg.norm](hidden))
+        layers.append(_ACT[cfg.activation]())
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
