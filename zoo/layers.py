@@ -17,7 +17,9 @@ from .records import LayerGroup
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Identity, nn.Flatten,
            nn.LayerNorm, nn.GroupNorm, nn.Hardswish, nn.SiLU, nn.GELU, nn.Tanh)
-EXPAND = ("features", "trunk", "trunk_output")
+# Containers whose children are the real stages (VGG/MobileNet `features`, ViT `encoder.layers`,
+# MaxViT `blocks`, VGG `classifier` holding fc6/fc7).
+EXPAND = ("features", "trunk", "trunk_output", "classifier", "encoder", "layers", "blocks")
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -40,7 +42,7 @@ def auto_layer_groups(model: nn.Module, expand: Sequence[str] = EXPAND) -> list[
     def walk(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             path = f"{prefix}{child_name}"
-            if child_name in expand and isinstance(child, nn.Sequential):
+            if child_name in expand and len(child._modules) > 0 and not isinstance(child, _LEAVES):
                 close()
                 walk(path + ".", child)
                 close()
