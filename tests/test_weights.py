@@ -38,6 +38,12 @@ def test_torchvision_pretrained_path_runs_offline_and_reads_weights_only(torch_h
 
 
 def test_missing_pretrained_file_names_the_file_the_place_and_the_alternatives(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, *a, **k):  # no test touches the network: simulate an unreachable host
+        raise urllib.error.URLError("network is unreachable (simulated)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
     with pytest.raises(WeightsUnavailableError) as err:
         zoo.create_backbone("torchvision/mobilenet_v2", weights="IMAGENET1K_V1")
