@@ -1,0 +1,404 @@
+"""Datasets for training a head: an image folder (one subfolder per class), a CSV of path,label,
+or the embedded Fashion-MNIST sample; a stratified seeded split; transforms from the backbone's
+Normalization record.
+
+Everything that can be wrong with the data is found before any training work starts: a missing
+folder, an empty class folder, a single class (`DataError`); corrupt, truncated or non-image files
+are decoded once up front and skipped with a warning that lists them (`strict=True` refuses them).
+
+Eval transform = zoo.preprocess.resize_crop, normalization = zoo.preprocess.normalize_uint8's
+arithmetic (done on the device by :func:`normalize_batch`), so training, export validation and the
+torch-free predictor see the same pixels. The train transform is a RandomResizedCrop + horizontal
+flip whose randomness comes from an explicit per-sample seed, so it is reproducible whatever the
+number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .preprocess import IMAGE_SUFFIXES, ImageDecodeError, _RESAMPLE, load_image, resize_crop, to_rgb, to_uint8_hwc
+from .records import Normalization
+
+
+class DataWarning(UserWarning):
+    """Some files were skipped (listed in the message)."""
+
+
+@dataclass
+class Samples:
+    """Labelled images: file paths or in-memory uint8 arrays (H, W[, C])."""
+
+    items: list
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    _hashes: list | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.items) != len(self.labels):
+            raise ValueError("items and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self, i: int) -> str:
+        item = self.items[i]
+        return str(item) if isinstance(item, (str, os.PathLike)) else f"<array #{i}>"
+
+    def load(self, i: int) -> Image.Image:
+        item = self.items[i]
+        if isinstance(item, (str, os.PathLike)):
+            return load_image(item)
+        return to_rgb(Image.fromarray(np.asarray(item)))
+
+    def content_hash(self, i: int) -> str:
+        """sha256 of the file's bytes (or the array's), the image part of the feature-cache key."""
+        if self._hashes is None:
+            self._hashes = [None] * len(self.items)
+        h = self._hashes[i]
+        if h is None:
+            item = self.items[i]
+            d = hashlib.sha256()
+            if isinstance(item, (str, os.PathLike)):
+                with open(item, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        d.update(chunk)
+            else:
+                arr = np.ascontiguousarray(item)
+                d.update(f"{arr.dtype}{arr.shape}".encode())
+                d.update(arr.tobytes())
+            h = self._hashes[i] = d.hexdigest()
+        return h
+
+    def subset(self, indices: Sequence[int]) -> "Samples":
+        indices = list(indices)
+        hashes = [self._hashes[i] for i in indices] if self._hashes is not None else None
+        return Samples([self.items[i] for i in indices], self.labels[indices], self.classes, hashes)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.classes))
+
+
+@dataclass
+class DataSplit:
+    train: Samples
+    val: Samples | None
+    classes: tuple[str, ...]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    source: str = ""
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith((".", "_", "~")) and name not in ("Thumbs.db", "desktop.ini")
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[Samples, list[tuple[str, str]]]:
+    """One subfolder per class (nested folders inside a class are included). Files without an
+    image suffix are returned as skipped; their bytes are not read."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {str(root)!r} does not exist; pass --data DIR with one subfolder per class")
+    if not root.is_dir():
+        raise DataError(f"--data {str(root)!r} is a file; pass a folder with one subfolder per class "
+                        "(or a CSV of path,label with --csv)")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _visible(d.name))
+    if not class_dirs:
+        loose = [p.name for p in root.iterdir() if p.is_file() and _visible(p.name)]
+        hint = f" (found {len(loose)} loose files)" if loose else ""
+        raise DataError(f"{str(root)!r} has no class subfolders{hint}: put each class's images in "
+                        f"{root}/<class name>/, or list them in a CSV with --csv")
+    items, labels, skipped, empty = [], [], [], []
+    for label, d in enumerate(class_dirs):
+        n = 0
+        for dirpath, dirnames, files in os.walk(d):
+            dirnames[:] = sorted(x for x in dirnames if _visible(x))
+            for f in sorted(files):
+                if not _visible(f):
+                    continue
+                path = os.path.join(dirpath, f)
+                if f.lower().endswith(IMAGE_SUFFIXES):
+                    items.append(path)
+                    labels.append(label)
+                    n += 1
+                else:
+                    skipped.append((path, "not an image file (suffix)"))
+        if n == 0:
+            empty.append(d.name)
+    if empty:
+        raise DataError(f"class folder(s) {', '.join(repr(e) for e in empty)} in {str(root)!r} hold no images; "
+                        "add images or remove the folder")
+    classes = tuple(d.name for d in class_dirs)
+    _check_classes(classes, str(root))
+    return Samples(items, np.array(labels), classes), skipped
+
+
+def _check_classes(classes: Sequence[str], where: str) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{where}: found a single class {tuple(classes)!r}; a classifier needs at least two "
+                        "(one subfolder per class)")
+
+
+def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
+             classes: Sequence[str] | None = None) -> tuple[Samples, list[tuple[str, str]]]:
+    """Rows of path,label (a header row `path,label` is optional). Relative paths are resolved
+    against `root`, else the CSV's folder. Missing files are returned as skipped."""
+    csv_file = Path(csv_file)
+    if not csv_file.is_file():
+        raise DataError(f"CSV file {str(csv_file)!r} does not exist")
+    base = Path(root) if root is not None else csv_file.parent
+    rows = []
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
+            path, label = row[0].strip(), row[1].strip()
+            if n == 1 and path.lower() in ("path", "file", "filename", "image") and label.lower() in (
+                    "label", "class", "target"):
+                continue
+            if not label:
+                raise DataError(f"{csv_file}:{n}: empty label for {path!r}")
+            rows.append((path if os.path.isabs(path) else str(base / path), label))
+    if not rows:
+        raise DataError(f"CSV file {str(csv_file)!r} lists no images")
+    names = tuple(classes) if classes is not None else tuple(sorted({lab for _, lab in rows}))
+    _check_classes(names, str(csv_file))
+    index = {c: i for i, c in enumerate(names)}
+    unknown = sorted({lab for _, lab in rows if lab not in index})
+    if unknown:
+        raise DataError(f"{csv_file}: labels {unknown} are not among the model's classes {list(names)}")
+    items, labels, skipped = [], [], []
+    for path, label in rows:
+        if os.path.isfile(path):
+            items.append(path)
+            labels.append(index[label])
+        else:
+            skipped.append((path, "file not found"))
+    return Samples(items, np.array(labels, dtype=np.int64), names), skipped
+
+
+def embedded_samples() -> tuple[Samples, Samples]:
+    from .embedded import load_embedded_dataset
+
+    ds = load_embedded_dataset()
+    return (Samples(list(ds.train_images), ds.train_labels, ds.classes),
+            Samples(list(ds.val_images), ds.val_labels, ds.classes))
+
+
+def _try_decode(samples: Samples, i: int) -> str | None:
+    try:
+        samples.load(i)
+        return None
+    except ImageDecodeError as exc:
+        return str(exc.__cause__ or exc)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def verify_images(samples: Samples, strict: bool = False, workers: int | None = None,
+                  already_skipped: Sequence[tuple[str, str]] = ()) -> tuple[Samples, list[tuple[str, str]]]:
+    """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
+    With strict=True any unreadable or skipped file raises DataError instead."""
+    paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]
+    workers = workers or min(8, (os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(lambda i: _try_decode(samples, i), paths))
+    bad = {i: r for i, r in zip(paths, reasons) if r is not None}
+    skipped = list(already_skipped) + [(samples.describe(i), r) for i, r in bad.items()]
+    if skipped and strict:
+        raise DataError(f"--strict: {len(skipped)} unusable files:\n" + _listing(skipped)
+                        + "\nremove or fix them, or drop --strict to skip them with a warning")
+    good = samples.subset([i for i in range(len(samples)) if i not in bad]) if bad else samples
+    counts = good.class_counts()
+    lost = [good.classes[c] for c in range(len(good.classes)) if counts[c] == 0]
+    if lost:
+        raise DataError(f"class(es) {lost} have no readable images left after skipping unreadable files:\n"
+                        + _listing(skipped))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unusable files:\n" + _listing(skipped), DataWarning, stacklevel=2)
+    return good, skipped
+
+
+def _listing(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:
+    lines = [f"  {f}: {r}" for f, r in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: shuffle with `seed`, send round(n * fraction) (at least 1 when the class has two
+    or more images) to validation. Returns sorted (train_idx, val_idx)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-split must be between 0 and 1 (exclusive), got {val_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = min(len(idx) - 1, max(1, int(round(len(idx) * val_fraction)))) if len(idx) > 1 else 0
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike | None = None,
+              val_data: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
+              strict: bool = False) -> DataSplit:
+    """Everything up front: scan, verify (decode each file once), split. Raises DataError early."""
+    if data is None and csv_file is None:
+        if val_data is not None:
+            raise DataError("--val-data needs --data (or --csv) for the training images")
+        train, val = embedded_samples()
+        return DataSplit(train, val, train.classes, [], "embedded Fashion-MNIST sample (400 train / 200 val)")
+    if csv_file is not None:
+        samples, skipped = read_csv(csv_file, root=data)
+        source = str(csv_file)
+    else:
+        samples, skipped = scan_folder(data)
+        source = str(data)
+    val_samples, val_skipped = None, []
+    if val_data is not None:
+        val_samples, val_skipped = scan_folder(val_data)
+        unknown = sorted(set(val_samples.classes) - set(samples.classes))
+        if unknown:
+            raise DataError(f"--val-data {str(val_data)!r} has classes {unknown} that the training data lacks")
+        remap = np.array([samples.classes.index(c) for c in val_samples.classes])
+        val_samples = Samples(val_samples.items, remap[val_samples.labels], samples.classes)
+    if strict and (skipped or val_skipped):
+        every = list(skipped) + list(val_skipped)
+        raise DataError(f"--strict: {len(every)} unusable files:\n" + _listing(every)
+                        + "\nremove them, or drop --strict to skip them with a warning")
+    samples, skipped = verify_images(samples, strict, already_skipped=skipped)
+    if val_samples is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            val_samples, val_skipped = verify_images(val_samples, strict, already_skipped=val_skipped)
+        if val_skipped:
+            warnings.warn(f"skipped {len(val_skipped)} unusable validation files:\n" + _listing(val_skipped),
+                          DataWarning, stacklevel=2)
+        return DataSplit(samples, val_samples, samples.classes, skipped + val_skipped, source)
+    if val_split and val_split > 0:
+        tr, va = stratified_split(samples.labels, val_split, seed)
+        return DataSplit(samples.subset(tr), samples.subset(va) if len(va) else None, samples.classes, skipped,
+                         source)
+    return DataSplit(samples, None, samples.classes, skipped, source)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def with_image_size(norm: Normalization, size: int | None) -> Normalization:
+    """The record for another input size, keeping its crop ratio (resize = floor(size / crop_pct))."""
+    if not size or size == norm.input_size[-1]:
+        return norm
+    resize = max(1, int(math.floor(size / norm.crop_pct)))
+    return replace(norm, input_size=(norm.input_size[0], int(size), int(size)), resize_size=resize)
+
+
+class EvalTransform:
+    """PIL RGB -> uint8 HWC array: the reference resize + center crop."""
+
+    def __init__(self, norm: Normalization):
+        self.norm = norm
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
+        return to_uint8_hwc(resize_crop(img, self.norm))
+
+    def describe(self) -> dict:
+        return {"kind": "eval", "normalization": self.norm.to_dict()}
+
+
+class TrainTransform:
+    """RandomResizedCrop (torchvision's sampling algorithm) + horizontal flip, seeded per call."""
+
+    def __init__(self, norm: Normalization, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True):
+        self.norm, self.scale, self.ratio, self.hflip = norm, tuple(scale), tuple(ratio), hflip
+
+    def _box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                return left, top, w, h
+        in_ratio = width / height  # fallback: central crop, as torchvision does
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
+        rng = rng or random.Random()
+        left, top, w, h = self._box(img.width, img.height, rng)
+        _, out_h, out_w = self.norm.input_size
+        out = img.resize((out_w, out_h), _RESAMPLE[self.norm.interpolation], box=(left, top, left + w, top + h))
+        if self.hflip and rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_uint8_hwc(out)
+
+    def describe(self) -> dict:
+        return {"kind": "random_resized_crop", "scale": list(self.scale), "ratio": list(self.ratio),
+                "hflip": self.hflip, "normalization": self.norm.to_dict()}
+
+
+def sample_seed(*parts) -> int:
+    """A stable 63-bit seed from (run seed, epoch/view, image index...)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class ImageDataset:
+    """torch-style dataset over Samples. Keys are an index, or (index, seed) for seeded transforms.
+    Returns (uint8 HWC tensor, label, index)."""
+
+    def __init__(self, samples: Samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        import torch
+
+        i, seed = (key if isinstance(key, tuple) else (key, None))
+        rng = random.Random(seed) if seed is not None else None
+        arr = self.transform(self.samples.load(i), rng)
+        return torch.from_numpy(np.require(arr, requirements=["C", "W"])), int(self.samples.labels[i]), i
+
+
+def normalize_batch(batch_hwc, norm: Normalization, device=None, channels_last: bool = False):
+    """uint8 (N, H, W, 3) tensor -> float32 (N, 3, H, W) with exactly normalize_uint8's arithmetic
+    ((x / 255 - mean) / std in float32), done on `device`."""
+    import torch
+
+    x = batch_hwc.to(device, non_blocking=True) if device is not None else batch_hwc
+    x = x.to(torch.float32) / torch.tensor(255.0, dtype=torch.float32, device=x.device)
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device)
+    std = torch.tensor(norm.std, dtype=torch.float32, device=x.device)
+    x = ((x - mean) / std).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

@@ -1,0 +1,180 @@
+"""Run directories: what one training run leaves behind, and how it resumes.
+
+  config.json        the training configuration (what --resume re-reads)
+  checkpoint.pt      written atomically after every epoch: head (+ trained backbone layers),
+                     optimizer, schedule, history, best state, RNG state
+  model.json, head.safetensors [, backbone.safetensors]
+                     the trained model in zoo.model's format (written last: load_model(run_dir),
+                     `zoo evaluate RUN` and the exporters read it); model.json's extra["training"]
+                     holds the headline metrics
+  metrics.json       per-epoch history, final per-class accuracy and confusion matrix
+  metrics.csv        the per-epoch history as a table
+  curves.png         loss and top-1 per epoch; confusion.png: the validation confusion matrix
+
+An existing, non-empty run directory is never overwritten: training refuses unless resume=True.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ZooError
+from .io import atomic_path, write_json, write_text
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+
+
+class RunDirError(ZooError):
+    pass
+
+
+def default_run_dir(backbone: str, root: str | Path = "runs") -> Path:
+    stem = backbone.replace("/", "-")
+    base = Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = Path(f"{base}-{n}")
+    return path
+
+
+def prepare(path: str | Path, resume: bool) -> Path:
+    """Check the run directory can be used: new (or empty) unless resuming, resumable if resuming."""
+    path = Path(path)
+    if resume:
+        if not (path / CONFIG).is_file():
+            raise RunDirError(f"cannot resume {str(path)!r}: it holds no {CONFIG} (not a run directory); "
+                              "drop --resume to start a new run there")
+        if not (path / CHECKPOINT).is_file():
+            raise RunDirError(f"cannot resume {str(path)!r}: no {CHECKPOINT} (the run stopped before its first "
+                              "epoch ended); delete the folder and start again")
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunDirError(f"run directory {str(path)!r} already exists and is not empty; pass --resume to continue "
+                          "that run, or choose another --out (nothing was overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / CONFIG).read_text())
+
+
+def write_config(path: str | Path, config: dict) -> None:
+    write_json(Path(path) / CONFIG, config)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    import torch
+
+    with atomic_path(Path(path) / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    import torch
+
+    return torch.load(Path(path) / CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def write_history(path: str | Path, history: list[dict], final: dict) -> None:
+    path = Path(path)
+    write_json(path / "metrics.json", {"history": history, "final": final})
+    cols = [k for k in history[0] if not isinstance(history[0][k], (list, dict))] if history else []
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: row.get(k) for k in cols})
+    write_text(path / "metrics.csv", buf.getvalue())
+
+
+def plot_curves(path: str | Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    if any(h.get("val_loss") is not None for h in history):
+        ax1.plot(epochs, [h.get("val_loss") for h in history], "o-", label="val")
+    ax1.set_xlabel("epoch"); ax1.set_ylabel("loss"); ax1.legend(); ax1.grid(alpha=0.3)  # noqa: E702
+    ax2.plot(epochs, [100 * h["train_top1"] for h in history], "o-", label="train")
+    if any(h.get("val_top1") is not None for h in history):
+        ax2.plot(epochs, [100 * h["val_top1"] for h in history], "o-", label="val")
+    ax2.set_xlabel("epoch"); ax2.set_ylabel("top-1 (%)"); ax2.legend(); ax2.grid(alpha=0.3)  # noqa: E702
+    fig.tight_layout()
+    with atomic_path(Path(path) / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(path: str | Path, confusion, labels, title: str = "validation confusion matrix") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.asarray(confusion)
+    n = len(labels)
+    size = max(4.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted"); ax.set_ylabel("true"); ax.set_title(title)  # noqa: E702
+    if n <= 30:
+        hi = cm.max() if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > hi / 2 else "black")
+    fig.tight_layout()
+    with atomic_path(Path(path) / "confusion.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class Run:
+    """What zoo.train returns: the trained model, where it was written, and how it did."""
+
+    dir: Path | None
+    model: Any  # ZooModel
+    history: list[dict]
+    best_epoch: int
+    best_val_top1: float | None
+    final: dict  # val metrics of the kept model: top1, loss, per_class, confusion
+    config: dict
+    freeze_report: Any = None
+    device: str = "cpu"
+    cache: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def val_top1(self) -> float | None:
+        return self.final.get("top1")
+
+    def summary(self) -> str:
+        lines = []
+        if self.val_top1 is not None:
+            lines.append(f"validation top-1: {100 * self.val_top1:.1f}% (epoch {self.best_epoch}/"
+                         f"{len(self.history)}, {self.final.get('count', 0)} images)")
+        else:
+            lines.append(f"no validation set; trained {len(self.history)} epochs")
+        lines.append(f"time: {self.seconds:.1f}s on {self.device}"
+                     + (f"; features cached: {self.cache.get('hits', 0)} hits, {self.cache.get('misses', 0)} "
+                        f"extracted" if self.cache else ""))
+        if self.dir is not None:
+            lines.append(f"run saved to {self.dir}")
+        return "\n".join(lines)
