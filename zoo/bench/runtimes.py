@@ -1,0 +1,222 @@
+"""Runtime adapters: turn a torch module into something `zoo bench` can time.
+
+Each adapter prepares a module for one mode ("infer", "train-frozen" use the module in eval
+mode for features; "train-full" needs a trainable module) and returns a `Prepared`:
+`to_input(x)` converts a torch batch to the runtime's native input once (outside the timed
+region) and `run(inp)` is the timed call. Exports go to a private temp dir.
+
+A runtime that cannot do something raises `Unsupported` (or any exception) from `prepare`;
+the benchmark turns that into an error row and goes on.
+
+Runtimes can also be given as "package.module:attribute" (a Runtime instance or class), which
+is how tests plug in a deliberately broken one that must also resolve in a child process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+INFER, TRAIN_FROZEN, TRAIN_FULL = "infer", "train-frozen", "train-full"
+MODES = (INFER, TRAIN_FROZEN, TRAIN_FULL)
+
+
+class Unsupported(Exception):
+    """This runtime cannot run this mode/device (reported as the row's error)."""
+
+
+@dataclass
+class Prepared:
+    run: Callable[[Any], Any]
+    to_input: Callable[[Any], Any]
+    to_torch: Callable[[Any], Any] = lambda out: out  # runtime output -> torch tensor
+    trainable: Any = None  # for train-full: the module whose parameters the optimizer steps
+    note: str = ""
+    cleanup: Callable[[], None] = lambda: None
+
+
+class Runtime:
+    name = "?"
+    modes: tuple[str, ...] = MODES
+
+    def check(self, mode: str, device: str) -> None:
+        if mode not in self.modes:
+            raise Unsupported(f"runtime {self.name!r} does not support mode {mode!r} "
+                              f"(supports: {', '.join(self.modes)})")
+
+    def prepare(self, module, example, mode: str, device: str, threads: int) -> Prepared:
+        raise NotImplementedError
+
+
+def _identity(x):
+    return x
+
+
+class Eager(Runtime):
+    name = "eager"
+
+    def prepare(self, module, example, mode, device, threads):
+        self.check(mode, device)
+        return Prepared(run=module, to_input=_identity, trainable=module)
+
+
+class ChannelsLast(Runtime):
+    name = "channels_last"
+
+    def prepare(self, module, example, mode, device, threads):
+        import torch
+
+        self.check(mode, device)
+        module = module.to(memory_format=torch.channels_last)
+        return Prepared(run=module, to_input=lambda x: x.contiguous(memory_format=torch.channels_last),
+                        trainable=module)
+
+
+class Compile(Runtime):
+    """torch.compile with the default (inductor) backend; compilation happens on the first call,
+    which the benchmark times as setup, not as a measurement."""
+
+    name = "compile"
+
+    def prepare(self, module, example, mode, device, threads):
+        import torch
+
+        self.check(mode, device)
+        torch._dynamo.reset()  # a fresh cache per measurement when running in-process
+        compiled = torch.compile(module, dynamic=False)
+        return Prepared(run=compiled, to_input=_identity, trainable=module)
+
+
+class TorchScript(Runtime):
+    """torch.jit.trace; frozen (torch.jit.freeze) for inference and frozen features. train-full
+    traces the module in train mode without freezing, so autograd flows through the graph."""
+
+    name = "torchscript"
+
+    def prepare(self, module, example, mode, device, threads):
+        import torch
+
+        self.check(mode, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if mode == TRAIN_FULL:
+                traced = torch.jit.trace(module, example, check_trace=False)
+                return Prepared(run=traced, to_input=_identity, trainable=traced, note="traced (train mode)")
+            with torch.no_grad():
+                traced = torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+        return Prepared(run=traced, to_input=_identity, note="traced+frozen")
+
+
+class OnnxRuntime(Runtime):
+    """torch.onnx.export (dynamic batch axis) to a temp dir + onnxruntime.InferenceSession with
+    intra-op threads = the recorded thread count. Inference only (train-frozen runs the backbone
+    here and the head step in torch); on CUDA it needs onnxruntime's CUDA provider."""
+
+    name = "onnxruntime"
+    modes = (INFER, TRAIN_FROZEN)
+
+    def check(self, mode, device):
+        if mode == TRAIN_FULL:
+            raise Unsupported("onnxruntime runs inference only: no train-full (use train-frozen)")
+        super().check(mode, device)
+
+    def prepare(self, module, example, mode, device, threads):
+        import numpy as np
+        import onnxruntime as ort
+        import torch
+
+        self.check(mode, device)
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise Unsupported("this onnxruntime build has no CUDAExecutionProvider "
+                                  f"(available: {', '.join(ort.get_available_providers())})")
+            providers = ["CUDAExecutionProvider"]
+        tmp = tempfile.mkdtemp(prefix="zoo-bench-onnx-")
+        path = os.path.join(tmp, "model.onnx")
+        exporter = export_onnx(module.eval(), example, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        name = session.get_inputs()[0].name
+
+        def cleanup():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        return Prepared(
+            run=lambda inp: session.run(None, {name: inp})[0],
+            to_input=lambda x: np.ascontiguousarray(x.detach().cpu().numpy()),
+            to_torch=lambda out: torch.from_numpy(out).to(device),
+            note=f"onnx exporter: {exporter}; host numpy in/out" if device != "cpu" else f"onnx exporter: {exporter}",
+            cleanup=cleanup,
+        )
+
+
+def export_onnx(module, example, path: str) -> str:
+    """Export with a dynamic batch axis. The dynamo exporter (torch's default) first, the
+    TorchScript-based one if that fails. Returns which one wrote the file."""
+    import torch
+
+    errors = []
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), path, dynamo=True, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+        return "dynamo"
+    except Exception as exc:  # noqa: BLE001 - fall back, report both if both fail
+        errors.append(f"dynamo: {type(exc).__name__}: {_first_line(exc)}")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), path, dynamo=False, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                              opset_version=17)
+        return "torchscript-based"
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"legacy: {type(exc).__name__}: {_first_line(exc)}")
+    raise RuntimeError("ONNX export failed; " + " | ".join(errors))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (Eager(), ChannelsLast(), Compile(), TorchScript(), OnnxRuntime())}
+DEFAULT_RUNTIMES = ("eager", "channels_last", "torchscript", "onnxruntime")
+
+
+def get_runtime(name: str) -> Runtime:
+    """A built-in runtime by name, or "package.module:attr" naming a Runtime (instance or class)."""
+    if name in RUNTIMES:
+        return RUNTIMES[name]
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        obj = getattr(importlib.import_module(mod), attr)
+        return obj() if isinstance(obj, type) else obj
+    from zoo.errors import ZooError
+
+    raise ZooError(f"unknown runtime {name!r}: expected one of {', '.join(RUNTIMES)} (or module:attr)")
+
+
+def runtime_label(name: str) -> str:
+    """The name shown in tables: built-ins as is, plug-in runtimes by their declared name."""
+    if name in RUNTIMES:
+        return name
+    try:
+        return get_runtime(name).name
+    except Exception:  # noqa: BLE001
+        return name
