@@ -114,7 +114,7 @@ def backbone_facts(name: str, weights: Any, image_size: int | None, device: str)
     facts = {"params": info.num_params, "feature_dim": info.feature_dim, "image_size": size,
              "weights": info.weights, "gflops": None, "gflops_error": None}
     try:
-        facts["gflops"] = round(forward_gflops(module, size), 4)
+        facts["gflops"] = float(f"{forward_gflops(module, size):.4g}")
     except Exception as exc:  # noqa: BLE001 - a model the counter cannot trace still gets timed
         facts["gflops_error"] = error_text(exc)
     del module
