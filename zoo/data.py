@@ -281,10 +281,6 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
             raise DataError(f"--val-data {str(val_data)!r} has classes {unknown} that the training data lacks")
         remap = np.array([samples.classes.index(c) for c in val_samples.classes])
         val_samples = Samples(val_samples.items, remap[val_samples.labels], samples.classes)
-    if strict and (skipped or val_skipped):
-        every = list(skipped) + list(val_skipped)
-        raise DataError(f"--strict: {len(every)} unusable files:\n" + _listing(every)
-                        + "\nremove them, or drop --strict to skip them with a warning")
     samples, skipped = verify_images(samples, strict, already_skipped=skipped)
     if val_samples is not None:
         with warnings.catch_warnings():

@@ -1,0 +1,194 @@
+"""zoo.train end to end on tiny data: learns, leaves the frozen backbone untouched (parameters and
+BatchNorm statistics, although train mode is entered every epoch), trains exactly the unfrozen
+groups, is deterministic, writes a complete run directory, and resumes a killed run exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo
+from trainhelpers import BACKBONE, make_image_folder, random_weights_file, state_of, train_kwargs
+from zoo.errors import DataError, ZooError
+from zoo.model import load_model
+from zoo.runs import RunDirError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "colors", per_class=12)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_weights_file(tmp_path_factory.mktemp("w") / "rn18.safetensors")
+
+
+def _train(tmp_path, data, weights, **kw):
+    return zoo.train(BACKBONE, data, weights=str(weights), **train_kwargs(tmp_path, **kw))
+
+
+def test_learns_far_above_chance_and_frozen_backbone_is_bit_identical(tmp_path, data, weights):
+    run = _train(tmp_path, data, weights, epochs=8, out=tmp_path / "run")
+    assert run.val_top1 >= 0.9, run.history  # chance is 1/3
+    assert run.cache["misses"] > 0 and run.freeze_report.trainable == 512 * 3 + 3
+    reference = load_file(str(weights))
+    for k, v in run.model.backbone.state_dict().items():  # parameters and BN running stats
+        assert torch.equal(v, reference[k]), k
+
+
+def test_uncached_augmented_path_keeps_frozen_bn_stats(tmp_path, data, weights):
+    """--augment without --views runs the backbone every step after model.train() each epoch:
+    the freezer's lock is all that keeps BatchNorm statistics from drifting."""
+    run = _train(tmp_path, data, weights, augment=True, epochs=2)
+    assert run.cache == {}  # caching was off: augmentation changes features every epoch
+    reference = load_file(str(weights))
+    for k, v in run.model.backbone.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_partial_freeze_trains_exactly_the_unfrozen_groups(tmp_path, data, weights):
+    run = _train(tmp_path, data, weights, freeze=3, epochs=2, lr=1e-3)
+    reference = load_file(str(weights))
+    groups = run.model.info.layer_groups
+    after = run.model.backbone.state_dict()
+    for i, g in enumerate(groups):
+        moved = [not torch.equal(after[p], reference[p]) for p in g.parameters]
+        assert (not any(moved)) if i < 3 else any(moved), (g.name, moved)
+    assert all(torch.equal(after[k], reference[k]) for k in after if "running" in k)  # default: BN in eval
+    assert run.model.meta.frozen_groups == 3
+
+
+def test_deterministic_under_a_seed(tmp_path, data, weights):
+    a = _train(tmp_path / "a", data, weights, head="mlp", hidden=(32,), dropout=0.2)
+    b = _train(tmp_path / "b", data, weights, head="mlp", hidden=(32,), dropout=0.2)
+    c = _train(tmp_path / "c", data, weights, head="mlp", hidden=(32,), dropout=0.2, seed=1)
+    for k, v in state_of(a.model.head).items():
+        assert torch.equal(v, state_of(b.model.head)[k])
+    assert any(not torch.equal(v, state_of(c.model.head)[k]) for k, v in state_of(a.model.head).items())
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+
+
+def test_run_directory_contents_and_reload(tmp_path, data, weights):
+    out = tmp_path / "run"
+    run = _train(tmp_path, data, weights, epochs=8, label_smoothing=0.1, out=out)
+    for name in ("model.json", "head.safetensors", "metrics.json", "metrics.csv", "curves.png", "confusion.png",
+                 "checkpoint.pt", "config.json", "backbone.safetensors"):
+        assert (out / name).is_file(), name
+    for png in ("curves.png", "confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 8 and len(metrics["final"]["confusion"]) == 3
+    assert metrics["final"]["top1"] == pytest.approx(run.val_top1)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["labels"] == ["blue", "green", "red"] and meta["normalization"]["input_size"] == [3, 32, 32]
+    assert meta["extra"]["training"]["val_top1"] == pytest.approx(run.val_top1)
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss,train_top1")
+    reloaded = load_model(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(x), run.model.eval()(x), atol=1e-5)
+    evaluated = zoo.training.evaluate(reloaded, data, device="cpu", num_workers=0)
+    assert evaluated["count"] == 36 and evaluated["top1"] > 0.9
+    with pytest.raises(RunDirError, match="already exists.*--resume"):
+        _train(tmp_path, data, weights, out=out)
+
+
+def test_early_stopping_keeps_best_epoch(tmp_path, data, weights):
+    run = _train(tmp_path, data, weights, epochs=30, patience=2, lr=1e-2)
+    assert len(run.history) < 30
+    best = max(h["val_top1"] for h in run.history)
+    assert run.best_val_top1 == best and run.val_top1 == best
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, data, weights):
+    full = _train(tmp_path / "full", data, weights, epochs=5, out=tmp_path / "full" / "run", dropout=0.1)
+
+    def stop_after_2(epoch, record):
+        if epoch == 2:
+            raise Interrupt
+
+    out = tmp_path / "part" / "run"
+    with pytest.raises(Interrupt):
+        zoo.train(BACKBONE, data, weights=str(weights), out=out, on_epoch_end=stop_after_2,
+                  **train_kwargs(tmp_path / "part", epochs=5, dropout=0.1))
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.json").exists()
+    resumed = zoo.train(out=out, resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert [h["val_top1"] for h in resumed.history] == [h["val_top1"] for h in full.history]
+    for k, v in state_of(full.model.head).items():
+        assert torch.equal(v, state_of(resumed.model.head)[k]), k
+
+
+def test_killed_process_resumes(tmp_path, data, weights):
+    """A real SIGKILL after epoch 2 in a child process; --resume finishes the run."""
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, zoo
+        def kill(epoch, rec):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        zoo.train({BACKBONE!r}, {str(data)!r}, weights={str(weights)!r}, out={str(out)!r}, on_epoch_end=kill,
+                  image_size=32, epochs=4, batch_size=8, lr=3e-3, progress=False, num_workers=0,
+                  cache_dir={str(tmp_path / 'cache')!r}, val_split=0.25, seed=0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (out / "model.json").exists()
+    resumed = zoo.train(out=out, resume=True, progress=False)
+    assert len(resumed.history) == 4 and (out / "model.json").is_file()
+    uninterrupted = _train(tmp_path / "ref", data, weights, epochs=4)
+    for k, v in state_of(uninterrupted.model.head).items():
+        assert torch.equal(v, state_of(resumed.model.head)[k]), k
+
+
+def test_errors_come_before_any_work(tmp_path, data, weights):
+    bad = make_image_folder(tmp_path / "bad", per_class=2, classes=("a", "b"))
+    (bad / "c").mkdir()
+    out = tmp_path / "never"
+    with pytest.raises(DataError, match="'c'"):
+        zoo.train(BACKBONE, bad, weights=str(weights), out=out, **train_kwargs(tmp_path))
+    assert not out.exists()
+    with pytest.raises(ZooError, match="no CUDA GPU"):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        zoo.train(BACKBONE, data, weights=str(weights), device="cuda", **train_kwargs(tmp_path))
+    with pytest.raises(ZooError, match="--views.*needs --augment"):
+        zoo.train(BACKBONE, data, weights=str(weights), views=2, **train_kwargs(tmp_path))
+    with pytest.raises(RunDirError, match="cannot resume"):
+        zoo.train(out=tmp_path, resume=True)
+
+
+def test_device_auto_is_cpu_without_accelerators():
+    from zoo.training import select_device
+
+    if torch.cuda.is_available():
+        assert select_device("auto").type == "cuda"
+    else:
+        assert select_device("auto").type in ("cpu", "mps")
+    assert select_device("cpu").type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("augment", [False, True])
+def test_cuda_amp_channels_last(tmp_path, data, weights, augment):
+    run = _train(tmp_path, data, weights, device="cuda", epochs=6, augment=augment)
+    assert run.device.startswith("cuda")
+    assert run.val_top1 >= (0.9 if not augment else 0.6)
+    reference = load_file(str(weights))
+    for k, v in run.model.backbone.state_dict().items():
+        assert torch.equal(v, reference[k]), k
