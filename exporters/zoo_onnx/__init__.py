@@ -1,0 +1,258 @@
+"""The ONNX exporters: `onnx` (fp32) and `onnx-int8` (onnxruntime dynamic quantization).
+
+Registered through the `zoo` entry-point group like any third-party format.
+
+Export path. DEFAULT_OPSET is 18. For opset >= 18 the model goes through torch's default,
+torch.export-based ("dynamo") exporter; it cannot target opsets below 18 reliably (it keeps 18
+when its version conversion fails), so opset < 18 uses the TorchScript-based exporter, and
+`onnx_exporter="auto"` also falls back to it when the dynamo exporter fails (the report says
+so). Either way the opset written is checked against the one asked for, the batch axis is traced
+at batch 2 and marked dynamic (validation then runs batch 1, 3 and 8), `onnx.checker` runs with
+full_check (shape inference included), and the file is self-contained (no external data).
+
+Graph: input "image" (uint8 NHWC, baked preprocessing) or "input" (float32 NCHW); outputs
+"logits", "probabilities" and, unless embedding=False, "embedding". metadata_props carries every
+field of `zoo.export.artifact_metadata` under "zoo.<field>" (JSON-encoded values) plus the whole
+dict as "zoo.metadata"; `zoo.predict` reads it back with onnxruntime alone.
+
+optimize=True saves ONNX Runtime's *basic* offline graph optimizations (constant folding,
+Conv+BatchNorm/Add/Mul fusion, redundant node elimination): standard ONNX ops only, so the file
+stays portable and checkable. Extended and layout optimizations are hardware-specific; ONNX
+Runtime applies them when a session loads the file (the predictor enables them all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from zoo import ExporterSpec, hookimpl
+
+DEFAULT_OPSET = 18
+MIN_DYNAMO_OPSET = 18
+MAX_BATCH = 1 << 16
+METADATA_PREFIX = "zoo."
+
+
+# -- export -------------------------------------------------------------------------------------------
+def _export_graph(module, example, opset: int, input_name: str, outputs: list[str], exporter: str):
+    """-> onnx.ModelProto, in memory (written once, after the metadata is in)."""
+    import io
+
+    import onnx
+    import torch
+
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
+                                     input_names=[input_name], output_names=outputs, dynamic_shapes=({0: batch},),
+                                     verbose=False)
+        return program.model_proto
+    buf = io.BytesIO()
+    torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=opset,
+                      input_names=[input_name], output_names=outputs, do_constant_folding=True,
+                      dynamic_axes={n: {0: "batch"} for n in [input_name, *outputs]})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def graph_opset(model_proto) -> int:
+    return next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def batch_axis_is_dynamic(model_proto) -> bool:
+    dims = [model_proto.graph.input[0].type.tensor_type.shape.dim[0]]
+    dims += [o.type.tensor_type.shape.dim[0] for o in model_proto.graph.output]
+    return all(d.dim_param and not d.HasField("dim_value") for d in dims)
+
+
+def set_metadata(model_proto, metadata: dict[str, Any]) -> None:
+    """Replace the zoo.* metadata_props with `metadata` (one JSON value per field + the whole)."""
+    keep = [(p.key, p.value) for p in model_proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del model_proto.metadata_props[:]
+    for key, value in keep:
+        model_proto.metadata_props.add(key=key, value=value)
+    for key, value in metadata.items():
+        model_proto.metadata_props.add(key=METADATA_PREFIX + key, value=value if isinstance(value, str) else json.dumps(value))
+    model_proto.metadata_props.add(key=METADATA_PREFIX + "metadata", value=json.dumps(metadata))
+    model_proto.doc_string = (f"backbone-zoo export of {metadata.get('backbone')} with a {metadata.get('num_classes')}-class "
+                              f"head; input {metadata.get('input_description')}; outputs {', '.join(metadata.get('outputs', []))}")
+
+
+def read_metadata(path_or_session) -> dict[str, Any]:
+    """The zoo metadata of an ONNX file or an onnxruntime session ({} when absent)."""
+    if hasattr(path_or_session, "get_modelmeta"):
+        props = path_or_session.get_modelmeta().custom_metadata_map
+    else:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path_or_session), load_external_data=False).metadata_props}
+    raw = props.get(METADATA_PREFIX + "metadata")
+    return json.loads(raw) if raw else {}
+
+
+def _ort_optimize(path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        before = onnx.load(str(path), load_external_data=False)
+        after = onnx.load(str(optimized))
+        del after.metadata_props[:]
+        after.metadata_props.extend(before.metadata_props)
+        after.doc_string = before.doc_string
+        onnx.save(after, str(path))
+
+
+def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "normalize", embedding: bool = True,
+                optimize: bool = False, onnx_exporter: str = "auto", **_: Any) -> dict[str, Any]:
+    """Write the whole model (preprocessing if baked, backbone, head, softmax) to `path`."""
+    import onnx
+    import torch
+
+    from zoo.errors import ZooError
+    from zoo.export import artifact_metadata, deploy_module, example_input, output_names
+
+    path = Path(path)
+    opset = int(opset or DEFAULT_OPSET)
+    if onnx_exporter not in ("auto", "dynamo", "legacy"):
+        raise ZooError(f"onnx_exporter must be 'auto', 'dynamo' or 'legacy', got {onnx_exporter!r}")
+    if onnx_exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
+        raise ZooError(f"the dynamo ONNX exporter writes opset >= {MIN_DYNAMO_OPSET}; for opset {opset} use "
+                       "onnx_exporter='legacy' or 'auto'")
+    module = deploy_module(model, preprocess, embedding)
+    example = example_input(model, preprocess, batch=2)
+    input_name = "image" if preprocess == "normalize" else "input"
+    outputs = output_names(embedding)
+    chosen = "dynamo" if onnx_exporter == "dynamo" or (onnx_exporter == "auto" and opset >= MIN_DYNAMO_OPSET) else "legacy"
+    fallback = None
+    try:
+        with torch.no_grad():
+            proto = _export_graph(module, example, opset, input_name, outputs, chosen)
+    except Exception as exc:
+        if onnx_exporter != "auto" or chosen != "dynamo":
+            raise
+        fallback = f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); used the TorchScript-based one"
+        chosen = "legacy"
+        with torch.no_grad():
+            proto = _export_graph(module, example, opset, input_name, outputs, chosen)
+    finally:
+        model.eval()  # the exporters toggle train/eval on the way
+
+    written = graph_opset(proto)
+    if written != opset:
+        raise ZooError(f"asked for ONNX opset {opset} but the {chosen} exporter wrote opset {written}")
+    meta = artifact_metadata(model, "onnx", preprocess, embedding, opset=opset, onnx_exporter=chosen,
+                             ort_offline_optimization="basic" if optimize else "none")
+    set_metadata(proto, meta)
+    onnx.save(proto, str(path))
+    if optimize:
+        _ort_optimize(path)
+        proto = onnx.load(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    report = {
+        "metadata": meta,
+        "opset": written,
+        "exporter": chosen,
+        "dynamic_batch": batch_axis_is_dynamic(proto),
+        "checker": "onnx.checker full_check passed",
+        "nodes": len(proto.graph.node),
+        "initializers": len(proto.graph.initializer),
+        "input": input_name,
+        "outputs": outputs,
+    }
+    if fallback:
+        report["fallback"] = fallback
+    if not report["dynamic_batch"]:
+        raise ZooError(f"the exported graph has a fixed batch axis ({path.name}); it must be dynamic")
+    return report
+
+
+def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, **options: Any) -> dict[str, Any]:
+    """Dynamic int8 quantization (weights int8, activations quantized at run time) of the
+    validated fp32 export; exported first when there is none."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        source = (artifacts or {}).get("onnx")
+        fp32_report = None
+        if source is None:
+            source = os.path.join(tmp, "fp32.onnx")
+            fp32_report = export_onnx(model, source, **options)
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8)
+        meta = dict(read_metadata(source))
+    meta.update(format="onnx-int8", quantization="onnxruntime dynamic int8 (QInt8 weights, Conv/MatMul/Gemm)",
+                quantized_from=os.path.basename(str(source)) if fp32_report is None else "fresh fp32 export")
+    proto = onnx.load(str(path))
+    set_metadata(proto, meta)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    ops = sorted({n.op_type for n in proto.graph.node if "Integer" in n.op_type or "Quantize" in n.op_type})
+    return {"metadata": meta, "quantized_ops": ops, "source": str(source), "dynamic_batch": batch_axis_is_dynamic(proto)}
+
+
+# -- validation -------------------------------------------------------------------------------------
+def session(path, optimize: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def validate_onnx(model, path, images, *, reference=None, tolerance=None, batch_sizes=(1, 3, 8),
+                  preprocess: str = "normalize", targets=None, kind: str = "fp32", **_: Any) -> dict[str, Any]:
+    """Run the file with ONNX Runtime (all graph optimizations on, as deployed) on the
+    validation images at each batch size and compare with eager PyTorch."""
+    import onnxruntime as ort
+
+    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
+
+    sess = session(path)
+    reference = reference if reference is not None else eager_outputs(model, images)
+    inp = sess.get_inputs()[0]
+    names = [o.name for o in sess.get_outputs()]
+    x = model_inputs(images, model.meta.normalization, preprocess)
+    runs = run_in_batches(lambda b: dict(zip(names, sess.run(None, {inp.name: b}))), x, batch_sizes)
+    report = compare(reference, runs, tolerance, kind=kind, targets=targets)
+    meta = read_metadata(sess)
+    problems = metadata_problems(meta, model, preprocess)
+    if "embedding" in meta.get("outputs", []) and "embedding" not in names:
+        problems.append("metadata lists an embedding output the graph does not have")
+    report["dynamic_batch"] = isinstance(inp.shape[0], str) or inp.shape[0] is None
+    if not report["dynamic_batch"]:
+        problems.append(f"input batch axis is fixed at {inp.shape[0]}")
+    if problems:
+        report["problems"] = list(report["problems"]) + problems
+        report["passed"] = False
+    report["runtime"] = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+    report["agreement_delta"] = 1.0 - report["top1_agreement"]
+    return report
+
+
+def validate_onnx_int8(model, path, images, **options: Any) -> dict[str, Any]:
+    options["kind"] = "int8"
+    return validate_onnx(model, path, images, **options)
+
+
+@hookimpl
+def register_exporters(register):
+    register(ExporterSpec(
+        name="onnx", suffix=".onnx", export=export_onnx, validate=validate_onnx,
+        description=f"ONNX (default opset {DEFAULT_OPSET}, dynamic batch, metadata_props; ONNX Runtime validated)",
+    ))
+    register(ExporterSpec(
+        name="onnx-int8", suffix=".int8.onnx", export=export_onnx_int8, validate=validate_onnx_int8,
+        description="ONNX with onnxruntime dynamic int8 quantization (validated on top-1 agreement)",
+    ))

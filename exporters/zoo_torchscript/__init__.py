@@ -1,0 +1,92 @@
+"""The TorchScript exporter: the whole model traced (batch 2, so the batch axis stays symbolic),
+frozen with `torch.jit.freeze` for inference, and saved with its metadata as extra files.
+
+Load it anywhere torch is installed, without the zoo:
+
+    extra = {"zoo_metadata.json": ""}
+    m = torch.jit.load("model.torchscript.pt", _extra_files=extra)
+    meta = json.loads(extra["zoo_metadata.json"])
+    logits, probabilities, embedding = m(batch)   # batch as meta["input_layout"] / ["input_dtype"]
+
+Extra files: "zoo_metadata.json" (everything `zoo.export.artifact_metadata` gives: labels,
+mean/std, input size, resize/crop, interpolation, backbone and weights, versions, preprocessing
+mode, input layout) and "labels.txt" (one class per line).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from zoo import ExporterSpec, hookimpl
+
+METADATA_FILE = "zoo_metadata.json"
+LABELS_FILE = "labels.txt"
+
+
+def export_torchscript(model, path, *, preprocess: str = "normalize", embedding: bool = True,
+                       **_: Any) -> dict[str, Any]:
+    import torch
+
+    from zoo.export import artifact_metadata, deploy_module, example_input
+
+    path = Path(path)
+    module = deploy_module(model, preprocess, embedding)
+    example = example_input(model, preprocess, batch=2)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+        frozen = torch.jit.freeze(traced.eval())
+    finally:
+        model.eval()
+    meta = artifact_metadata(model, "torchscript", preprocess, embedding, method="torch.jit.trace + torch.jit.freeze",
+                             extra_files=[METADATA_FILE, LABELS_FILE])
+    extra = {METADATA_FILE: json.dumps(meta, indent=2), LABELS_FILE: "\n".join(model.meta.labels) + "\n"}
+    torch.jit.save(frozen, str(path), _extra_files=extra)
+    return {"metadata": meta, "method": meta["method"], "extra_files": sorted(extra)}
+
+
+def load(path):
+    """(module, metadata) with plain torch.jit.load."""
+    import torch
+
+    extra = {METADATA_FILE: "", LABELS_FILE: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    raw = extra[METADATA_FILE]
+    return module, (json.loads(raw) if raw else {})
+
+
+def validate_torchscript(model, path, images, *, reference=None, tolerance=None, batch_sizes=(1, 3, 8),
+                         preprocess: str = "normalize", targets=None, **_: Any) -> dict[str, Any]:
+    """Reload the file with torch.jit.load and compare it with eager PyTorch at each batch size."""
+    import torch
+
+    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
+
+    module, meta = load(path)
+    reference = reference if reference is not None else eager_outputs(model, images)
+    names = meta.get("outputs") or ["logits", "probabilities", "embedding"]
+    x = model_inputs(images, model.meta.normalization, preprocess)
+
+    def run(batch):
+        with torch.inference_mode():
+            out = module(torch.from_numpy(batch))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.float().numpy() for n, o in zip(names, out)}
+
+    report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
+    problems = metadata_problems(meta, model, preprocess)
+    if problems:
+        report["problems"] = list(report["problems"]) + problems
+        report["passed"] = False
+    report["runtime"] = f"torch.jit.load (torch {torch.__version__})"
+    return report
+
+
+@hookimpl
+def register_exporters(register):
+    register(ExporterSpec(
+        name="torchscript", suffix=".torchscript.pt", export=export_torchscript, validate=validate_torchscript,
+        description="TorchScript (traced, torch.jit.freeze'd; metadata as extra files)",
+    ))

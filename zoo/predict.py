@@ -1,0 +1,134 @@
+"""Classify images with an exported ONNX file alone: onnxruntime, numpy and Pillow, no torch.
+
+    from zoo.predict import Predictor
+    p = Predictor("export/model.onnx")
+    p.predict_files(["cat.jpg"], top_k=3)   # [{"path": ..., "top": [{"label", "index", "probability"}, ...]}]
+
+Everything needed comes from the file's metadata (written by `zoo export`): the labels, the
+resize/crop/interpolation, mean/std, and whether preprocessing is baked into the graph. Images go
+through `zoo.preprocess`, the same reference preprocessing training and validation use.
+
+Nothing here may import torch, even indirectly (a test runs it with torch made unimportable):
+`zoo` itself is lazy, and zoo.preprocess and zoo.errors are torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import DataError, ZooError
+from .preprocess import list_images, load_image, normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
+
+METADATA_KEY = "zoo.metadata"
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "probability": self.probability}
+
+
+class Predictor:
+    """An onnxruntime session plus the preprocessing and labels its file describes."""
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ZooError(f"{self.path!r} does not exist (expected an .onnx file written by `zoo export`)")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(self.path, so, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ZooError(f"{self.path!r}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if not raw:
+            raise ZooError(f"{self.path!r} carries no zoo metadata ({METADATA_KEY!r} in metadata_props): "
+                           "export it with `zoo export` so it knows its labels and preprocessing")
+        self.metadata: dict[str, Any] = json.loads(raw)
+        self.labels: list[str] = list(self.metadata["labels"])
+        self.preprocess_mode: str = self.metadata.get("preprocess", "none")
+        self.normalization = self.metadata["normalization"]
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if "probabilities" not in self.output_names and "logits" not in self.output_names:
+            raise ZooError(f"{self.path!r} has neither a 'probabilities' nor a 'logits' output: {self.output_names}")
+
+    # -- preprocessing ---------------------------------------------------------------------------
+    def prepare(self, image) -> np.ndarray:
+        """One PIL image or file path -> one row of this model's input (uint8 NHWC or float NCHW)."""
+        img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        pixels = to_uint8_hwc(resize_crop(img, self.normalization))[None]
+        return pixels if self.preprocess_mode == "normalize" else normalize_uint8(pixels, self.normalization)
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The raw outputs for a prepared batch, by name."""
+        return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
+
+    def probabilities(self, images: Iterable) -> np.ndarray:
+        rows = [self.prepare(img) for img in images]
+        if not rows:
+            return np.zeros((0, len(self.labels)), np.float32)
+        out = []
+        for i in range(0, len(rows), BATCH):
+            res = self.run(np.concatenate(rows[i:i + BATCH]))
+            if "probabilities" in res:
+                out.append(res["probabilities"])
+            else:
+                z = res["logits"] - res["logits"].max(1, keepdims=True)
+                out.append(np.exp(z) / np.exp(z).sum(1, keepdims=True))
+        return np.concatenate(out)
+
+    def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+        k = max(1, min(int(k), probs.shape[1]))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[Prediction(self.labels[j], int(j), float(p[j])) for j in row] for p, row in zip(probs, order)]
+
+    def predict(self, images: Iterable, top_k: int = 5) -> list[list[Prediction]]:
+        """Top-k predictions for PIL images or paths."""
+        return self.top_k(self.probabilities(images), top_k)
+
+    def predict_files(self, inputs: Sequence[str | os.PathLike], top_k: int = 5) -> list[dict[str, Any]]:
+        """Files and folders (searched recursively) -> [{"path", "top": [...]}], in input order."""
+        paths = expand_inputs(inputs)
+        results = self.predict(paths, top_k)
+        return [{"path": p, "top": [r.to_dict() for r in res]} for p, res in zip(paths, results)]
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    paths: list[str] = []
+    for item in inputs:
+        if not os.path.exists(item):
+            raise DataError(f"{os.fspath(item)!r} does not exist")
+        found = list_images(item)
+        if not found:
+            raise DataError(f"{os.fspath(item)!r}: no image files found (looked for {', '.join(_suffixes())})")
+        paths.extend(found)
+    return paths
+
+
+def _suffixes() -> list[str]:
+    from .preprocess import IMAGE_SUFFIXES
+
+    return list(IMAGE_SUFFIXES)
+
+
+def predict(model_path: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5) -> list[dict[str, Any]]:
+    """One-shot: `Predictor(model_path).predict_files(images, top_k)`."""
+    return Predictor(model_path).predict_files(images, top_k)

@@ -1,0 +1,304 @@
+"""Fail-closed validation of exported artifacts against eager PyTorch.
+
+The contract every exporter's `validate(model, path, images, **options)` follows:
+
+* `images` is a uint8 array (N, H, W, 3) of RGB images already resized and cropped to the
+  model's input size by the reference preprocessing (`zoo.preprocess.resize_crop`). An artifact
+  with baked preprocessing is fed these bytes as they are; one without is fed
+  `zoo.preprocess.normalize_uint8(images, norm)` (float32 NCHW). Eager PyTorch always gets the
+  latter, so the comparison covers the baked scaling and mean/std too.
+* `options["reference"]` holds eager PyTorch's outputs on the same images (`eager_outputs`),
+  `options["batch_sizes"]` the batch sizes to run the artifact at (default 1, 3 and 8: the
+  images are fed in chunks of each size, so a batch axis frozen to one size is caught), and
+  `options["tolerance"]` a `Tolerance`.
+* It returns `compare(...)`'s report (a JSON-ready dict whose "passed" is the verdict), with
+  anything of its own added. `zoo.export` refuses an artifact whose report did not pass.
+
+Metrics, over every batch size: max absolute logit difference, max absolute probability
+difference, top-1 agreement with eager PyTorch, minimum embedding cosine similarity, and, when
+the validation images come with labels (class-named folders), accuracy and its delta.
+
+Pass criteria:
+  fp32 (the default): max |logit diff| <= tolerance.logits (1e-4), embedding cosine >=
+    tolerance.cosine (0.9999), and every top-1 disagreement is a near-tie (the reference's top-2
+    margin <= 2 x tolerance.logits).
+  int8 (dynamic quantization is lossy by design): top-1 agreement >= tolerance.int8_agreement
+    (0.9) and embedding cosine >= tolerance.int8_cosine (0.9); logit differences are reported,
+    not bounded.
+
+This module imports numpy and Pillow at the top; torch only inside `eager_outputs`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import DataError, ExportValidationError
+from .preprocess import list_images, load_image, normalize_uint8, resize_crop, to_uint8_hwc
+
+DEFAULT_BATCH_SIZES = (1, 3, 8)
+NUM_DEFAULT_IMAGES = 8
+MAX_IMAGES = 256
+# scikit-image's bundled sample photos (RGB or gray; none needs a download)
+SKIMAGE_SAMPLES = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field",
+                   "colorwheel", "camera")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When an artifact counts as equal to eager PyTorch (see the module docstring)."""
+
+    logits: float = 1e-4
+    cosine: float = 0.9999
+    int8_agreement: float = 0.9
+    int8_cosine: float = 0.9
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+# -- validation images ---------------------------------------------------------------------------
+@dataclass
+class ValidationImages:
+    """Geometry-preprocessed uint8 (N, H, W, 3) images, their names, and labels when known."""
+
+    pixels: np.ndarray
+    names: list[str]
+    source: str
+    targets: list[int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": int(len(self.names)), "source": self.source, "names": self.names[:16],
+                "labelled": sum(t is not None for t in self.targets)}
+
+
+def synthetic_image(index: int, size: int = 256):
+    """A deterministic, non-trivial RGB test image: gradients, rings and seeded noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1000 + index)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    cx, cy = rng.uniform(0.2, 0.8, 2)
+    rings = 0.5 + 0.5 * np.sin(2 * math.pi * (3 + index) * np.hypot(xx - cx, yy - cy))
+    noise = rng.normal(0.0, 0.08, (size, size, 3)).astype(np.float32)
+    phase = rng.uniform(0, 2 * math.pi, 3).astype(np.float32)
+    rgb = np.stack([0.5 + 0.5 * np.sin(2 * math.pi * (xx * (c + 1) + yy * (index % 3)) + phase[c]) for c in range(3)], -1)
+    img = 0.55 * rgb + 0.35 * rings[..., None] + noise
+    w = size * (3 + index % 3) // 4  # a few aspect ratios, so resize + crop is exercised
+    arr = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr).resize((w, size))
+
+
+def sample_photos(limit: int = NUM_DEFAULT_IMAGES) -> list[tuple[str, Any]]:
+    """(name, PIL RGB image) for scikit-image's bundled photos; [] when scikit-image is absent."""
+    try:
+        import skimage.data as skdata
+    except ImportError:
+        return []
+    from PIL import Image
+
+    from .preprocess import to_rgb
+
+    out = []
+    for name in SKIMAGE_SAMPLES[:limit]:
+        try:
+            arr = getattr(skdata, name)()
+        except Exception:  # noqa: BLE001 - a sample that needs a download, or is gone
+            continue
+        out.append((f"skimage:{name}", to_rgb(Image.fromarray(np.asarray(arr, dtype=np.uint8)))))
+    return out
+
+
+def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count: int = NUM_DEFAULT_IMAGES
+                           ) -> ValidationImages:
+    """Resolve what the user passed into reference-preprocessed validation images.
+
+    images: None (scikit-image's sample photos, topped up with deterministic synthetic images to
+    `count`), a directory or image file, a list of image files, or a uint8 (N, H, W, 3) array
+    already at the input size. Images in a folder named like a class label are labelled."""
+    c, h, w = tuple(norm.input_size)
+    if isinstance(images, np.ndarray):
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (h, w, 3):
+            raise DataError(f"validation images given as an array must be uint8 (N, {h}, {w}, 3), "
+                            f"got {arr.dtype} {arr.shape}")
+        return ValidationImages(arr, [f"array[{i}]" for i in range(len(arr))], "array", [None] * len(arr))
+    if images is None:
+        named = sample_photos(count)
+        source = "scikit-image sample photos" if named else ""
+        n_synth = max(0, count - len(named))
+        named += [(f"synthetic:{i}", synthetic_image(i)) for i in range(n_synth)]
+        source = " + ".join(s for s in (source, f"{n_synth} synthetic" if n_synth else "") if s)
+        pixels = np.stack([to_uint8_hwc(resize_crop(img, norm)) for _, img in named])
+        return ValidationImages(pixels, [n for n, _ in named], source, [None] * len(named))
+    paths: list[str] = []
+    for item in ([images] if isinstance(images, (str, os.PathLike)) else list(images)):
+        found = list_images(item)
+        if not found and not os.path.exists(item):
+            raise DataError(f"validation images: {os.fspath(item)!r} does not exist")
+        paths.extend(found)
+    if not paths:
+        raise DataError(f"validation images: no image files found in {images!r}")
+    if len(paths) > MAX_IMAGES:
+        paths = paths[:: math.ceil(len(paths) / MAX_IMAGES)]
+    index = {name: i for i, name in enumerate(labels)}
+    pixels = np.stack([to_uint8_hwc(resize_crop(load_image(p), norm)) for p in paths])
+    targets = [index.get(Path(p).parent.name) for p in paths]
+    return ValidationImages(pixels, [str(p) for p in paths], f"{len(paths)} files", targets)
+
+
+# -- running things --------------------------------------------------------------------------------
+def model_inputs(pixels: np.ndarray, norm, preprocess: str) -> np.ndarray:
+    """What an artifact is fed: the uint8 NHWC bytes (baked preprocessing) or normalized NCHW."""
+    if preprocess == "normalize":
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    if preprocess == "none":
+        return normalize_uint8(pixels, norm)
+    raise DataError(f"preprocess must be 'normalize' or 'none', got {preprocess!r}")
+
+
+def eager_outputs(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Eager PyTorch on the reference preprocessing: logits, probabilities, embedding (float32)."""
+    import torch
+
+    x = torch.from_numpy(normalize_uint8(pixels, model.meta.normalization))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            emb = model.forward_features(x)
+            logits = model.forward_head(emb)
+            probs = torch.softmax(logits, dim=-1)
+    finally:
+        model.train(was_training)
+    return {"logits": logits.float().numpy(), "probabilities": probs.float().numpy(), "embedding": emb.float().numpy()}
+
+
+def run_in_batches(fn, inputs: np.ndarray, batch_sizes: Iterable[int]) -> dict[int, dict[str, np.ndarray]]:
+    """Feed `inputs` to `fn(batch) -> {name: array}` in chunks of each batch size; concatenate."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for bs in batch_sizes:
+        parts = [fn(inputs[i:i + bs]) for i in range(0, len(inputs), bs)]
+        out[int(bs)] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return out
+
+
+# -- comparing -------------------------------------------------------------------------------------
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = den == 0
+    return np.where(both_zero, np.where(np.abs(a - b).max(1) == 0, 1.0, 0.0), num / np.where(both_zero, 1, den))
+
+
+def _f(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str, np.ndarray]],
+            tolerance: Tolerance | None = None, kind: str = "fp32",
+            targets: Sequence[int | None] | None = None) -> dict[str, Any]:
+    """Compare an artifact's outputs (one dict per batch size) with eager PyTorch's; the verdict
+    follows the pass criteria in the module docstring. Returns a JSON-ready report."""
+    tol = tolerance or Tolerance()
+    ref_logits = reference["logits"]
+    ref_top1 = ref_logits.argmax(1)
+    top2 = np.sort(ref_logits, axis=1)[:, -2:] if ref_logits.shape[1] > 1 else np.zeros((len(ref_logits), 2))
+    margin = top2[:, 1] - top2[:, 0]
+    per_batch: dict[str, Any] = {}
+    worst = {"max_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
+             "min_embedding_cosine": None, "unexplained_top1_flips": 0}
+    problems: list[str] = []
+    for bs, out in sorted(runs.items()):
+        logits = np.asarray(out["logits"], dtype=np.float32)
+        if logits.shape != ref_logits.shape:
+            problems.append(f"batch {bs}: logits shape {logits.shape} != eager {ref_logits.shape}")
+            continue
+        if not np.all(np.isfinite(logits)):
+            problems.append(f"batch {bs}: non-finite logits")
+        diff = float(np.abs(logits.astype(np.float64) - ref_logits).max()) if logits.size else 0.0
+        pdiff = (float(np.abs(np.asarray(out["probabilities"], np.float64) - reference["probabilities"]).max())
+                 if "probabilities" in out else None)
+        top1 = logits.argmax(1)
+        agree = float((top1 == ref_top1).mean()) if len(top1) else 1.0
+        flips = int(((top1 != ref_top1) & (margin > 2 * tol.logits)).sum())
+        cos = None
+        if "embedding" in out and "embedding" in reference:
+            emb = np.asarray(out["embedding"])
+            if emb.shape != reference["embedding"].shape:
+                problems.append(f"batch {bs}: embedding shape {emb.shape} != eager {reference['embedding'].shape}")
+            else:
+                cos = float(_cosine(emb, reference["embedding"]).min())
+        per_batch[str(bs)] = {"max_abs_logit_diff": diff, "max_abs_prob_diff": pdiff, "top1_agreement": agree,
+                              "min_embedding_cosine": cos, "unexplained_top1_flips": flips}
+        worst["max_abs_logit_diff"] = max(worst["max_abs_logit_diff"], diff)
+        if pdiff is not None:
+            worst["max_abs_prob_diff"] = max(worst["max_abs_prob_diff"], pdiff)
+        worst["top1_agreement"] = min(worst["top1_agreement"], agree)
+        worst["unexplained_top1_flips"] += flips
+        if cos is not None:
+            worst["min_embedding_cosine"] = cos if worst["min_embedding_cosine"] is None else min(worst["min_embedding_cosine"], cos)
+        if math.isnan(diff):
+            worst["max_abs_logit_diff"] = float("nan")
+    if not runs:
+        problems.append("the artifact was not run at any batch size")
+    cos = worst["min_embedding_cosine"]
+    if kind == "int8":
+        if worst["top1_agreement"] < tol.int8_agreement:
+            problems.append(f"top-1 agreement {worst['top1_agreement']:.3f} < {tol.int8_agreement} (int8 tolerance)")
+        if cos is not None and cos < tol.int8_cosine:
+            problems.append(f"embedding cosine {cos:.4f} < {tol.int8_cosine} (int8 tolerance)")
+    else:
+        d = worst["max_abs_logit_diff"]
+        if not d <= tol.logits:  # NaN fails too
+            problems.append(f"max |logit diff| {d:.3g} > tolerance {tol.logits:g}")
+        if cos is not None and not cos >= tol.cosine:
+            problems.append(f"embedding cosine {cos:.6f} < {tol.cosine}")
+        if worst["unexplained_top1_flips"]:
+            problems.append(f"{worst['unexplained_top1_flips']} top-1 disagreements that are not near-ties")
+    report: dict[str, Any] = {
+        "passed": not problems,
+        "kind": kind,
+        **{k: _f(v) if k != "unexplained_top1_flips" else v for k, v in worst.items()},
+        "batch_sizes": sorted(int(b) for b in runs),
+        "per_batch_size": per_batch,
+        "tolerance": tol.to_dict(),
+        "problems": problems,
+    }
+    if targets is not None and any(t is not None for t in targets):
+        idx = np.array([i for i, t in enumerate(targets) if t is not None])
+        y = np.array([targets[i] for i in idx])
+        first = runs[min(runs)]["logits"]
+        acc_ref = float((ref_top1[idx] == y).mean())
+        acc_art = float((np.asarray(first).argmax(1)[idx] == y).mean())
+        report["accuracy"] = {"eager": acc_ref, "artifact": acc_art, "delta": acc_art - acc_ref, "images": int(len(idx))}
+    return report
+
+
+def metadata_problems(meta: dict[str, Any], model, preprocess: str) -> list[str]:
+    """What in the artifact's self-description disagrees with the model it claims to be."""
+    norm = model.meta.normalization
+    want = {"labels": list(model.meta.labels), "mean": list(norm.mean), "std": list(norm.std),
+            "input_size": list(norm.input_size), "resize_size": norm.resize_size,
+            "interpolation": norm.interpolation, "crop_mode": norm.crop_mode, "preprocess": preprocess,
+            "backbone": model.meta.backbone, "weights": model.meta.weights}
+    if not meta:
+        return ["the artifact carries no zoo metadata"]
+    return [f"metadata {k}={meta.get(k)!r} but the model has {v!r}" for k, v in want.items() if meta.get(k) != v]
+
+
+def require_passed(report: Mapping[str, Any], what: str) -> None:
+    """Raise ExportValidationError (exit code 3) unless the report passed."""
+    if not report.get("passed"):
+        err = ExportValidationError(f"{what} failed validation against eager PyTorch: "
+                                    + "; ".join(report.get("problems") or ["no verdict"]))
+        err.report = dict(report)
+        raise err
