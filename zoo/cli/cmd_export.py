@@ -1,0 +1,85 @@
+"""zoo export RUN: the trained model to validated ONNX / TorchScript artifacts (fail-closed)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "export", help="export a trained run to ONNX / TorchScript, validated against eager PyTorch",
+        description="Export the whole model (frozen backbone + head) of a run directory. Each artifact is "
+        "validated against eager PyTorch on real images at batch sizes 1, 3 and 8 before it is moved into "
+        "place; over tolerance, nothing is left behind, the numbers go to OUT/export-report.json, and the "
+        "exit code is 3.")
+    p.add_argument("run", metavar="RUN", help="run directory (model.json + head.safetensors), e.g. from `zoo train`")
+    p.add_argument("--format", "-f", action="append", default=None, metavar="FORMAT",
+                   help="onnx | torchscript | all (= both) | any registered exporter; repeatable (default: all)")
+    p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; < 18 uses the TorchScript-based exporter)")
+    p.add_argument("--preprocess", choices=("normalize", "none"), default="normalize",
+                   help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
+                        "inside; none: float32 NCHW, already normalized")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also write model.int8.onnx (onnxruntime dynamic int8), validated on top-1 agreement")
+    p.add_argument("--optimize", action="store_true",
+                   help="save ONNX Runtime's basic offline graph optimizations into the .onnx")
+    p.add_argument("--tolerance", type=float, default=None, metavar="TOL",
+                   help="max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4)")
+    p.add_argument("--int8-agreement", type=float, default=None, metavar="FRAC",
+                   help="min top-1 agreement with eager PyTorch for int8 (default 0.9)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="validation images (default: scikit-image sample photos + synthetic images); "
+                        "class-named subfolders also give an accuracy delta")
+    p.add_argument("--no-embedding", action="store_true", help="leave the embedding output out")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    return p
+
+
+def _print_table(report) -> None:
+    from zoo.cli.table import render
+
+    def num(v, fmt):
+        return "" if v is None or isinstance(v, str) else format(v, fmt)
+
+    rows = []
+    for name, a in report["artifacts"].items():
+        v = a.get("validation") or {}
+        rows.append([name, a.get("status", "?"), num(v.get("max_abs_logit_diff"), ".2e"),
+                     num(v.get("top1_agreement"), ".3f"), num(v.get("min_embedding_cosine"), ".6f"),
+                     a.get("path") or "-"])
+    print(render(rows, ["FORMAT", "STATUS", "MAX|dLOGIT|", "TOP1-AGREE", "MIN-COS", "ARTIFACT"]))
+    imgs = report.get("images", {})
+    tol = report.get("tolerance", {})
+    print(f"\nvalidated on {imgs.get('count')} images ({imgs.get('source')}) at batch sizes "
+          f"{report['options']['batch_sizes']}; fp32 tolerance {tol.get('logits')}, int8 top-1 agreement >= "
+          f"{tol.get('int8_agreement')}; report: {report['out']}/export-report.json")
+    for name, a in report["artifacts"].items():
+        for problem in (a.get("validation") or {}).get("problems") or []:
+            print(f"  {name}: {problem}")
+
+
+def run(args) -> int:
+    import sys
+
+    from zoo.cli.table import print_json
+    from zoo.errors import ExportValidationError
+    from zoo.export import export
+
+    def progress(msg):
+        if not args.json:
+            print(msg, file=sys.stderr)
+
+    try:
+        report = export(args.run, formats=args.format or "all", out=args.out, opset=args.opset,
+                        preprocess=args.preprocess, quantize=args.quantize, tolerance=args.tolerance,
+                        images=args.images, optimize=args.optimize, embedding=not args.no_embedding,
+                        int8_agreement=args.int8_agreement, progress=progress)
+    except ExportValidationError as exc:
+        report = getattr(exc, "report", None)
+        if report and "artifacts" in report:
+            print_json(report) if args.json else _print_table(report)
+        raise
+    if args.json:
+        print_json(report)
+    else:
+        _print_table(report)
+    return 0
