@@ -105,6 +105,10 @@ def _ort_optimize(path: Path) -> None:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         before = onnx.load(str(path), load_external_data=False)
         after = onnx.load(str(optimized))
+        used = {n.domain for n in after.graph.node} | {""}  # ORT declares all its domains; keep the used ones
+        kept = [o for o in after.opset_import if o.domain in used]
+        del after.opset_import[:]
+        after.opset_import.extend(kept)
         del after.metadata_props[:]
         after.metadata_props.extend(before.metadata_props)
         after.doc_string = before.doc_string

@@ -5,7 +5,7 @@ Load it anywhere torch is installed, without the zoo:
 
     extra = {"zoo_metadata.json": ""}
     m = torch.jit.load("model.torchscript.pt", _extra_files=extra)
-    meta = json.loads(extra["zoo_metadata.json"])
+    meta = json.loads(extra["zoo_metadata.json"])   # bytes or str, json takes both
     logits, probabilities, embedding = m(batch)   # batch as meta["input_layout"] / ["input_dtype"]
 
 Extra files: "zoo_metadata.json" (everything `zoo.export.artifact_metadata` gives: labels,
@@ -54,6 +54,7 @@ def load(path):
     extra = {METADATA_FILE: "", LABELS_FILE: ""}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     raw = extra[METADATA_FILE]
+    raw = raw.decode() if isinstance(raw, bytes) else raw  # torch hands extra files back as bytes
     return module, (json.loads(raw) if raw else {})
 
 
