@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import DataError, ZooError
-from .preprocess import list_images, load_image, normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
+from .preprocess import ImageDecodeError, list_images, load_image, normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
 
 METADATA_KEY = "zoo.metadata"
 BATCH = 16
@@ -72,7 +72,10 @@ class Predictor:
     # -- preprocessing ---------------------------------------------------------------------------
     def prepare(self, image) -> np.ndarray:
         """One PIL image or file path -> one row of this model's input (uint8 NHWC or float NCHW)."""
-        img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        try:
+            img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+        except ImageDecodeError as exc:
+            raise DataError(str(exc)) from exc
         pixels = to_uint8_hwc(resize_crop(img, self.normalization))[None]
         return pixels if self.preprocess_mode == "normalize" else normalize_uint8(pixels, self.normalization)
 
