@@ -280,7 +280,7 @@ class _Trainer:
         best = {"epoch": 0, "top1": -1.0, "loss": math.inf, "state": None}
         start_epoch, stale = 1, 0
         if self.resume:
-            ck = runs.load_checkpoint(self.out)
+            ck = D.broadcast_object(runs.load_checkpoint(self.out) if ctx.is_main else None)
             self._load_trainable(ck["trainable"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])

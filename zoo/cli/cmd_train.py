@@ -99,7 +99,9 @@ def run(args) -> int:
             device=args.device, amp=args.amp, seed=args.seed, strict=args.strict, cache=not args.no_cache,
             cache_dir=args.cache_dir, augment=args.augment, views=args.views, image_size=args.image_size,
             num_workers=args.workers, progress=not args.no_progress)
-    if run.dir is not None and not run.dir.exists():  # a non-zero rank under torchrun
+    from zoo.distributed import context
+
+    if not context().is_main:  # under torchrun only rank 0 reports
         return 0
     if args.json:
         print(json.dumps({"run": str(run.dir), "val_top1": run.val_top1, "best_epoch": run.best_epoch,
