@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -249,14 +248,20 @@ def test_isolated_children_peak_rss_crash_and_timeout():
     cfg = small_config(patterns=[SMALL], batch_sizes=[1], isolate="process", timeout=25,
                        runtimes=["eager", "test_bench:CrashingRuntime", "test_bench:SleepingRuntime",
                                  "test_bench:BrokenRuntime", "onnxruntime"])
+    from zoo.bench.measure import rss_mb
+
+    ballast = bytearray(b"\x01") * (1200 * 2**20)  # the parent gets big: children must not inherit that
+    parent_rss = rss_mb()
+    assert parent_rss > 1200
     rows = run_bench(cfg)["rows"]
+    del ballast
     by = {r["runtime"]: r for r in rows}
     assert list(by) == ["eager", "crashing", "sleeping", "broken", "onnxruntime"]
     for name in ("eager", "onnxruntime"):
         r = by[name]
         assert r["error"] is None and r["throughput"] > 0
         assert r["mem_kind"] == "peak RSS (child process)"
-        assert r["peak_mem_mb"] > r["base_rss_mb"] > 50
+        assert parent_rss > r["peak_mem_mb"] > r["base_rss_mb"] > 50
     assert "ChildCrashed" in by["crashing"]["error"] and "status 3" in by["crashing"]["error"]
     assert "Timeout" in by["sleeping"]["error"]
     assert "deliberately broken" in by["broken"]["error"] and by["broken"]["peak_mem_mb"] > 0

@@ -2,7 +2,8 @@
 
 Why: on CPU the only honest peak-memory number is the peak RSS of a process that did nothing
 but this measurement; a child also keeps allocator caches, compiled kernels and thread pools of
-one measurement from leaking into the next. The child reports its own ru_maxrss. A child that
+one measurement from leaking into the next. The child reports its own peak RSS (VmHWM; see
+measure.peak_rss_mb for why not ru_maxrss, which Linux carries over from the parent). A child that
 crashes (segfault, OOM kill) or runs past the timeout becomes an error row.
 """
 

@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .runtimes import INFER, TRAIN_FROZEN, TRAIN_FULL, get_runtime, runtime_label
@@ -78,9 +78,21 @@ def rss_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS so far, MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak RSS so far, MiB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process image's memory.
+    Not ru_maxrss: Linux carries ru_maxrss across exec, so a freshly spawned child (fork+exec)
+    would report at least its parent's RSS at fork time. Elsewhere ru_maxrss (bytes on macOS).
+    """
     import resource
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 

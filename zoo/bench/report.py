@@ -51,9 +51,13 @@ def environment_lines(doc: dict[str, Any]) -> list[str]:
     ]
     if cfg.get("weights_note"):
         lines.append(cfg["weights_note"])
-    la = env.get("load_avg_start")
-    if la and env.get("cpu_logical_cores") and la[0] > 0.5 * env["cpu_logical_cores"]:
-        lines.append(f"note: load average was {la[0]} at start (other processes were running; timings are noisy)")
+    loads = [r["load_avg_1m"] for r in doc.get("rows", []) if r.get("load_avg_1m") is not None]
+    if loads:
+        busy = env.get("device") == "cpu" and max(loads) > (env.get("threads") or 1) + 0.75
+        lines.append(f"1-min load average during the run: {min(loads):.2f}-{max(loads):.2f} (includes the "
+                     f"benchmark's own {env.get('threads')} threads)"
+                     + ("; other processes competed for the CPU, so CPU timings are pessimistic and noisy"
+                        if busy else ""))
     return lines
 
 

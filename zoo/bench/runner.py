@@ -7,11 +7,9 @@ in-process (CUDA default: the allocator's peak is reset per measurement).
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .measure import Task, base_row, error_text, measure
@@ -171,8 +169,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
                             head_classes=cfg.head_classes, num_classes=cfg.num_classes, seed=cfg.seed,
                             memory=memory)
                 try:
+                    get_runtime(runtime).check(mode, device)  # refuse here: no child process for a known no
                     row = measure_fn(task)
-                except Exception as exc:  # noqa: BLE001 - e.g. the child could not even start
+                except Exception as exc:  # noqa: BLE001 - unsupported, or the child could not even start
                     row = base_row(task)
                     row["error"] = error_text(exc)
                 for key in ("params", "feature_dim"):
