@@ -46,8 +46,9 @@ def test_learns_far_above_chance_and_frozen_backbone_is_bit_identical(tmp_path, 
 
 
 def test_uncached_augmented_path_keeps_frozen_bn_stats(tmp_path, data, weights):
-    """--augment without --views runs the backbone every step after model.train() each epoch:
-    the freezer's lock is all that keeps BatchNorm statistics from drifting."""
+    """--augment without --views runs the (frozen) backbone on fresh crops every step: still no
+    parameter or BatchNorm statistic may move. (The partial-freeze test below is the one where only
+    the freezer's eval lock stands between model.train() and drifting statistics.)"""
     run = _train(tmp_path, data, weights, augment=True, epochs=2)
     assert run.cache == {}  # caching was off: augmentation changes features every epoch
     reference = load_file(str(weights))

@@ -260,7 +260,9 @@ class _Trainer:
         else:
             if cfg.views:
                 warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=2)
-            trainable_module = model
+            # Fully frozen but augmented: the backbone runs every step, without autograd (see
+            # _train_epoch); only the head is trained and wrapped by DDP.
+            trainable_module = model.head if full_freeze else model
         model.head.to(device)
 
         train_module = trainable_module
@@ -275,7 +277,8 @@ class _Trainer:
         self.__dict__.update(model=model, split=split, device=device, ctx=ctx, optimizer=optimizer,
                              scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, cached=cached,
                              train_module=train_module, channels_last=channels_last, workers=workers,
-                             eval_tf=eval_tf, train_tf=train_tf, norm=norm, report=report)
+                             eval_tf=eval_tf, train_tf=train_tf, norm=norm, report=report,
+                             frozen_backbone_step=full_freeze and not cached)
         history: list[dict] = []
         best = {"epoch": 0, "top1": -1.0, "loss": math.inf, "state": None}
         start_epoch, stale = 1, 0
@@ -411,6 +414,10 @@ class _Trainer:
         for x, y, global_len in source:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                if self.frozen_backbone_step:  # frozen, uncached: features without autograd, then the head
+                    self.model.backbone.eval()
+                    with torch.no_grad():
+                        x = self.model.backbone(x)
                 logits = self.train_module(x)
                 loss = loss_fn(logits.float(), y)
             # Sum over this rank's slice, scaled so DDP's gradient average is the global-batch mean.
