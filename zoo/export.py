@@ -226,6 +226,7 @@ def export(
     embedding: bool = True,
     batch_sizes: Iterable[int] = (1, 3, 8),
     int8_agreement: float | None = None,
+    int8_ops: str = "all",
     onnx_exporter: str = "auto",
     validate: bool = True,
     progress=None,
@@ -239,7 +240,8 @@ def export(
     opset: ONNX opset (default zoo_onnx.DEFAULT_OPSET = 18).
     preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't.
     quantize: "int8" adds model.int8.onnx (onnxruntime dynamic quantization), validated with the
-        int8 tolerance (top-1 agreement >= int8_agreement, default 0.9).
+        int8 tolerance (top-1 agreement >= int8_agreement, default 0.9); int8_ops="all" quantizes
+        Conv, MatMul and Gemm, "matmul" only MatMul and Gemm (for CNNs whose convs lose too much).
     tolerance: max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4).
     images: validation images (a folder, files, or a uint8 NHWC array); default: scikit-image's
         sample photos topped up with deterministic synthetic images (8 in all).
@@ -249,22 +251,33 @@ def export(
     Returns the report (also written to OUT/export-report.json). Raises ExportValidationError
     after all formats were tried if any failed; its `.report` holds the numbers.
     """
+    model, run_dir = _load(run_or_model)
+    was_training = model.training
+    try:
+        return _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance, images, optimize,
+                       embedding, batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress)
+    finally:
+        model.train(was_training)  # exporting never leaves a model in training switched to eval
+
+
+def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance, images, optimize, embedding,
+            batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress) -> dict[str, Any]:
     from . import registry
     from .validation import Tolerance, eager_outputs, load_validation_images
 
     say = progress or (lambda msg: None)
-    model, run_dir = _load(run_or_model)
+    batch_sizes = tuple(int(b) for b in batch_sizes)
     if out is None:
         if run_dir is None:
             raise ZooError("export(model, ...) needs out=: where to write the artifacts")
         out = run_dir / "export"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if preprocess not in PREPROCESS_MODES:
         raise ZooError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
     names = resolve_formats(formats, quantize)
     reg = registry.exporters()
     specs = {name: reg.get(name) for name in names}  # unknown names fail before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
 
     tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
@@ -276,7 +289,7 @@ def export(
                   "labels": list(model.meta.labels), "run": str(run_dir) if run_dir else None},
         "out": str(out),
         "options": {"formats": names, "opset": opset, "preprocess": preprocess, "quantize": quantize,
-                    "optimize": optimize, "embedding": embedding, "batch_sizes": list(batch_sizes),
+                    "optimize": optimize, "embedding": embedding, "batch_sizes": list(batch_sizes), "int8_ops": int8_ops,
                     "onnx_exporter": onnx_exporter, "validate": validate},
         "tolerance": tol.to_dict(),
         "images": vimages.to_dict(),
@@ -299,6 +312,8 @@ def export(
         staged = staging / final.name
         options = dict(opset=opset, preprocess=preprocess, embedding=embedding, optimize=optimize,
                        onnx_exporter=onnx_exporter, artifacts=dict(validated))
+        if name == "onnx-int8":
+            options["int8_ops"] = int8_ops
         t0 = time.perf_counter()
         try:
             say(f"{name}: exporting")

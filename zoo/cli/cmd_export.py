@@ -20,6 +20,8 @@ def add_parser(sub):
                         "inside; none: float32 NCHW, already normalized")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write model.int8.onnx (onnxruntime dynamic int8), validated on top-1 agreement")
+    p.add_argument("--int8-ops", choices=("all", "matmul"), default="all",
+                   help="with --quantize int8: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
     p.add_argument("--optimize", action="store_true",
                    help="save ONNX Runtime's basic offline graph optimizations into the .onnx")
     p.add_argument("--tolerance", type=float, default=None, metavar="TOL",
@@ -72,7 +74,7 @@ def run(args) -> int:
         report = export(args.run, formats=args.format or "all", out=args.out, opset=args.opset,
                         preprocess=args.preprocess, quantize=args.quantize, tolerance=args.tolerance,
                         images=args.images, optimize=args.optimize, embedding=not args.no_embedding,
-                        int8_agreement=args.int8_agreement, progress=progress)
+                        int8_agreement=args.int8_agreement, int8_ops=args.int8_ops, progress=progress)
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)
         if report and "artifacts" in report:
