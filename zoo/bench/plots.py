@@ -43,6 +43,9 @@ def plot_throughput(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                              if r["backbone"] == backbone and r["runtime"] == runtime)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=runtime)
             ax.set_xscale("log", base=2)
+            sizes = sorted({r["batch_size"] for r in rows if r["backbone"] == backbone})
+            ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.minorticks_off()
             ax.set_title(backbone, fontsize=10)
             ax.set_xlabel("batch size")
             ax.set_ylabel("images / s")
@@ -71,6 +74,7 @@ def plot_latency_vs_params(doc: dict[str, Any], out_dir: Path) -> Path | None:
         r = min((r for r in rows if r["backbone"] == backbone), key=lambda r: r["latency_p50_ms"])
         ax.annotate(backbone, (r["params"] / 1e6, r["latency_p50_ms"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
+    ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("latency p50 at batch 1 (ms)")
     ax.set_title("inference latency vs parameters")

@@ -91,7 +91,9 @@ def render_table(doc: dict[str, Any]) -> str:
     errors = sum(1 for r in rows if r.get("error"))
     out += ["", *environment_lines(doc),
             "P50/P95 MS: time per call (per optimizer step in train modes); at batch 1 that is the latency. "
-            "PEAK MIB: " + _mem_legend(rows) + ". GFLOPS: forward, per image.",
+            "PEAK MIB: " + _mem_legend(rows) + ". GFLOPS: forward, per image, FlopCounterMode "
+            "(a multiply-add is 2 FLOPs; model cards that list MACs show half). SETUP S: export/trace/compile "
+            "+ first call.",
             f"{len(rows)} rows, {errors} with errors" + (" (full messages in the JSON/CSV)" if errors else "")]
     return "\n".join(out)
 
