@@ -153,6 +153,8 @@ def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = Non
     head, hidden, epochs, lr, batch_size, device, seed, strict, cache, augment, views,
     image_size, ...). out: run directory (None: nothing is written). resume: continue the run
     in `out` with its saved config (only epochs/device/workers/progress/patience may change).
+    on_epoch_end(epoch, record): called after each epoch's checkpoint is written (an exception
+    raised there stops the run; `resume=True` continues it).
     """
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
