@@ -79,9 +79,13 @@ def test_backbone_conforms(name):
         model, info = zoo.create_backbone(name, weights=None)
     info.normalization.validate(name)
     assert info.weights is None and not model.training
-    x = torch.randn(2, *_input_size(name, info))
     with torch.inference_mode():
-        y = model(x)
+        try:
+            y = model(torch.randn(2, *_input_size(name, info)))
+        except (AssertionError, RuntimeError):
+            # small inputs are a speed-up only; some models (e.g. halo attention) need their
+            # block-aligned size. The size the plugin's record prescribes must always work.
+            y = model(torch.randn(2, *info.normalization.input_size))
     assert y.ndim == 2 and y.shape[0] == 2, f"{name}: expected pooled (N, D) features, got {tuple(y.shape)}"
     assert y.shape[1] == info.feature_dim, f"{name}: plugin says {info.feature_dim}, output is {y.shape[1]}"
     assert static_dim == info.feature_dim, f"{name}: shipped table says {static_dim}, model gives {info.feature_dim}"

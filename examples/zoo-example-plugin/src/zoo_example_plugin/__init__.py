@@ -1,7 +1,7 @@
 """An example third-party backbone-zoo plugin.
 
 It registers one backbone, `example/tinynet`, with normalization stats of its own (the zoo
-never assumes ImageNet numbers), and one export format, `example-npz`.
+never assumes ImageNet numbers), and one export format, `example-npz` (tensors and metadata in one .npz).
 """
 
 from __future__ import annotations
@@ -84,14 +84,16 @@ def backbone_layer_groups(spec, model):
 
 
 def export_npz(model, path, **options):
-    """Write every tensor of the model to an .npz and its metadata to a JSON sidecar."""
+    """Write every tensor of the model, plus its metadata as JSON, into one .npz (self-describing;
+    `zoo export` adds its own `<artifact>.json` sidecar beside it)."""
     import numpy as np
 
     path = Path(path)
-    np.savez(path, **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     meta = model.meta.to_dict() if hasattr(model, "meta") else {}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    return {"path": str(path), "tensors": len(model.state_dict())}
+    with open(path, "wb") as fh:  # a file handle: np.savez would append ".npz" to a staging name
+        np.savez(fh, __zoo_metadata__=np.array(json.dumps(meta)), **tensors)
+    return {"path": str(path), "tensors": len(tensors)}
 
 
 @hookimpl
