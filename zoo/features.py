@@ -52,6 +52,14 @@ def state_digest(module: nn.Module) -> str:
     return d.hexdigest()
 
 
+def model_key(model, amp_dtype: torch.dtype | None = None) -> dict:
+    """The model part of a feature-cache key (see the module docstring): what determines a
+    feature vector apart from the image and its transform. The caller adds `transform` and
+    `view_seed`; FeatureCache adds the format version."""
+    return {"backbone": model.meta.backbone, "weights": model.meta.weights, "state": state_digest(model.backbone),
+            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"}
+
+
 @dataclass
 class CacheStats:
     hits: int = 0

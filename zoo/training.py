@@ -175,194 +175,282 @@ def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = Non
     return _Trainer(cfg, Path(out) if out is not None else None, resume, on_epoch_end).run()
 
 
+@dataclass
+class _FitState:
+    """Where the epoch loop stands: what a checkpoint saves and a resume restores."""
+
+    history: list = field(default_factory=list)
+    best_epoch: int = 0
+    best_top1: float = -1.0
+    best_loss: float = math.inf
+    best_state: dict | None = None
+    next_epoch: int = 1
+    stale: int = 0  # epochs since the best one (early stopping)
+
+
 class _Trainer:
+    """One training run. `run` reads top to bottom as its phases; each phase sets the attributes
+    the later ones use (device/ctx, split, model/norm/report, the inputs, the optimization)."""
+
     def __init__(self, cfg: TrainConfig, out: Path | None, resume: bool, on_epoch_end):
         self.cfg, self.out, self.resume, self.on_epoch_end = cfg, out, resume, on_epoch_end
 
-    # ------------------------------------------------------------------ setup
     def run(self):
-        import torch
-
-        from . import distributed as D
-        from . import runs
-        from .data import EvalTransform, TrainTransform, load_data, with_image_size
-        from .freezer import build_optimizer, freeze, is_fully_frozen
-        from .heads import HeadConfig
-        from .model import build_model
-
-        cfg = self.cfg
         t_start = time.perf_counter()
+        self._check_options()
+        self._select_device()
+        self._load_data()  # every data error surfaces before a backbone is built or a file written
+        self._build_model()
+        self._open_run_dir()
+        self._prepare_inputs()  # cached features (the extraction phase) or the per-step image pipeline
+        self._build_optimization()
+        state = self._restore() if self.resume else _FitState()
+        state, stopped_early = self._fit(state)
+        return self._finish(state, stopped_early, t_start)
+
+    # ------------------------------------------------------------------ phases
+    def _check_options(self) -> None:
+        cfg = self.cfg
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
             raise ZooError(f"epochs, batch size and lr must be positive (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
         if cfg.views < 0:
             raise ZooError(f"--views must be >= 0, got {cfg.views}")
         if cfg.views and not cfg.augment:
             raise ZooError("--views N pre-draws N augmented views per image; it needs --augment")
-        device = select_device(cfg.device)
-        ctx = D.init_from_env(device.type)
-        if ctx.enabled and device.type == "cuda":
-            device = torch.device("cuda", ctx.local_rank)
-        # Data first: every data error surfaces before a backbone is built or a file written.
-        split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict)
-        if self.out is not None and ctx.is_main:
-            runs.prepare(self.out, self.resume)
-            if not self.resume:
-                runs.write_config(self.out, cfg.to_dict())
-        seed_everything(cfg.seed)
-        head_cfg = HeadConfig(kind=cfg.head, hidden=tuple(cfg.hidden), dropout=cfg.dropout, norm=cfg.head_norm)
-        model = build_model(cfg.backbone, list(split.classes), weights=cfg.weights, head=head_cfg)
-        norm = with_image_size(model.meta.normalization, cfg.image_size)
-        report = freeze(model, "all" if str(cfg.freeze) == "all" else int(cfg.freeze), bn_adapt=cfg.bn_adapt)
-        full_freeze = is_fully_frozen(model)
-        model.meta = replace(model.meta, normalization=norm, frozen_groups=None if full_freeze else report.frozen_groups)
-        amp_dtype, use_scaler = amp_settings(device, cfg.amp)
-        channels_last = device.type in ("cuda", "cpu")
+
+    def _select_device(self) -> None:
+        import torch
+
+        from . import distributed as D
+
+        device = select_device(self.cfg.device)
+        self.ctx = D.init_from_env(device.type)
+        if self.ctx.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.ctx.local_rank)
+        self.device = device
+        self.amp_dtype, self.use_scaler = amp_settings(device, self.cfg.amp)
+        self.channels_last = device.type in ("cuda", "cpu")
+
+    def _load_data(self) -> None:
+        from .data import load_data
+
+        cfg = self.cfg
+        self.split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict)
         workers = cfg.num_workers
         if workers is None:
-            in_memory = not any(isinstance(i, (str, os.PathLike)) for i in split.train.items[:1])
+            in_memory = not any(isinstance(i, (str, os.PathLike)) for i in self.split.train.items[:1])
             workers = 0 if in_memory else min(4, max(0, (os.cpu_count() or 1) - 1))
-        if ctx.is_main and cfg.progress:
+        self.workers = workers
+
+    def _build_model(self) -> None:
+        from .data import with_image_size
+        from .freezer import freeze, is_fully_frozen
+        from .heads import HeadConfig
+        from .model import build_model
+
+        cfg = self.cfg
+        seed_everything(cfg.seed)  # the head's initial weights
+        head_cfg = HeadConfig(kind=cfg.head, hidden=tuple(cfg.hidden), dropout=cfg.dropout, norm=cfg.head_norm)
+        model = build_model(cfg.backbone, list(self.split.classes), weights=cfg.weights, head=head_cfg)
+        self.norm = with_image_size(model.meta.normalization, cfg.image_size)
+        self.report = freeze(model, "all" if str(cfg.freeze) == "all" else int(cfg.freeze), bn_adapt=cfg.bn_adapt)
+        self.full_freeze = is_fully_frozen(model)
+        model.meta = replace(model.meta, normalization=self.norm,
+                             frozen_groups=None if self.full_freeze else self.report.frozen_groups)
+        self.model = model
+        if self.ctx.is_main and cfg.progress:
+            split = self.split
             print(f"data: {split.source}: {len(split.train)} train / {len(split.val) if split.val else 0} val "
                   f"images, {len(split.classes)} classes" + (f", {len(split.skipped)} skipped" if split.skipped else ""),
                   file=sys.stderr)
-            print(f"model: {model.meta.backbone} ({model.meta.weights or 'random init'}), {report}; device {device}"
-                  + (f", amp {str(amp_dtype).replace('torch.', '')}" if amp_dtype else ""), file=sys.stderr)
+            print(f"model: {model.meta.backbone} ({model.meta.weights or 'random init'}), {self.report}; device "
+                  f"{self.device}" + (f", amp {str(self.amp_dtype).replace('torch.', '')}" if self.amp_dtype else ""),
+                  file=sys.stderr)
 
-        eval_tf = EvalTransform(norm)
-        train_tf = TrainTransform(norm) if cfg.augment else eval_tf
-        cached = full_freeze and (not cfg.augment or cfg.views > 0)
+    def _open_run_dir(self) -> None:
+        from . import runs
+
+        if self.out is not None and self.ctx.is_main:
+            runs.prepare(self.out, self.resume)
+            if not self.resume:
+                runs.write_config(self.out, self.cfg.to_dict())
+
+    def _prepare_inputs(self) -> None:
+        """Move the model to the device and decide the path: cached features (extracted here) or
+        images through the model every step."""
+        import torch
+
+        from .data import EvalTransform, TrainTransform
+
+        cfg, model = self.cfg, self.model
+        self.eval_tf = EvalTransform(self.norm)
+        self.train_tf = TrainTransform(self.norm) if cfg.augment else self.eval_tf
+        self.cached = self.full_freeze and (not cfg.augment or cfg.views > 0)
+        self.frozen_backbone_step = self.full_freeze and not self.cached
         self.cache_info: dict = {}
-        model.to(device)
-        if channels_last:
+        model.to(self.device)
+        if self.channels_last:
             model.backbone.to(memory_format=torch.channels_last)
-        if cached:
-            from .features import cached_features, state_digest
+        if self.cached:
+            self.features, self.cache_info = self._extract_features()
+        elif cfg.views:
+            warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=3)
+        model.head.to(self.device)
 
-            key = {"backbone": model.meta.backbone, "weights": model.meta.weights,
-                   "state": state_digest(model.backbone),
-                   "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"}
-            common = dict(device=device, cache=cfg.cache, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64),
-                          num_workers=workers, amp_dtype=amp_dtype, channels_last=channels_last, progress=cfg.progress)
-            views = list(range(cfg.views)) if cfg.augment else [None]
-            train_feats, s1 = cached_features(model.backbone, split.train, train_tf, norm,
-                                              key_fields=dict(key, transform=train_tf.describe(),
-                                                              view_seed=cfg.seed if cfg.augment else None),
-                                              views=views, view_seed=cfg.seed, desc="train features", **common)
-            val_feats = None
-            s1h = {"hits": s1.hits, "misses": s1.misses}
-            if split.val is not None:
-                val_feats, s2 = cached_features(model.backbone, split.val, eval_tf, norm,
-                                                key_fields=dict(key, transform=eval_tf.describe(), view_seed=None),
-                                                desc="val features", **common)
-                s1h = {"hits": s1.hits + s2.hits, "misses": s1.misses + s2.misses}
-                val_feats = val_feats[0]
-            self.cache_info = dict(s1h, enabled=cfg.cache, seconds=round(s1.seconds + (s2.seconds if split.val else 0), 3))
-            self.features = (train_feats, val_feats)
-            trainable_module = model.head
-        else:
-            if cfg.views:
-                warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=2)
-            # Fully frozen but augmented: the backbone runs every step, without autograd (see
-            # _train_epoch); only the head is trained and wrapped by DDP.
-            trainable_module = model.head if full_freeze else model
-        model.head.to(device)
+    def _extract_features(self) -> tuple[tuple, dict]:
+        """The extraction phase: (train features (views, N, D), val features (N, D) or None) and the
+        cache statistics. Reads only the frozen backbone, the split and the transforms."""
+        from .features import cached_features, model_key
 
-        train_module = trainable_module
-        if ctx.enabled:
+        cfg, split = self.cfg, self.split
+        key = model_key(self.model, self.amp_dtype)
+        common = dict(device=self.device, cache=cfg.cache, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64),
+                      num_workers=self.workers, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+                      progress=cfg.progress)
+        views = list(range(cfg.views)) if cfg.augment else [None]
+        train_feats, stats = cached_features(
+            self.model.backbone, split.train, self.train_tf, self.norm,
+            key_fields=dict(key, transform=self.train_tf.describe(), view_seed=cfg.seed if cfg.augment else None),
+            views=views, view_seed=cfg.seed, desc="train features", **common)
+        val_feats = None
+        if split.val is not None:
+            val_feats, val_stats = cached_features(
+                self.model.backbone, split.val, self.eval_tf, self.norm,
+                key_fields=dict(key, transform=self.eval_tf.describe(), view_seed=None), desc="val features", **common)
+            stats.add(val_stats)
+            val_feats = val_feats[0]
+        info = {"hits": stats.hits, "misses": stats.misses, "enabled": cfg.cache, "seconds": round(stats.seconds, 3)}
+        return (train_feats, val_feats), info
+
+    def _build_optimization(self) -> None:
+        import torch
+
+        from .freezer import build_optimizer
+
+        cfg, model = self.cfg, self.model
+        # Fully frozen (cached, or augmented without views): the backbone runs without autograd
+        # (see _train_epoch); only the head is trained and wrapped by DDP.
+        trainable_module = model.head if self.full_freeze else model
+        self.train_module = trainable_module
+        if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            train_module = DDP(trainable_module, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(split.train) / cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps_per_epoch * cfg.epochs))
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        self.__dict__.update(model=model, split=split, device=device, ctx=ctx, optimizer=optimizer,
-                             scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, cached=cached,
-                             train_module=train_module, channels_last=channels_last, workers=workers,
-                             eval_tf=eval_tf, train_tf=train_tf, norm=norm, report=report,
-                             frozen_backbone_step=full_freeze and not cached)
-        history: list[dict] = []
-        best = {"epoch": 0, "top1": -1.0, "loss": math.inf, "state": None}
-        start_epoch, stale = 1, 0
-        if self.resume:
-            ck = D.broadcast_object(runs.load_checkpoint(self.out) if ctx.is_main else None)
-            self._load_trainable(ck["trainable"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scheduler.lr_lambdas[0] = _cosine(steps_per_epoch * cfg.epochs)  # epochs may have been extended
-            scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
-            if ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            torch.set_rng_state(ck["rng"])
-            history = list(ck["history"])
-            best = {"epoch": ck["best_epoch"], "top1": ck["best_top1"], "loss": ck.get("best_loss", math.inf),
-                    "state": ck["best_state"]}
-            start_epoch, stale = ck["epoch"] + 1, ck["stale"]
-            if ctx.is_main and cfg.progress:
-                print(f"resuming {self.out} after epoch {ck['epoch']}", file=sys.stderr)
+            self.train_module = DDP(trainable_module,
+                                    device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        self.total_steps = math.ceil(len(self.split.train) / cfg.batch_size) * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine(self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
 
+    def _restore(self) -> _FitState:
+        import torch
+
+        from . import distributed as D
+        from . import runs
+
+        ck = D.broadcast_object(runs.load_checkpoint(self.out) if self.ctx.is_main else None)
+        self._load_trainable(ck["trainable"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scheduler.lr_lambdas[0] = _cosine(self.total_steps)  # epochs may have been extended
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"])
+        if self.ctx.is_main and self.cfg.progress:
+            print(f"resuming {self.out} after epoch {ck['epoch']}", file=sys.stderr)
+        return _FitState(history=list(ck["history"]), best_epoch=ck["best_epoch"], best_top1=ck["best_top1"],
+                         best_loss=ck.get("best_loss", math.inf), best_state=ck["best_state"],
+                         next_epoch=ck["epoch"] + 1, stale=ck["stale"])
+
+    def _fit(self, state: _FitState) -> tuple[_FitState, bool]:
+        """The epoch loop: train, validate, keep the best, checkpoint, stop early."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="epochs", disable=not (cfg.progress and ctx.is_main),
-                   dynamic_ncols=True, leave=False, initial=start_epoch - 1, total=cfg.epochs)
+        from . import distributed as D
+
+        cfg = self.cfg
+        bar = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="epochs",
+                   disable=not (cfg.progress and self.ctx.is_main), dynamic_ncols=True, leave=False,
+                   initial=state.next_epoch - 1, total=cfg.epochs)
         stopped_early = False
         for epoch in bar:
-            if cfg.patience and stale >= cfg.patience:
+            if cfg.patience and state.stale >= cfg.patience:
                 stopped_early = True
                 break
             t0 = time.perf_counter()
             tr = self._train_epoch(epoch)
-            va = self._evaluate() if split.val is not None else None
+            va = self._evaluate() if self.split.val is not None else None
             rec = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "val_loss": va["loss"] if va else None, "val_top1": va["top1"] if va else None,
                    "val_per_class": va["per_class"] if va else None,
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
-            history.append(rec)
+                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
+            state.history.append(rec)
             score = va["top1"] if va else tr["top1"]
             loss = va["loss"] if va else tr["loss"]
-            if score > best["top1"] or (score == best["top1"] and loss < best["loss"]):
-                best = {"epoch": epoch, "top1": score, "loss": loss, "state": self._trainable_state()}
-                stale = 0
+            if score > state.best_top1 or (score == state.best_top1 and loss < state.best_loss):
+                state.best_epoch, state.best_top1, state.best_loss = epoch, score, loss
+                state.best_state = self._trainable_state()
+                state.stale = 0
             else:
-                stale += 1
+                state.stale += 1
+            state.next_epoch = epoch + 1
             bar.set_postfix(loss=f"{tr['loss']:.3f}", val=f"{100 * va['top1']:.1f}%" if va else "-")
-            if self.out is not None and ctx.is_main:
-                runs.save_checkpoint(self.out, {
-                    "epoch": epoch, "trainable": self._trainable_state(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if use_scaler else None, "rng": torch.get_rng_state(),
-                    "history": history, "best_epoch": best["epoch"], "best_top1": best["top1"],
-                    "best_loss": best["loss"], "best_state": best["state"], "stale": stale})
+            self._checkpoint(state)
             D.barrier()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, rec)
         bar.close()
-        if cfg.patience and stale >= cfg.patience and len(history) < cfg.epochs:
+        if cfg.patience and state.stale >= cfg.patience and len(state.history) < cfg.epochs:
             stopped_early = True
-        if best["state"] is not None:
-            self._load_trainable(best["state"])
+        return state, stopped_early
+
+    def _checkpoint(self, state: _FitState) -> None:
+        import torch
+
+        from . import runs
+
+        if self.out is None or not self.ctx.is_main:
+            return
+        runs.save_checkpoint(self.out, {
+            "epoch": state.next_epoch - 1, "trainable": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_scaler else None, "rng": torch.get_rng_state(),
+            "history": state.history, "best_epoch": state.best_epoch, "best_top1": state.best_top1,
+            "best_loss": state.best_loss, "best_state": state.best_state, "stale": state.stale})
+
+    def _finish(self, state: _FitState, stopped_early: bool, t_start: float):
+        """Keep the best epoch's weights, score them, and write the model and its reports."""
+        import torch
+
+        from . import distributed as D
+        from . import runs
+
+        cfg, split, model = self.cfg, self.split, self.model
+        if state.best_state is not None:
+            self._load_trainable(state.best_state)
         final = self._evaluate() if split.val is not None else {}
         model.eval()
         extra = dict(model.meta.extra)
-        extra["training"] = {"val_top1": final.get("top1"), "best_epoch": best["epoch"], "epochs_run": len(history),
-                             "stopped_early": stopped_early, "train_images": len(split.train),
-                             "val_images": len(split.val) if split.val else 0, "data": split.source,
-                             "seed": cfg.seed, "image_size": norm.input_size[-1]}
+        extra["training"] = {"val_top1": final.get("top1"), "best_epoch": state.best_epoch,
+                             "epochs_run": len(state.history), "stopped_early": stopped_early,
+                             "train_images": len(split.train), "val_images": len(split.val) if split.val else 0,
+                             "data": split.source, "seed": cfg.seed, "image_size": self.norm.input_size[-1]}
         model.meta = replace(model.meta, extra=extra)
         model.to("cpu")
-        if channels_last:
+        if self.channels_last:
             model.backbone.to(memory_format=torch.contiguous_format)
-        run = runs.Run(dir=self.out, model=model, history=history, best_epoch=best["epoch"],
-                       best_val_top1=best["top1"] if split.val is not None else None, final=final,
-                       config=cfg.to_dict(), freeze_report=report, device=str(device), cache=self.cache_info,
-                       seconds=time.perf_counter() - t_start)
-        if self.out is not None and ctx.is_main:
+        run = runs.Run(dir=self.out, model=model, history=state.history, best_epoch=state.best_epoch,
+                       best_val_top1=state.best_top1 if split.val is not None else None, final=final,
+                       config=cfg.to_dict(), freeze_report=self.report, device=str(self.device),
+                       cache=self.cache_info, seconds=time.perf_counter() - t_start)
+        if self.out is not None and self.ctx.is_main:
             from .model import save_model
 
-            runs.write_history(self.out, history, {k: v for k, v in final.items()}
-                               | {"best_epoch": best["epoch"], "labels": list(split.classes),
+            runs.write_history(self.out, state.history, dict(final)
+                               | {"best_epoch": state.best_epoch, "labels": list(split.classes),
                                   "skipped": [list(s) for s in split.skipped]})
-            runs.plot_curves(self.out, history)
+            runs.plot_curves(self.out, state.history)
             if final:
                 runs.plot_confusion(self.out, final["confusion"], split.classes)
             save_model(model, self.out)
