@@ -21,7 +21,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,58 +29,12 @@ import numpy as np
 
 from .errors import ZooError
 
-DEFAULT_BACKBONE = "timm/tf_efficientnet_lite0"
-DEFAULT_WEIGHTS = "in1k"
+from .options import (DEFAULT_BACKBONE, DEFAULT_WEIGHTS, RESUMABLE_OVERRIDES, OptionError, TrainConfig,  # noqa: F401
+                      flag_of)
 
 
-@dataclass
-class TrainConfig:
-    backbone: str = DEFAULT_BACKBONE
-    weights: Any = "default"
-    data: str | None = None
-    csv: str | None = None
-    val_data: str | None = None
-    val_split: float = 0.2
-    freeze: Any = "all"  # "all" or K layer groups
-    bn_adapt: bool = False
-    head: str = "linear"
-    hidden: tuple = (512,)
-    dropout: float = 0.0
-    head_norm: str | None = None
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    batch_size: int = 64
-    patience: int = 0  # early stopping: epochs without val improvement; 0 = off
-    device: str = "auto"
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    seed: int = 0
-    strict: bool = False
-    cache: bool = True
-    cache_dir: str | None = None
-    augment: bool = False
-    views: int = 0
-    image_size: int | None = None
-    num_workers: int | None = None
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
-
-
-# Settings that may differ when resuming (they do not change what is computed, or extend it).
-RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "progress", "cache_dir", "patience")
+class NonFiniteError(ZooError):
+    """Training produced a NaN or infinite loss or weight."""
 
 
 def select_device(preference: str = "auto"):
@@ -142,7 +96,7 @@ def _metrics(loss_sum: float, confusion) -> dict:
             "per_class": per_class, "confusion": cm.tolist()}
 
 
-def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = None, *,
+def train(backbone: str | None = None, data: str | os.PathLike | None = None, *,
           out: str | os.PathLike | None = None, resume: bool = False,
           on_epoch_end: Callable[[int, dict], None] | None = None, **options) -> "Run":  # noqa: F821
     """Train a classifier head; returns a zoo.runs.Run (model, history, metrics, run dir).
@@ -151,8 +105,10 @@ def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = Non
     data: image folder with one subfolder per class; None (and no csv) = the embedded
     Fashion-MNIST sample. options: any TrainConfig field (csv, val_data, val_split, freeze,
     head, hidden, epochs, lr, batch_size, device, seed, strict, cache, augment, views,
-    image_size, ...). out: run directory (None: nothing is written). resume: continue the run
-    in `out` with its saved config (only epochs/device/workers/progress/patience may change).
+    image_size, ...), checked on construction (OptionError names the flag). out: run directory
+    (None: nothing is written). resume: continue the run in `out` with its saved config; only
+    RESUMABLE_OVERRIDES (epochs, device, workers, progress, cache, patience) may change, and the
+    changes are saved; any other option that differs from the saved one is refused.
     on_epoch_end(epoch, record): called after each epoch's checkpoint is written (an exception
     raised there stops the run; `resume=True` continues it).
     """
@@ -161,18 +117,40 @@ def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = Non
         raise TypeError(f"train() got unknown options {sorted(unknown)}")
     from . import runs
 
+    given = dict(options)
+    if backbone is not None:
+        given["backbone"] = backbone
+    if data is not None:
+        given["data"] = os.fspath(data)
     if resume:
         if out is None:
             raise ZooError("resume needs the run directory (--out DIR)")
         runs.prepare(out, resume=True)
-        saved = TrainConfig.from_dict(runs.read_config(out))
-        overrides = {k: v for k, v in options.items() if k in RESUMABLE_OVERRIDES}
-        cfg = replace(saved, **overrides)
+        cfg = resumed_config(TrainConfig.from_dict(runs.read_config(out)), given, out)
     else:
-        if backbone == DEFAULT_BACKBONE and options.get("weights", "default") == "default":
-            options["weights"] = DEFAULT_WEIGHTS
-        cfg = TrainConfig(backbone=backbone, data=None if data is None else os.fspath(data), **options)
+        given.setdefault("backbone", DEFAULT_BACKBONE)
+        if given["backbone"] == DEFAULT_BACKBONE and given.get("weights", "default") == "default":
+            given["weights"] = DEFAULT_WEIGHTS
+        cfg = TrainConfig(**given)
     return _Trainer(cfg, Path(out) if out is not None else None, resume, on_epoch_end).run()
+
+
+def resumed_config(saved: TrainConfig, given: dict, out) -> TrainConfig:
+    """The saved config with the allowed changes applied; any other option given with a value
+    other than the saved one is refused (listing each), since the run would silently ignore it."""
+    saved_d = saved.to_dict()
+    differ = []
+    for k, v in given.items():
+        if k in RESUMABLE_OVERRIDES:
+            continue
+        v = list(v) if isinstance(v, tuple) else v
+        if v != saved_d.get(k):
+            differ.append(f"{flag_of(TrainConfig, k)} {v!r} (saved: {saved_d.get(k)!r})")
+    if differ:
+        raise OptionError(f"--resume continues {str(out)!r} with its saved options, but these differ: "
+                          f"{', '.join(differ)}; drop them to resume, or start a new run with another --out "
+                          f"(only {', '.join(flag_of(TrainConfig, k) for k in RESUMABLE_OVERRIDES)} may change)")
+    return replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
 
 
 @dataclass
@@ -197,27 +175,21 @@ class _Trainer:
 
     def run(self):
         t_start = time.perf_counter()
-        self._check_options()
         self._select_device()
         self._load_data()  # every data error surfaces before a backbone is built or a file written
         self._build_model()
         self._open_run_dir()
-        self._prepare_inputs()  # cached features (the extraction phase) or the per-step image pipeline
-        self._build_optimization()
-        state = self._restore() if self.resume else _FitState()
-        state, stopped_early = self._fit(state)
+        try:
+            self._prepare_inputs()  # cached features (the extraction phase) or the per-step image pipeline
+            self._build_optimization()
+            state = self._restore() if self.resume else self._start()
+            state, stopped_early = self._fit(state)
+        except BaseException:
+            self._discard_unstarted_run_dir()
+            raise
         return self._finish(state, stopped_early, t_start)
 
     # ------------------------------------------------------------------ phases
-    def _check_options(self) -> None:
-        cfg = self.cfg
-        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-            raise ZooError(f"epochs, batch size and lr must be positive (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
-        if cfg.views < 0:
-            raise ZooError(f"--views must be >= 0, got {cfg.views}")
-        if cfg.views and not cfg.augment:
-            raise ZooError("--views N pre-draws N augmented views per image; it needs --augment")
-
     def _select_device(self) -> None:
         import torch
 
@@ -268,12 +240,26 @@ class _Trainer:
                   file=sys.stderr)
 
     def _open_run_dir(self) -> None:
+        """Create the run directory and write config.json (on resume: with the allowed changes,
+        e.g. more epochs, so a later resume sees them)."""
         from . import runs
 
+        self.created_dir = False
         if self.out is not None and self.ctx.is_main:
+            self.created_dir = not self.out.exists()
             runs.prepare(self.out, self.resume)
-            if not self.resume:
-                runs.write_config(self.out, self.cfg.to_dict())
+            runs.write_config(self.out, self.cfg.to_dict())
+
+    def _discard_unstarted_run_dir(self) -> None:
+        """A run that fails before its first checkpoint leaves nothing behind (its config.json
+        would only block reusing --out)."""
+        from . import runs
+
+        if self.out is None or not self.ctx.is_main or self.resume or (self.out / runs.CHECKPOINT).exists():
+            return
+        (self.out / runs.CONFIG).unlink(missing_ok=True)
+        if self.created_dir and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _prepare_inputs(self) -> None:
         """Move the model to the device and decide the path: cached features (extracted here) or
@@ -342,6 +328,13 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine(self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
 
+    def _start(self) -> _FitState:
+        # Extraction draws from the global RNG only when it extracts (each DataLoader takes a base
+        # seed), so a cold and a warm cache would start the loop at different RNG states and give
+        # different dropout masks: reseed, so the head's result does not depend on the cache.
+        seed_everything(self.cfg.seed)
+        return _FitState()
+
     def _restore(self) -> _FitState:
         import torch
 
@@ -380,6 +373,7 @@ class _Trainer:
                 break
             t0 = time.perf_counter()
             tr = self._train_epoch(epoch)
+            self._check_finite(epoch, tr["loss"])
             va = self._evaluate() if self.split.val is not None else None
             rec = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "val_loss": va["loss"] if va else None, "val_top1": va["top1"] if va else None,
@@ -404,6 +398,27 @@ class _Trainer:
         if cfg.patience and state.stale >= cfg.patience and len(state.history) < cfg.epochs:
             stopped_early = True
         return state, stopped_early
+
+    def _check_finite(self, epoch: int, loss: float) -> None:
+        """Stop before a NaN/inf loss or weight is checkpointed or saved: the last good
+        checkpoint stays as it is. (The loss is summed over all ranks, the weights are the same
+        on every rank, so every rank stops together.)"""
+        import torch
+
+        bad = None
+        if not math.isfinite(loss):
+            bad = f"the training loss is {loss}"
+        else:
+            for name, p in self.model.named_parameters():
+                if p.requires_grad and not bool(torch.isfinite(p).all()):
+                    bad = f"parameter {name} holds NaN/inf values"
+                    break
+        if bad is None:
+            return
+        kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept in {str(self.out)!r}"
+                if self.out is not None and epoch > 1 else "nothing was saved")
+        raise NonFiniteError(f"training diverged in epoch {epoch}: {bad} (lr {self.cfg.lr:g}, weight decay "
+                             f"{self.cfg.weight_decay:g}); {kept}. Lower --lr, check the data, and start a new run")
 
     def _checkpoint(self, state: _FitState) -> None:
         import torch

@@ -24,45 +24,67 @@ def _hidden(value: str) -> tuple:
         raise argparse.ArgumentTypeError(f"--hidden takes sizes like 512 or 512,256, got {value!r}") from None
 
 
+def _weights(value: str):
+    return None if value.lower() == "none" else value
+
+
 def add_parser(sub):
+    from zoo.options import TrainConfig, defaults
+
+    d = defaults(TrainConfig)
     p = sub.add_parser(
         "train", help="train a classifier head on a frozen backbone",
         description="Train a classifier head on a frozen pretrained backbone. With no --data it trains on the "
-                    "embedded Fashion-MNIST sample with timm/tf_efficientnet_lite0 (offline ImageNet weights).")
-    p.add_argument("--backbone", default=None, help="provider/model[.tag] (default timm/tf_efficientnet_lite0, in1k)")
-    p.add_argument("--weights", default=None, help="weights tag, 'none' for random init, or a local "
+                    "embedded Fashion-MNIST sample with timm/tf_efficientnet_lite0 (offline ImageNet weights).",
+        argument_default=argparse.SUPPRESS)  # options not given are not passed: TrainConfig's defaults apply
+    p.add_argument("--backbone", help=f"provider/model[.tag] (default {d['backbone']}, in1k)")
+    p.add_argument("--weights", type=_weights, help="weights tag, 'none' for random init, or a local "
                    ".safetensors/.pth file (default: the backbone's default pretrained weights)")
-    p.add_argument("--data", default=None, help="image folder, one subfolder per class (default: embedded sample)")
-    p.add_argument("--csv", default=None, help="CSV of path,label (paths relative to --data or the CSV's folder)")
-    p.add_argument("--val-data", default=None, help="separate validation folder (else a stratified split)")
-    p.add_argument("--val-split", type=float, default=0.2, help="validation fraction of --data (default 0.2)")
-    p.add_argument("--freeze", type=_freeze, default="all", help="'all' (default) or N: freeze the first N layer groups")
+    p.add_argument("--data", help="image folder, one subfolder per class (default: embedded sample)")
+    p.add_argument("--csv", help="CSV of path,label (paths relative to --data or the CSV's folder)")
+    p.add_argument("--csv-outside-root", action="store_true",
+                   help="allow CSV rows that point outside --data (or the CSV's folder)")
+    p.add_argument("--val-data", help="separate validation folder (else a stratified split)")
+    p.add_argument("--val-split", type=float,
+                   help=f"validation fraction of --data, 0 <= F < 1; 0 = none (default {d['val_split']})")
+    p.add_argument("--freeze", type=_freeze, help="'all' (default) or N: freeze the first N layer groups")
     p.add_argument("--bn-adapt", action="store_true", help="with --freeze N: let unfrozen BatchNorm layers update stats")
-    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
-    p.add_argument("--hidden", type=_hidden, default=(512,), help="MLP hidden sizes, e.g. 512 or 512,256")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--head-norm", choices=("batchnorm", "layernorm"), default=None, help="MLP head normalization")
-    p.add_argument("--epochs", type=int, default=None, help="default 20 (or the saved value with --resume)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--patience", type=int, default=0, help="early stopping: epochs without val improvement (0: off)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N] or mps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision (CUDA)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: auto)")
+    p.add_argument("--head", choices=("linear", "mlp"), help=f"default {d['head']}")
+    p.add_argument("--hidden", type=_hidden, help="MLP hidden sizes, e.g. 512 or 512,256 (default 512)")
+    p.add_argument("--dropout", type=float, help=f"head dropout, 0 <= P < 1 (default {d['dropout']})")
+    p.add_argument("--head-norm", choices=("batchnorm", "layernorm"), help="MLP head normalization")
+    p.add_argument("--epochs", type=int, help=f"default {d['epochs']} (or the saved value with --resume)")
+    p.add_argument("--lr", type=float, help=f"default {d['lr']}")
+    p.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
+    p.add_argument("--label-smoothing", type=float, help=f"0 <= S < 1 (default {d['label_smoothing']})")
+    p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without val improvement (default 0: off)")
+    p.add_argument("--device", help="auto (CUDA, then MPS, then CPU; default), cpu, cuda[:N] or mps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision (CUDA; default auto)")
+    p.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes (default: auto)")
     p.add_argument("--out", default=None, help="run directory (default runs/<backbone>-<time>); never overwritten")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", default=False, help="continue the interrupted run in --out")
+    p.add_argument("--seed", type=int, help=f"default {d['seed']}")
     p.add_argument("--strict", action="store_true", help="refuse unreadable/non-image files instead of skipping them")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default $ZOO_CACHE_DIR or ~/.cache/backbone-zoo)")
+    p.add_argument("--max-image-pixels", type=int,
+                   help=f"skip larger images (decompression bombs) with a reason (default {d['max_image_pixels']})")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="do not read or write the feature cache")
+    p.add_argument("--cache-dir", help="feature cache (default $ZOO_CACHE_DIR or ~/.cache/backbone-zoo)")
     p.add_argument("--augment", action="store_true", help="random resized crop + flip (turns caching off unless --views)")
-    p.add_argument("--views", type=int, default=0, help="with --augment: cache N augmented views per image")
-    p.add_argument("--image-size", type=int, default=None, help="input size override (keeps the crop ratio)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--views", type=int, help="with --augment: cache N augmented views per image")
+    p.add_argument("--image-size", type=int, help="input size override (keeps the crop ratio)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--json", action="store_true", default=False, help="print the result as JSON")
     return p
+
+
+NOT_OPTIONS = ("out", "resume", "json", "command", "_run", "debug")
+
+
+def options_of(args) -> dict:
+    """The TrainConfig fields given on the command line (only those: the rest keep their defaults,
+    or on --resume their saved values)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
 
 
 def run(args) -> int:
@@ -73,32 +95,14 @@ def run(args) -> int:
     from zoo.errors import ZooError
     from zoo.runs import default_run_dir
 
+    opts = options_of(args)
     if args.resume:
         if not args.out:
             raise ZooError("--resume needs --out DIR (the run directory to continue)")
-        opts = {"device": args.device, "progress": not args.no_progress}
-        if args.epochs is not None:
-            opts["epochs"] = args.epochs
-        if args.workers is not None:
-            opts["num_workers"] = args.workers
         run = T.train(out=args.out, resume=True, **opts)
     else:
-        backbone = args.backbone or T.DEFAULT_BACKBONE
-        weights = args.weights
-        if weights is None:
-            weights = "default"
-        elif weights.lower() == "none":
-            weights = None
-        out = args.out or default_run_dir(backbone)
-        run = T.train(
-            backbone, args.data, out=out, weights=weights, csv=args.csv, val_data=args.val_data,
-            val_split=args.val_split, freeze=args.freeze, bn_adapt=args.bn_adapt, head=args.head,
-            hidden=args.hidden, dropout=args.dropout, head_norm=args.head_norm,
-            epochs=args.epochs if args.epochs is not None else 20, lr=args.lr, weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing, batch_size=args.batch_size, patience=args.patience,
-            device=args.device, amp=args.amp, seed=args.seed, strict=args.strict, cache=not args.no_cache,
-            cache_dir=args.cache_dir, augment=args.augment, views=args.views, image_size=args.image_size,
-            num_workers=args.workers, progress=not args.no_progress)
+        out = args.out or default_run_dir(opts.get("backbone", T.DEFAULT_BACKBONE))
+        run = T.train(out=out, **opts)
     from zoo.distributed import context
 
     if not context().is_main:  # under torchrun only rank 0 reports

@@ -1,0 +1,253 @@
+"""The options of every command, in one place, validated on construction.
+
+Each config dataclass (TrainConfig, EvaluateConfig, ExportConfig, PredictConfig; BenchConfig in
+zoo.bench.runner uses the same checks) declares its fields with their default and their check.
+Building one with a bad value raises OptionError naming the command-line flag, the value and what
+is accepted, so the Python API and the CLI refuse the same things with the same message, before
+any work is done or any file written. The CLI takes its defaults from these classes (a default is
+written once; tests/test_options.py holds the parsers to that).
+
+Kept free of torch and numpy imports: `zoo --help` builds its parsers from these classes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from .errors import ZooError
+
+DEFAULT_BACKBONE = "timm/tf_efficientnet_lite0"
+DEFAULT_WEIGHTS = "in1k"
+MIN_IMAGE_SIZE = 16  # below this every backbone's stride-16/32 stages see less than one pixel
+MAX_IMAGE_SIZE = 4096
+ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class OptionError(ZooError, ValueError):
+    """An option's value is out of range, not finite, or inconsistent with another option."""
+
+
+# --------------------------------------------------------------------------- checks
+# A check takes the value and returns None when it is fine, else what is accepted.
+Check = Callable[[Any], "str | None"]
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           integer: bool = False, optional: bool = False) -> Check:
+    kind = "an integer" if integer else "a finite number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+    expected = kind + (" " + " and ".join(bounds) if bounds else "") + (" (or unset)" if optional else "")
+
+    def check(v):
+        if v is None:
+            return None if optional else expected
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+            return expected
+        if not math.isfinite(v):
+            return expected
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return expected
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            return expected
+        return None
+    return check
+
+
+def choice(*values, optional: bool = False) -> Check:
+    expected = "one of " + ", ".join(str(v) for v in values) + (" (or unset)" if optional else "")
+    return lambda v: None if (v is None and optional) or v in values else expected
+
+
+def text(optional: bool = True) -> Check:
+    return lambda v: None if (v is None and optional) or (isinstance(v, str) and v.strip()) else \
+        "a non-empty string" + (" (or unset)" if optional else "")
+
+
+def device_name(v) -> str | None:
+    return None if isinstance(v, str) and DEVICE_PATTERN.match(v.lower()) else "auto, cpu, cuda, cuda:N or mps"
+
+
+def int_list(lo: int = 1, allow_empty: bool = False) -> Check:
+    expected = f"a list of integers >= {lo}" + ("" if allow_empty else " (at least one)")
+
+    def check(v):
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+            return expected
+        items = list(v)
+        if not items and not allow_empty:
+            return expected
+        return None if all(number(lo, integer=True)(x) is None for x in items) else expected
+    return check
+
+
+def opt(default: Any = MISSING, check: Check | None = None, flag: str | None = None, *,
+        default_factory: Any = MISSING) -> Any:
+    """A config field: its default, its check, and its command-line flag (default --field-name)."""
+    meta = {"check": check, "flag": flag}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(cls, name: str) -> str:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def defaults(cls) -> dict[str, Any]:
+    """{field: default} of a config class (what the CLI shows and falls back to)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def validate_fields(cfg) -> None:
+    """Run every field's check; raise OptionError for the first that fails."""
+    for f in fields(cfg):
+        check = f.metadata.get("check")
+        if check is None:
+            continue
+        value = getattr(cfg, f.name)
+        expected = check(value)
+        if expected is not None:
+            raise OptionError(f"{flag_of(type(cfg), f.name)} must be {expected}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return repr(value)
+
+
+def fail(cls, name: str, message: str) -> OptionError:
+    return OptionError(f"{flag_of(cls, name)} {message}")
+
+
+# --------------------------------------------------------------------------- train
+def _freeze(v) -> str | None:
+    if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return None
+    return "'all' or a number of layer groups >= 0"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = opt(DEFAULT_BACKBONE, text(optional=False))
+    weights: Any = opt("default")
+    data: str | None = opt(None, text())
+    csv: str | None = opt(None, text())
+    csv_outside_root: bool = opt(False)  # CSV rows may point outside the data root
+    val_data: str | None = opt(None, text())
+    val_split: float = opt(0.2, number(0, 1, hi_open=True))  # 0: no validation split
+    freeze: Any = opt("all", _freeze)  # "all" or K layer groups
+    bn_adapt: bool = opt(False)
+    head: str = opt("linear", choice("linear", "mlp"))
+    hidden: tuple = opt((512,), int_list(1))
+    dropout: float = opt(0.0, number(0, 1, hi_open=True))
+    head_norm: str | None = opt(None, choice("batchnorm", "layernorm", optional=True))
+    epochs: int = opt(20, number(1, integer=True))
+    lr: float = opt(1e-3, number(0, lo_open=True))
+    weight_decay: float = opt(1e-4, number(0))
+    label_smoothing: float = opt(0.0, number(0, 1, hi_open=True))
+    batch_size: int = opt(64, number(1, integer=True))
+    patience: int = opt(0, number(0, integer=True))  # early stopping: epochs without val improvement; 0 = off
+    device: str = opt("auto", device_name)
+    amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))  # auto | bf16 | fp16 | off
+    seed: int = opt(0, number(0, 2 ** 63 - 1, integer=True))
+    strict: bool = opt(False)
+    max_image_pixels: int = opt(89_478_485, number(1, integer=True))  # PIL's decompression-bomb limit
+    cache: bool = opt(True, flag="--no-cache")
+    cache_dir: str | None = opt(None, text())
+    augment: bool = opt(False)
+    views: int = opt(0, number(0, integer=True))
+    image_size: int | None = opt(None, number(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, integer=True, optional=True))
+    num_workers: int | None = opt(None, number(0, integer=True, optional=True), flag="--workers")
+    progress: bool = opt(True, flag="--no-progress")
+
+    def __post_init__(self):
+        if isinstance(self.hidden, list):
+            self.hidden = tuple(self.hidden)
+        validate_fields(self)
+        if self.views and not self.augment:
+            raise fail(TrainConfig, "views", "N pre-draws N augmented views per image; it needs --augment")
+        if self.csv is None and self.csv_outside_root:
+            raise fail(TrainConfig, "csv_outside_root", "only applies with --csv")
+        if self.val_data is not None and self.data is None and self.csv is None:
+            raise fail(TrainConfig, "val_data", "needs --data (or --csv) for the training images")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+# Settings that may differ when resuming (they do not change what is computed, or extend it).
+RESUMABLE_OVERRIDES = ("epochs", "device", "num_workers", "progress", "cache_dir", "cache", "patience")
+
+
+# --------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluateConfig:
+    run: str = opt(MISSING, text(optional=False))
+    data: str | None = opt(None, text())
+    csv: str | None = opt(None, text())
+    batch_size: int = opt(64, number(1, integer=True))
+    device: str = opt("auto", device_name)
+    num_workers: int | None = opt(None, number(0, integer=True, optional=True), flag="--workers")
+    strict: bool = opt(False)
+    max_image_pixels: int = opt(89_478_485, number(1, integer=True))
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+# --------------------------------------------------------------------------- export
+@dataclass
+class ExportConfig:
+    formats: Any = opt("all")
+    out: str | None = opt(None, text())
+    opset: int | None = opt(None, number(*ONNX_OPSETS, integer=True, optional=True))
+    preprocess: str = opt("normalize", choice("normalize", "none"))
+    quantize: str | None = opt(None, choice("int8", optional=True))
+    int8_ops: str = opt("all", choice("all", "matmul"))
+    optimize: bool = opt(False)
+    tolerance: float | None = opt(None, number(0, lo_open=True, optional=True))
+    int8_agreement: float | None = opt(None, number(0, 1, lo_open=True, optional=True))
+    images: Any = opt(None)
+    embedding: bool = opt(True, flag="--no-embedding")
+
+    def __post_init__(self):
+        validate_fields(self)
+
+
+# --------------------------------------------------------------------------- predict
+@dataclass
+class PredictConfig:
+    model: str = opt(MISSING, text(optional=False))
+    inputs: tuple = opt((), None)
+    top_k: int = opt(5, number(1, integer=True))
+
+    def __post_init__(self):
+        validate_fields(self)
+        if not self.inputs:
+            raise fail(PredictConfig, "inputs", "needs at least one image file or folder")
