@@ -80,7 +80,9 @@ def test_csv_input(setup, tmp_path, capsys):
     args = _args(data, weights, out, d / "cache", "--json")
     i = args.index("--data")
     args[i:i + 2] = ["--csv", str(csv_file)]
-    assert main(args) == 0
+    assert main(args) == 2  # absolute paths outside the CSV's folder need the flag
+    assert "--csv-outside-root" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--csv-outside-root"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_top1"] > 0.8
 
 

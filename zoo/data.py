@@ -30,7 +30,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .preprocess import IMAGE_SUFFIXES, ImageDecodeError, _RESAMPLE, load_image, resize_crop, to_rgb, to_uint8_hwc
+from .io import file_sha256
+from .preprocess import (IMAGE_SUFFIXES, ImageDecodeError, _RESAMPLE, load_image, printable, resize_crop,
+                         special_file_reason, to_rgb, to_uint8_hwc)
 from .records import Normalization
 
 
@@ -57,12 +59,12 @@ class Samples:
 
     def describe(self, i: int) -> str:
         item = self.items[i]
-        return str(item) if isinstance(item, (str, os.PathLike)) else f"<array #{i}>"
+        return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<array #{i}>"
 
-    def load(self, i: int) -> Image.Image:
+    def load(self, i: int, max_pixels: int | None = None) -> Image.Image:
         item = self.items[i]
         if isinstance(item, (str, os.PathLike)):
-            return load_image(item)
+            return load_image(item, max_pixels)
         return to_rgb(Image.fromarray(np.asarray(item)))
 
     def content_hash(self, i: int) -> str:
@@ -72,16 +74,14 @@ class Samples:
         h = self._hashes[i]
         if h is None:
             item = self.items[i]
-            d = hashlib.sha256()
             if isinstance(item, (str, os.PathLike)):
-                with open(item, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        d.update(chunk)
+                h = file_sha256(item)
             else:
                 arr = np.ascontiguousarray(item)
-                d.update(f"{arr.dtype}{arr.shape}".encode())
+                d = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
                 d.update(arr.tobytes())
-            h = self._hashes[i] = d.hexdigest()
+                h = d.hexdigest()
+            self._hashes[i] = h
         return h
 
     def subset(self, indices: Sequence[int]) -> "Samples":
@@ -106,14 +106,16 @@ def _visible(name: str) -> bool:
     return not name.startswith((".", "_", "~")) and name not in ("Thumbs.db", "desktop.ini")
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[Samples, list[tuple[str, str]]]:
+def scan_folder(root: str | os.PathLike, flag: str = "--data",
+                min_classes: int = 2) -> tuple[Samples, list[tuple[str, str]]]:
     """One subfolder per class (nested folders inside a class are included). Files without an
-    image suffix are returned as skipped; their bytes are not read."""
+    image suffix, and special files (FIFOs, sockets, devices), are returned as skipped; their
+    bytes are not read. `flag` names the option in errors; evaluation accepts one class."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data folder {str(root)!r} does not exist; pass --data DIR with one subfolder per class")
+        raise DataError(f"{flag} folder {str(root)!r} does not exist; pass {flag} DIR with one subfolder per class")
     if not root.is_dir():
-        raise DataError(f"--data {str(root)!r} is a file; pass a folder with one subfolder per class "
+        raise DataError(f"{flag} {str(root)!r} is a file; pass a folder with one subfolder per class "
                         "(or a CSV of path,label with --csv)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _visible(d.name))
     if not class_dirs:
@@ -130,7 +132,10 @@ def scan_folder(root: str | os.PathLike) -> tuple[Samples, list[tuple[str, str]]
                 if not _visible(f):
                     continue
                 path = os.path.join(dirpath, f)
-                if f.lower().endswith(IMAGE_SUFFIXES):
+                special = special_file_reason(path)
+                if special is not None:
+                    skipped.append((path, special))
+                elif f.lower().endswith(IMAGE_SUFFIXES):
                     items.append(path)
                     labels.append(label)
                     n += 1
@@ -142,25 +147,31 @@ def scan_folder(root: str | os.PathLike) -> tuple[Samples, list[tuple[str, str]]
         raise DataError(f"class folder(s) {', '.join(repr(e) for e in empty)} in {str(root)!r} hold no images; "
                         "add images or remove the folder")
     classes = tuple(d.name for d in class_dirs)
-    _check_classes(classes, str(root))
+    _check_classes(classes, str(root), min_classes)
     return Samples(items, np.array(labels), classes), skipped
 
 
-def _check_classes(classes: Sequence[str], where: str) -> None:
-    if len(classes) < 2:
+def _check_classes(classes: Sequence[str], where: str, min_classes: int = 2) -> None:
+    if len(classes) < min_classes:
         raise DataError(f"{where}: found a single class {tuple(classes)!r}; a classifier needs at least two "
                         "(one subfolder per class)")
 
 
 def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
-             classes: Sequence[str] | None = None) -> tuple[Samples, list[tuple[str, str]]]:
+             classes: Sequence[str] | None = None, allow_outside_root: bool = False,
+             min_classes: int = 2) -> tuple[Samples, list[tuple[str, str]]]:
     """Rows of path,label (a header row `path,label` is optional). Relative paths are resolved
-    against `root`, else the CSV's folder. Missing files are returned as skipped."""
+    against `root`, else the CSV's folder; a path that leaves that folder (absolute, or through
+    ..) needs allow_outside_root=True (--csv-outside-root). A repeated row counts once; the same
+    file with two labels is an error. Missing and special files are returned as skipped."""
     csv_file = Path(csv_file)
     if not csv_file.is_file():
         raise DataError(f"CSV file {str(csv_file)!r} does not exist")
     base = Path(root) if root is not None else csv_file.parent
-    rows = []
+    base_real = os.path.realpath(base)
+    rows: dict[str, str] = {}  # real path -> label, in first-seen order
+    where: dict[str, int] = {}
+    conflicts, outside = [], []
     with open(csv_file, newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
@@ -173,23 +184,51 @@ def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
                 continue
             if not label:
                 raise DataError(f"{csv_file}:{n}: empty label for {path!r}")
-            rows.append((path if os.path.isabs(path) else str(base / path), label))
+            full = os.path.realpath(path if os.path.isabs(path) else base / path)
+            if os.path.commonpath([full, base_real]) != base_real:
+                outside.append(printable(path))
+            if full in rows and rows[full] != label:
+                conflicts.append(f"{printable(path)} ({rows[full]!r} on line {where[full]}, {label!r} on line {n})")
+            elif full not in rows:
+                rows[full], where[full] = label, n
+    if conflicts:
+        raise DataError(f"{csv_file}: {len(conflicts)} file(s) listed with two labels: {'; '.join(conflicts[:5])}"
+                        f"{' ...' if len(conflicts) > 5 else ''}; give each file one label")
+    if outside and not allow_outside_root:
+        raise DataError(f"{csv_file}: {len(outside)} path(s) point outside {str(base)!r} (first: {outside[0]}); "
+                        "pass --csv-outside-root if that is intended, or --data ROOT to resolve them against")
     if not rows:
         raise DataError(f"CSV file {str(csv_file)!r} lists no images")
-    names = tuple(classes) if classes is not None else tuple(sorted({lab for _, lab in rows}))
-    _check_classes(names, str(csv_file))
+    names = tuple(classes) if classes is not None else tuple(sorted(set(rows.values())))
+    _check_classes(names, str(csv_file), min_classes)
     index = {c: i for i, c in enumerate(names)}
-    unknown = sorted({lab for _, lab in rows if lab not in index})
+    unknown = sorted({lab for lab in rows.values() if lab not in index})
     if unknown:
         raise DataError(f"{csv_file}: labels {unknown} are not among the model's classes {list(names)}")
     items, labels, skipped = [], [], []
-    for path, label in rows:
-        if os.path.isfile(path):
+    for path, label in rows.items():
+        if not os.path.lexists(path):
+            skipped.append((path, "file not found"))
+            continue
+        special = special_file_reason(path)
+        if special is not None:
+            skipped.append((path, special))
+        else:
             items.append(path)
             labels.append(index[label])
-        else:
-            skipped.append((path, "file not found"))
     return Samples(items, np.array(labels, dtype=np.int64), names), skipped
+
+
+def align_labels(samples: Samples, labels: Sequence[str], where: str, hint: str = "") -> Samples:
+    """`samples` relabelled to index `labels` (holding only some of them is fine); class names
+    that are not among `labels` are an error that lists them."""
+    labels = list(labels)
+    unknown = [c for c in samples.classes if c not in labels]
+    if unknown:
+        raise DataError(f"{where} has classes {unknown} that {hint or 'the model does not know'}; "
+                        f"the known classes are {labels}")
+    remap = np.array([labels.index(c) for c in samples.classes], dtype=np.int64)
+    return Samples(samples.items, remap[samples.labels] if len(samples) else samples.labels, tuple(labels))
 
 
 def embedded_samples() -> tuple[Samples, Samples]:
@@ -200,24 +239,26 @@ def embedded_samples() -> tuple[Samples, Samples]:
             Samples(list(ds.val_images), ds.val_labels, ds.classes))
 
 
-def _try_decode(samples: Samples, i: int) -> str | None:
+def _try_decode(samples: Samples, i: int, max_pixels: int | None = None) -> str | None:
     try:
-        samples.load(i)
+        samples.load(i, max_pixels)
         return None
     except ImageDecodeError as exc:
-        return str(exc.__cause__ or exc)
+        return str(exc.__cause__ or exc.reason)
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
 
 
 def verify_images(samples: Samples, strict: bool = False, workers: int | None = None,
-                  already_skipped: Sequence[tuple[str, str]] = ()) -> tuple[Samples, list[tuple[str, str]]]:
+                  already_skipped: Sequence[tuple[str, str]] = (),
+                  max_pixels: int | None = None) -> tuple[Samples, list[tuple[str, str]]]:
     """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
-    With strict=True any unreadable or skipped file raises DataError instead."""
+    Images over `max_pixels` are skipped before decoding. With strict=True any unreadable or
+    skipped file raises DataError instead."""
     paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]
     workers = workers or min(8, (os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda i: _try_decode(samples, i), paths))
+        reasons = list(pool.map(lambda i: _try_decode(samples, i, max_pixels), paths))
     bad = {i: r for i, r in zip(paths, reasons) if r is not None}
     skipped = list(already_skipped) + [(samples.describe(i), r) for i, r in bad.items()]
     if skipped and strict:
@@ -235,7 +276,7 @@ def verify_images(samples: Samples, strict: bool = False, workers: int | None = 
 
 
 def _listing(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:
-    lines = [f"  {f}: {r}" for f, r in skipped[:limit]]
+    lines = [f"  {printable(f)}: {printable(r)}" for f, r in skipped[:limit]]
     if len(skipped) > limit:
         lines.append(f"  ... and {len(skipped) - limit} more")
     return "\n".join(lines)
@@ -260,41 +301,60 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) 
 
 def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike | None = None,
               val_data: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
-              strict: bool = False) -> DataSplit:
-    """Everything up front: scan, verify (decode each file once), split. Raises DataError early."""
+              strict: bool = False, *, csv_outside_root: bool = False,
+              max_pixels: int | None = None) -> DataSplit:
+    """Everything up front: scan, verify (decode each file once), split, and drop from validation
+    any image whose content is also in training. Raises DataError early."""
     if data is None and csv_file is None:
         if val_data is not None:
             raise DataError("--val-data needs --data (or --csv) for the training images")
         train, val = embedded_samples()
         return DataSplit(train, val, train.classes, [], "embedded Fashion-MNIST sample (400 train / 200 val)")
     if csv_file is not None:
-        samples, skipped = read_csv(csv_file, root=data)
+        samples, skipped = read_csv(csv_file, root=data, allow_outside_root=csv_outside_root)
         source = str(csv_file)
     else:
         samples, skipped = scan_folder(data)
         source = str(data)
     val_samples, val_skipped = None, []
     if val_data is not None:
-        val_samples, val_skipped = scan_folder(val_data)
-        unknown = sorted(set(val_samples.classes) - set(samples.classes))
-        if unknown:
-            raise DataError(f"--val-data {str(val_data)!r} has classes {unknown} that the training data lacks")
-        remap = np.array([samples.classes.index(c) for c in val_samples.classes])
-        val_samples = Samples(val_samples.items, remap[val_samples.labels], samples.classes)
-    samples, skipped = verify_images(samples, strict, already_skipped=skipped)
+        val_samples, val_skipped = scan_folder(val_data, flag="--val-data", min_classes=1)
+        val_samples = align_labels(val_samples, samples.classes, f"--val-data {str(val_data)!r}",
+                                   "the training data lacks")
+    samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels)
     if val_samples is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
-            val_samples, val_skipped = verify_images(val_samples, strict, already_skipped=val_skipped)
+            val_samples, val_skipped = verify_images(val_samples, strict, already_skipped=val_skipped,
+                                                     max_pixels=max_pixels)
         if val_skipped:
             warnings.warn(f"skipped {len(val_skipped)} unusable validation files:\n" + _listing(val_skipped),
                           DataWarning, stacklevel=2)
-        return DataSplit(samples, val_samples, samples.classes, skipped + val_skipped, source)
-    if val_split and val_split > 0:
+        train, val = samples, val_samples
+    elif val_split and val_split > 0:
         tr, va = stratified_split(samples.labels, val_split, seed)
-        return DataSplit(samples.subset(tr), samples.subset(va) if len(va) else None, samples.classes, skipped,
-                         source)
-    return DataSplit(samples, None, samples.classes, skipped, source)
+        train, val = samples.subset(tr), (samples.subset(va) if len(va) else None)
+    else:
+        train, val = samples, None
+    if val is not None:
+        val, leaked = drop_leaked(train, val)
+        skipped = skipped + leaked
+    return DataSplit(train, val, samples.classes, skipped + val_skipped, source)
+
+
+def drop_leaked(train: Samples, val: Samples) -> tuple[Samples | None, list[tuple[str, str]]]:
+    """Validation images whose content (sha256 of the bytes) is also a training image are
+    dropped, with a warning that lists them: they would score memory, not generalization."""
+    seen = {train.content_hash(i) for i in range(len(train))}
+    leaked = [i for i in range(len(val)) if val.content_hash(i) in seen]
+    if not leaked:
+        return val, []
+    listed = [(val.describe(i), "same content as a training image (dropped from validation)") for i in leaked]
+    warnings.warn(f"dropped {len(leaked)} of {len(val)} validation images whose content is also in training:\n"
+                  + _listing(listed), DataWarning, stacklevel=3)
+    dropped = set(leaked)
+    keep = [i for i in range(len(val)) if i not in dropped]
+    return (val.subset(keep) if keep else None), listed
 
 
 # --------------------------------------------------------------------------- transforms

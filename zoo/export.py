@@ -28,7 +28,6 @@ features; embedding=False leaves it out).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ExportValidationError, ZooError
-from .io import write_json
+from .io import file_sha256, write_json
 
 DEFAULT_FORMATS = ("onnx", "torchscript")  # what "all" means
 PREPROCESS_MODES = ("normalize", "none")
@@ -174,14 +173,6 @@ def quiet():
 
 
 # -- orchestration -----------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_formats(formats: str | Sequence[str], quantize: str | None) -> list[str]:
     names = [formats] if isinstance(formats, str) else list(formats)
     out: list[str] = []
@@ -361,7 +352,7 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
             continue
         sidecar_name = final.name + ".json"
         sidecar = dict(export_report.get("metadata") or {})
-        sidecar.update(artifact=final.name, sha256=_sha256(staged), status=entry["status"],
+        sidecar.update(artifact=final.name, sha256=file_sha256(staged), status=entry["status"],
                        validation=_summary(entry.get("validation")))
         write_json(staging / sidecar_name, _jsonable(sidecar))
         moved = []

@@ -24,7 +24,12 @@ from .heads import HeadConfig, build_head
 from .io import save_safetensors, write_json
 from .records import Normalization
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.json lists its weights files with shapes and sha256 ("files")
+HEAD_FILE = "head.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+# model.json's required keys and their JSON types (format 1 and 2)
+SCHEMA = {"format_version": int, "backbone": str, "normalization": dict, "labels": list, "feature_dim": int,
+          "head": dict, "extra": dict}
 
 
 @dataclass(frozen=True)
@@ -114,44 +119,143 @@ def build_model(
     return ZooModel(module, build_head(info.feature_dim, len(labels), cfg), meta, info)
 
 
-def _backbone_rebuildable(model: ZooModel) -> bool:
-    w = model.meta.weights
-    trained = model.meta.frozen_groups is not None
+def _backbone_rebuildable(meta: ModelMeta) -> bool:
+    w = meta.weights
+    trained = meta.frozen_groups is not None
     return w is not None and not str(w).startswith("file:") and not trained
 
 
+def _file_record(path: Path, tensors: dict) -> dict[str, Any]:
+    """What model.json records of a weights file, checked when the model is loaded."""
+    from .io import file_sha256
+
+    return {"sha256": file_sha256(path), "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+
+
+def _check_finite(tensors: dict, what: str) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ZooError(f"refusing to save a model whose {what} holds NaN/inf values ({', '.join(bad[:5])}); "
+                       "training diverged: lower the learning rate and train again")
+
+
 def save_model(model: ZooModel, directory: str | Path, include_backbone: bool | None = None) -> Path:
-    """Write model.json, head.safetensors and (when needed) backbone.safetensors atomically."""
+    """Write head.safetensors, backbone.safetensors (when needed) and model.json atomically;
+    model.json lists each weights file with its tensor shapes and sha256, so a missing or altered
+    file is found when the model is loaded, never replaced by something else."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if include_backbone is None:
-        include_backbone = not _backbone_rebuildable(model)
-    save_safetensors(model.head.state_dict(), directory / "head.safetensors")
+        include_backbone = not _backbone_rebuildable(model.meta)
+    parts = {HEAD_FILE: model.head.state_dict()}
     if include_backbone:
-        save_safetensors(model.backbone.state_dict(), directory / "backbone.safetensors")
-    elif (directory / "backbone.safetensors").exists():
-        (directory / "backbone.safetensors").unlink()
-    write_json(directory / "model.json", model.meta.to_dict())  # last: its presence means complete
+        parts[BACKBONE_FILE] = model.backbone.state_dict()
+    files = {}
+    for name, tensors in parts.items():
+        _check_finite(tensors, name)
+        save_safetensors(tensors, directory / name)
+        files[name] = _file_record(directory / name, tensors)
+    if not include_backbone and (directory / BACKBONE_FILE).exists():
+        (directory / BACKBONE_FILE).unlink()
+    write_json(directory / "model.json", model.meta.to_dict() | {"files": files})  # last: its presence means complete
     return directory
 
 
-def load_model(directory: str | Path) -> ZooModel:
-    """Rebuild a saved ZooModel (backbone from its plugin, or from backbone.safetensors)."""
-    from safetensors.torch import load_file
-
+def read_meta(directory: str | Path) -> tuple[ModelMeta, dict]:
+    """model.json checked against its schema -> (meta, {weights file: record})."""
     directory = Path(directory)
     meta_path = directory / "model.json"
     if not meta_path.is_file():
         raise ZooError(f"{str(directory)!r} is not a saved zoo model: no model.json (expected a run directory "
                        "written by `zoo train` or zoo.model.save_model)")
-    meta = ModelMeta.from_dict(json.loads(meta_path.read_text()))
-    backbone_file = directory / "backbone.safetensors"
-    if backbone_file.exists():
+    damaged = f"{str(meta_path)!r} is damaged"
+    fix = "restore the run directory from a backup or train again"
+    try:
+        d = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZooError(f"{damaged}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(d, dict):
+        raise ZooError(f"{damaged}: expected a JSON object; {fix}")
+    version = d.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ZooError(f"{damaged}: no valid format_version; {fix}")
+    if version > FORMAT_VERSION:
+        raise ZooError(f"{str(meta_path)!r} has format version {version}, newer than this zoo reads "
+                       f"({FORMAT_VERSION}); upgrade backbone-zoo")
+    for key, kind in SCHEMA.items():
+        if key not in d or not isinstance(d[key], kind):
+            raise ZooError(f"{damaged}: {key!r} is missing or not a {_kind_name(kind)}; {fix}")
+    if len(d["labels"]) < 1 or not all(isinstance(x, str) for x in d["labels"]):
+        raise ZooError(f"{damaged}: 'labels' must be a list of class names; {fix}")
+    files = d.get("files")
+    if version >= 2 and (not isinstance(files, dict) or HEAD_FILE not in files):
+        raise ZooError(f"{damaged}: it lists no weights files ('files'); {fix}")
+    try:
+        meta = ModelMeta.from_dict(d)
+        meta.normalization.validate(str(meta_path))
+    except ZooError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ZooError(f"{damaged}: {type(exc).__name__}: {exc}; {fix}") from None
+    if files is None:  # format 1 recorded no files: what the model needs follows from how it was trained
+        files = {HEAD_FILE: {}} | ({} if _backbone_rebuildable(meta) else {BACKBONE_FILE: {}})
+    return meta, files
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({dict: "JSON object", list: "list", str: "string", int: "integer"}.get(k, k.__name__)
+                       for k in kinds)
+
+
+def _read_weights(directory: Path, name: str, record: dict, why: str) -> dict[str, torch.Tensor]:
+    """A weights file listed in model.json: present, unchanged (sha256, shapes), readable."""
+    from safetensors.torch import load_file
+
+    from .io import file_sha256
+
+    path = directory / name
+    fix = "restore it from a backup or train again; the zoo never substitutes other weights"
+    if not path.is_file():
+        raise ZooError(f"{str(path)!r} is missing ({why}); {fix}")
+    if record.get("sha256") and file_sha256(path) != record["sha256"]:
+        raise ZooError(f"{str(path)!r} was altered since it was saved (its sha256 differs from model.json's); {fix}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for garbage
+        raise ZooError(f"{str(path)!r} is not a readable safetensors file ({type(exc).__name__}: {exc}); {fix}") from None
+    shapes = record.get("tensors")
+    if shapes is not None and {k: list(v.shape) for k, v in tensors.items()} != shapes:
+        raise ZooError(f"{str(path)!r} does not hold the tensors model.json lists for it; {fix}")
+    return tensors
+
+
+def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise ZooError(f"{str(path)!r} does not fit {what} that model.json describes ({detail}); the run "
+                       "directory is inconsistent: restore it from a backup or train again") from None
+
+
+def load_model(directory: str | Path) -> ZooModel:
+    """Rebuild a saved ZooModel, verified: model.json against its schema, and every weights file
+    it lists present and unchanged. The backbone comes from backbone.safetensors when the run
+    saved one, else from its plugin (pretrained weights the plugin can rebuild exactly)."""
+    directory = Path(directory)
+    meta, files = read_meta(directory)
+    if BACKBONE_FILE in files:
+        tensors = _read_weights(directory, BACKBONE_FILE, files[BACKBONE_FILE],
+                                "the backbone's weights: random init, a local file, or trained layers")
         module, info = create_backbone(meta.backbone, weights=None)
-        module.load_state_dict(load_file(str(backbone_file)), strict=True)
+        _load_state(module, tensors, directory / BACKBONE_FILE, f"the {meta.backbone} backbone")
     else:
         module, info = create_backbone(meta.backbone, weights=meta.weights)
+    head_tensors = _read_weights(directory, HEAD_FILE, files[HEAD_FILE], "the trained head")
     head = build_head(meta.feature_dim, len(meta.labels), meta.head)
-    head.load_state_dict(load_file(str(directory / "head.safetensors")), strict=True)
+    _load_state(head, head_tensors, directory / HEAD_FILE,
+                f"the {meta.head.kind} head for {len(meta.labels)} labels and feature dim {meta.feature_dim}")
     model = ZooModel(module, head, meta, info)
     return model.eval()

@@ -9,6 +9,8 @@ No torch import here: `zoo predict` runs on onnxruntime, numpy and Pillow only.
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,6 +29,43 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class ImageDecodeError(ValueError):
     """A file that is not a readable image (corrupt, truncated, or not an image at all)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{printable(path)}: {reason}")
+        self.reason = reason
+
+
+# Images with more pixels are refused before decoding (decompression bombs). PIL's own default;
+# $ZOO_MAX_IMAGE_PIXELS or the commands' --max-image-pixels change it.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def max_image_pixels() -> int:
+    env = os.environ.get("ZOO_MAX_IMAGE_PIXELS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def special_file_reason(path: str | os.PathLike) -> str | None:
+    """Why a path must not be opened as an image (FIFO, socket, device, missing), else None.
+    Only stat()s it: opening a FIFO would block forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot stat ({type(exc).__name__}: {exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode) else
+            "not a regular file")
+    return f"{kind}, not a regular file (skipped without opening)"
+
+
+def printable(text: object) -> str:
+    """A file name for one line of a listing: control characters (newlines...) escaped."""
+    s = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -50,15 +89,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode fully (so truncation is caught here, not mid-epoch), apply EXIF orientation, RGB."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Decode fully (so truncation is caught here, not mid-epoch), apply EXIF orientation, RGB.
+    Special files are refused without being opened; images over `max_pixels` (default
+    max_image_pixels()) before they are decoded."""
+    special = special_file_reason(path)
+    if special is not None:
+        raise ImageDecodeError(path, special)
+    limit = max_pixels or max_image_pixels()
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit, with a reason
+            img_ctx = Image.open(path)
+        with img_ctx as img:
+            if img.width * img.height > limit:
+                raise ImageDecodeError(path, f"{img.width}x{img.height} = {img.width * img.height} pixels, over "
+                                             f"the limit of {limit} (a decompression bomb?); raise "
+                                             "--max-image-pixels (or $ZOO_MAX_IMAGE_PIXELS) if it is genuine")
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return to_rgb(img)
+    except ImageDecodeError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{os.fspath(path)}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def _norm_fields(norm) -> tuple:
@@ -131,4 +185,4 @@ def list_images(root: str | os.PathLike) -> list[str]:
     out = []
     for dirpath, _, files in os.walk(root):
         out.extend(os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES))
-    return sorted(out)
+    return sorted(out)  # special files among them are reported per file by load_image, never opened

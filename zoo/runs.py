@@ -7,6 +7,8 @@
                      the trained model in zoo.model's format (written last: load_model(run_dir),
                      `zoo evaluate RUN` and the exporters read it); model.json's extra["training"]
                      holds the headline metrics
+  validation.json    the validation split (files and labels, or "embedded"), which
+                     `zoo evaluate RUN` scores when given no --data
   metrics.json       per-epoch history, final per-class accuracy and confusion matrix
   metrics.csv        the per-epoch history as a table
   curves.png         loss and top-1 per epoch; confusion.png: the validation confusion matrix
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from .io import atomic_path, write_json, write_text
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
+VALIDATION = "validation.json"
 
 
 class RunDirError(ZooError):
@@ -64,7 +68,15 @@ def prepare(path: str | Path, resume: bool) -> Path:
 
 
 def read_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / CONFIG).read_text())
+    file = Path(path) / CONFIG
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"cannot resume: {str(file)!r} is unreadable ({type(exc).__name__}: {exc}); start a new "
+                          "run with another --out") from None
+    if not isinstance(d, dict):
+        raise RunDirError(f"cannot resume: {str(file)!r} holds no JSON object; start a new run with another --out")
+    return d
 
 
 def write_config(path: str | Path, config: dict) -> None:
@@ -78,10 +90,74 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+CHECKPOINT_KEYS = ("epoch", "trainable", "optimizer", "scheduler", "rng", "history", "best_epoch", "best_top1",
+                   "best_state", "stale")
+
+
 def load_checkpoint(path: str | Path) -> dict:
+    """The last epoch's state, read without executing pickled code. A truncated, foreign or
+    tampered file is a RunDirError that says how to restart, never a traceback."""
     import torch
 
-    return torch.load(Path(path) / CHECKPOINT, map_location="cpu", weights_only=True)
+    file = Path(path) / CHECKPOINT
+    restart = (f"it cannot be resumed: delete {str(Path(path))!r} (or choose another --out) and train again "
+               "without --resume")
+    try:
+        ck = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncation, garbage and refused pickles all land here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RunDirError(f"{str(file)!r} is damaged or not a zoo checkpoint ({type(exc).__name__}: {reason[:200]}); "
+                          f"{restart}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise RunDirError(f"{str(file)!r} is not a zoo checkpoint (missing {', '.join(missing)}); {restart}")
+    return ck
+
+
+def write_validation(path: str | Path, split) -> None:
+    """Record the validation split, so `zoo evaluate RUN` can score the model on it later."""
+    val = split.val
+    if val is None:
+        doc: dict[str, Any] = {"kind": "none"}
+    elif not all(isinstance(i, (str, os.PathLike)) for i in val.items):
+        doc = {"kind": "embedded", "source": split.source}
+    else:
+        doc = {"kind": "files", "source": split.source, "classes": list(split.classes),
+               "items": [[os.path.abspath(p), split.classes[int(y)]] for p, y in zip(val.items, val.labels)]}
+    write_json(Path(path) / VALIDATION, doc)
+
+
+def recorded_validation(path: str | Path, labels) -> tuple[Any, str]:
+    """(Samples, description) of the validation split a run recorded, for `zoo evaluate RUN`
+    with no --data; a clear error when the run has none."""
+    from .data import Samples, embedded_samples
+
+    file = Path(path) / VALIDATION
+    give_data = "pass --data DIR or --csv FILE to evaluate it"
+    if not file.is_file():
+        raise RunDirError(f"{str(Path(path))!r} records no validation split (no {VALIDATION}: not a run directory, "
+                          f"or written by an older zoo); {give_data}")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+        kind = doc["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{str(file)!r} is damaged ({type(exc).__name__}: {exc}); {give_data}") from None
+    if kind == "none":
+        raise RunDirError(f"{str(Path(path))!r} was trained without a validation split (--val-split 0); {give_data}")
+    if kind == "embedded":
+        val = embedded_samples()[1]
+        if list(val.classes) != list(labels):
+            raise RunDirError(f"{str(file)!r} names the embedded sample, but the model's labels differ; {give_data}")
+        return val, doc.get("source", "embedded sample")
+    if kind != "files":
+        raise RunDirError(f"{str(file)!r} has an unknown kind {kind!r}; {give_data}")
+    index = {c: i for i, c in enumerate(labels)}
+    items = doc.get("items") or []
+    unknown = sorted({lab for _, lab in items if lab not in index})
+    if unknown:
+        raise RunDirError(f"{str(file)!r} has labels {unknown} the model does not know; {give_data}")
+    return (Samples([p for p, _ in items], [index[lab] for _, lab in items], tuple(labels)),
+            f"the run's validation split ({doc.get('source', '?')})")
 
 
 def write_history(path: str | Path, history: list[dict], final: dict) -> None:

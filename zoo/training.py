@@ -207,7 +207,8 @@ class _Trainer:
         from .data import load_data
 
         cfg = self.cfg
-        self.split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict)
+        self.split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict,
+                               csv_outside_root=cfg.csv_outside_root, max_pixels=cfg.max_image_pixels)
         workers = cfg.num_workers
         if workers is None:
             in_memory = not any(isinstance(i, (str, os.PathLike)) for i in self.split.train.items[:1])
@@ -465,6 +466,7 @@ class _Trainer:
             runs.write_history(self.out, state.history, dict(final)
                                | {"best_epoch": state.best_epoch, "labels": list(split.classes),
                                   "skipped": [list(s) for s in split.skipped]})
+            runs.write_validation(self.out, split)
             runs.plot_curves(self.out, state.history)
             if final:
                 runs.plot_confusion(self.out, final["confusion"], split.classes)
@@ -557,24 +559,13 @@ class _Trainer:
         from . import distributed as D
 
         val = self.split.val
-        k = len(self.split.classes)
-        confusion = torch.zeros((k, k), dtype=torch.int64)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        loss_fn = self._loss_fn()
         module = self.model.head if self.cached else self.model
-        module.eval()
-        with torch.inference_mode():
-            if self.cached:  # every rank holds all val features; evaluation is cheap
-                batches = [(self.features[1], torch.as_tensor(val.labels))]
-            else:
-                batches = self._val_image_batches()
-            for x, y in batches:
-                x, y = x.to(self.device), y.to(self.device)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = module(x).float()
-                loss_sum += loss_fn(logits, y).item()
-                pred = logits.argmax(1).cpu()
-                confusion += torch.bincount(y.cpu() * k + pred, minlength=k * k).reshape(k, k)
+        if self.cached:  # every rank holds all val features; evaluation is cheap
+            batches = [(self.features[1], torch.as_tensor(val.labels))]
+        else:
+            batches = self._val_image_batches()
+        loss_sum, confusion = score(module, batches, len(self.split.classes), self.device, self.amp_dtype,
+                                    self.cfg.label_smoothing)
         if not self.cached:
             D.all_reduce_sum(confusion)
             D.all_reduce_sum(loss_sum)
@@ -595,51 +586,77 @@ class _Trainer:
             yield normalize_batch(images, self.norm, self.device, self.channels_last), labels
 
 
+def score(module, batches, num_classes: int, device, amp_dtype=None, label_smoothing: float = 0.0):
+    """The one evaluation loop: (loss sum as a float64 tensor of one, confusion matrix (K, K)) of
+    `module` in eval mode over (inputs, labels) batches. Training's validation and evaluate() use it."""
+    import torch
+
+    k = num_classes
+    confusion = torch.zeros((k, k), dtype=torch.int64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+    module.eval()
+    with torch.inference_mode():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = module(x).float()
+            loss_sum += loss_fn(logits, y).item()
+            pred = logits.argmax(1).cpu()
+            confusion += torch.bincount(y.cpu() * k + pred, minlength=k * k).reshape(k, k)
+    return loss_sum, confusion
+
+
 def evaluate(model, data: str | os.PathLike | None = None, csv: str | os.PathLike | None = None, *,
              batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
-             strict: bool = False) -> dict:
-    """Top-1, loss, per-class accuracy and confusion matrix of a ZooModel on a labelled folder/CSV
-    (class names must be among the model's labels). data=None and csv=None: the embedded val set."""
-    import torch
+             strict: bool = False, max_image_pixels: int | None = None) -> dict:
+    """Top-1, loss, per-class accuracy and confusion matrix of a ZooModel (or a run directory)
+    on a labelled folder/CSV. The folder may hold only some of the model's classes; a class the
+    model does not know is an error listing them. With no data/csv, a run directory is scored on
+    the validation split it recorded (a clear error if it has none)."""
     from torch.utils.data import DataLoader
 
-    from .data import EvalTransform, ImageDataset, Samples, embedded_samples, normalize_batch, read_csv, scan_folder
+    from . import runs
+    from .data import EvalTransform, ImageDataset, align_labels, normalize_batch, read_csv, scan_folder
     from .data import verify_images
-    from .errors import DataError
+    from .model import ZooModel, load_model
+    from .options import EvaluateConfig
 
+    run_dir = None if isinstance(model, ZooModel) else Path(model)
+    EvaluateConfig(run=str(run_dir or "<model>"), data=None if data is None else os.fspath(data),
+                   csv=None if csv is None else os.fspath(csv), batch_size=batch_size, device=device,
+                   num_workers=num_workers, strict=strict,
+                   **({"max_image_pixels": max_image_pixels} if max_image_pixels else {}))
+    model = load_model(run_dir) if run_dir is not None else model
     labels = list(model.labels)
+    # the labelled images, indexed by the model's labels
     if data is None and csv is None:
-        samples = embedded_samples()[1]
+        if run_dir is None:
+            raise ZooError("evaluate(model) needs data= or csv= (or pass the run directory, to score its recorded "
+                           "validation split)")
+        samples, source = runs.recorded_validation(run_dir, labels)
         skipped: list = []
     elif csv is not None:
-        samples, skipped = read_csv(csv, root=data, classes=labels)
+        samples, skipped = read_csv(csv, root=data, classes=labels, min_classes=1)
+        source = os.fspath(csv)
     else:
-        samples, skipped = scan_folder(data)
-        unknown = [c for c in samples.classes if c not in labels]
-        if unknown:
-            raise DataError(f"{str(data)!r} has class folders {unknown} the model does not know; its labels are "
-                            f"{labels}")
-        remap = np.array([labels.index(c) for c in samples.classes])
-        samples = Samples(samples.items, remap[samples.labels], tuple(labels))
-    samples, skipped = verify_images(samples, strict, already_skipped=skipped)
+        samples, skipped = scan_folder(data, min_classes=1)
+        samples = align_labels(samples, labels, repr(os.fspath(data)))
+        source = os.fspath(data)
+    samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_image_pixels)
+    # the model over them
     dev = select_device(device)
     norm = model.normalization
-    model = model.to(dev).eval()
-    k = len(labels)
+    model = model.to(dev)
     workers = num_workers if num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     idx = list(range(len(samples)))
     loader = DataLoader(ImageDataset(samples, EvalTransform(norm)),
                         batch_sampler=[idx[i:i + batch_size] for i in range(0, len(idx), batch_size)],
                         num_workers=workers if len(idx) > batch_size else 0)
-    confusion = torch.zeros((k, k), dtype=torch.int64)
-    loss_sum = 0.0
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    with torch.inference_mode():
-        for images, y, _ in loader:
-            logits = model(normalize_batch(images, norm, dev)).float().cpu()
-            loss_sum += float(loss_fn(logits, y))
-            confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k).reshape(k, k)
-    out = _metrics(loss_sum, confusion.numpy())
+    batches = ((normalize_batch(images, norm, dev), y) for images, y, _ in loader)
+    loss_sum, confusion = score(model, batches, len(labels), dev)
+    out = _metrics(float(loss_sum[0]), confusion.numpy())
     out["labels"] = labels
+    out["source"] = source
     out["skipped"] = [list(s) for s in skipped]
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Mapping
@@ -10,6 +9,7 @@ from typing import Mapping
 import torch
 
 from .errors import WeightsUnavailableError, ZooError
+from .io import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -21,11 +21,7 @@ def looks_like_path(value: object) -> bool:
 
 
 def file_digest(path: str | os.PathLike, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
+    return file_sha256(path)[:n]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -78,13 +78,13 @@ def add_parser(sub):
     return p
 
 
-NOT_OPTIONS = ("out", "resume", "json", "command", "_run", "debug")
+NOT_OPTIONS = ("out", "resume", "json", "command", "debug")
 
 
 def options_of(args) -> dict:
     """The TrainConfig fields given on the command line (only those: the rest keep their defaults,
     or on --resume their saved values)."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
+    return {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS and not k.startswith("_")}
 
 
 def run(args) -> int:

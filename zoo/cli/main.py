@@ -23,17 +23,26 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line `zoo CMD: error: ...` (exit 2) like every other
+    error, pointing at --help instead of printing the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="zoo",
         description="backbone-zoo: pretrained image backbones as feature extractors. "
         "Pick a backbone, train a head on your images, export it validated.",
         epilog="Environment: ZOO_LOAD_PLUGINS=a,b (allow-list), ZOO_DISABLE_PLUGINS=a,b, ZOO_STRICT_PLUGINS=1.",
     )
     parser.add_argument("--version", action="version", version=f"backbone-zoo {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: ZOO_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, module_name in COMMANDS:
         try:
             module = importlib.import_module(module_name)
@@ -42,23 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # a command still being built is simply not offered
         p = module.add_parser(sub)
-        p.set_defaults(_run=module.run)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (also: ZOO_DEBUG=1)")
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's parser, so the message names the command
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
     from zoo.errors import ZooError
 
+    debug = bool(getattr(args, "debug", False) or os.environ.get("ZOO_DEBUG"))
+    prefix = f"zoo {args.command}: error:"
     try:
         return int(args._run(args) or 0)
     except ZooError as exc:
-        print(f"zoo {args.command}: error: {exc}", file=sys.stderr)
-        if os.environ.get("ZOO_DEBUG"):
+        _say(prefix, str(exc))
+        if debug:
             raise
         return exc.exit_code
     except KeyboardInterrupt:
@@ -66,6 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `zoo list | head`
         return 0
+    except OSError as exc:  # a path that cannot be read or written: name it, no traceback
+        where = f" {exc.filename!r}" if exc.filename else ""
+        _say(prefix, f"{exc.strerror or exc}:{where} ({type(exc).__name__}); check the path and its permissions")
+        if debug:
+            raise
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug, still one line; --debug shows where
+        _say(prefix, f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)")
+        if debug:
+            raise
+        return 2
+
+
+def _say(prefix: str, message: str) -> None:
+    """The error's first line after `zoo CMD: error:`; listings (skipped files...) follow indented."""
+    print(f"{prefix} {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
