@@ -242,6 +242,11 @@ def export(
     Returns the report (also written to OUT/export-report.json). Raises ExportValidationError
     after all formats were tried if any failed; its `.report` holds the numbers.
     """
+    from .options import ExportConfig
+
+    ExportConfig(formats=formats, out=None if out is None else os.fspath(out), opset=opset, preprocess=preprocess,
+                 quantize=quantize, int8_ops=int8_ops, optimize=optimize, tolerance=tolerance,
+                 int8_agreement=int8_agreement, images=images, embedding=embedding)  # checks every option
     model, run_dir = _load(run_or_model)
     was_training = model.training
     try:
@@ -267,8 +272,7 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
     names = resolve_formats(formats, quantize)
     reg = registry.exporters()
     specs = {name: reg.get(name) for name in names}  # unknown names fail before any work
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out))
 
     tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
@@ -374,6 +378,19 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         err.report = report
         raise err
     return report
+
+
+def _output_folder(out: Path) -> Path:
+    """`out`, created if needed and checked writable, before any export work."""
+    if out.exists() and not out.is_dir():
+        raise ZooError(f"--out {str(out)!r} is a file; pass a folder for the artifacts")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZooError(f"--out {str(out)!r} cannot be created ({exc.strerror or exc}); choose a writable folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ZooError(f"--out {str(out)!r} is not writable; choose a writable folder")
+    return out
 
 
 def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:

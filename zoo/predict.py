@@ -60,7 +60,7 @@ class Predictor:
         if not raw:
             raise ZooError(f"{self.path!r} carries no zoo metadata ({METADATA_KEY!r} in metadata_props): "
                            "export it with `zoo export` so it knows its labels and preprocessing")
-        self.metadata: dict[str, Any] = json.loads(raw)
+        self.metadata: dict[str, Any] = self._read_metadata(raw)
         self.labels: list[str] = list(self.metadata["labels"])
         self.preprocess_mode: str = self.metadata.get("preprocess", "none")
         self.normalization = self.metadata["normalization"]
@@ -68,6 +68,32 @@ class Predictor:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if "probabilities" not in self.output_names and "logits" not in self.output_names:
             raise ZooError(f"{self.path!r} has neither a 'probabilities' nor a 'logits' output: {self.output_names}")
+        for out in self.session.get_outputs():
+            width = out.shape[-1] if out.name in ("probabilities", "logits") and out.shape else None
+            if isinstance(width, int) and width != len(self.labels):
+                raise ZooError(self._label_mismatch(width))
+
+    def _read_metadata(self, raw: str) -> dict[str, Any]:
+        """The zoo metadata, checked: a JSON object with a list of labels and a normalization."""
+        bad = f"{self.path!r}: its {METADATA_KEY!r} metadata is damaged"
+        fix = "export the model again with `zoo export`"
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ZooError(f"{bad}: not valid JSON ({exc}); {fix}") from None
+        if not isinstance(meta, dict):
+            raise ZooError(f"{bad}: not a JSON object; {fix}")
+        labels = meta.get("labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ZooError(f"{bad}: 'labels' is not a list of class names; {fix}")
+        norm = meta.get("normalization")
+        if not isinstance(norm, dict) or not all(k in norm for k in ("mean", "std", "input_size", "resize_size")):
+            raise ZooError(f"{bad}: 'normalization' is missing or incomplete; {fix}")
+        return meta
+
+    def _label_mismatch(self, width: int) -> str:
+        return (f"{self.path!r}: the model outputs {width} classes but its metadata lists {len(self.labels)} labels; "
+                "the file is inconsistent: export it again with `zoo export`")
 
     # -- preprocessing ---------------------------------------------------------------------------
     def prepare(self, image) -> np.ndarray:
@@ -85,21 +111,28 @@ class Predictor:
         return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
 
     def probabilities(self, images: Iterable) -> np.ndarray:
-        rows = [self.prepare(img) for img in images]
+        return self._run_rows([self.prepare(img) for img in images])
+
+    def _run_rows(self, rows: list) -> np.ndarray:
         if not rows:
             return np.zeros((0, len(self.labels)), np.float32)
         out = []
         for i in range(0, len(rows), BATCH):
             res = self.run(np.concatenate(rows[i:i + BATCH]))
             if "probabilities" in res:
-                out.append(res["probabilities"])
+                probs = res["probabilities"]
             else:
                 z = res["logits"] - res["logits"].max(1, keepdims=True)
-                out.append(np.exp(z) / np.exp(z).sum(1, keepdims=True))
+                probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+            if probs.shape[-1] != len(self.labels):
+                raise ZooError(self._label_mismatch(probs.shape[-1]))
+            out.append(probs)
         return np.concatenate(out)
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
-        k = max(1, min(int(k), probs.shape[1]))
+        if int(k) < 1:
+            raise ZooError(f"top_k must be >= 1, got {k!r}")
+        k = min(int(k), probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[Prediction(self.labels[j], int(j), float(p[j])) for j in row] for p, row in zip(probs, order)]
 
@@ -108,10 +141,22 @@ class Predictor:
         return self.top_k(self.probabilities(images), top_k)
 
     def predict_files(self, inputs: Sequence[str | os.PathLike], top_k: int = 5) -> list[dict[str, Any]]:
-        """Files and folders (searched recursively) -> [{"path", "top": [...]}], in input order."""
+        """Files and folders (searched recursively) -> [{"path", "top": [...]}], in input order.
+        A file that cannot be read gets {"path", "error"} instead; the others are predicted."""
+        if int(top_k) < 1:
+            raise ZooError(f"--top-k must be an integer >= 1, got {top_k!r}")
         paths = expand_inputs(inputs)
-        results = self.predict(paths, top_k)
-        return [{"path": p, "top": [r.to_dict() for r in res]} for p, res in zip(paths, results)]
+        rows: dict[str, np.ndarray] = {}
+        errors: dict[str, str] = {}
+        for p in paths:
+            try:
+                rows[p] = self.prepare(p)
+            except DataError as exc:
+                errors[p] = str(exc)
+        good = [p for p in paths if p in rows]
+        results = dict(zip(good, self.top_k(self._run_rows([rows[p] for p in good]), top_k))) if good else {}
+        return [{"path": p, "error": errors[p]} if p in errors else
+                {"path": p, "top": [r.to_dict() for r in results[p]]} for p in paths]
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:

@@ -37,7 +37,9 @@ class NonFiniteError(ZooError):
     """Training produced a NaN or infinite loss or weight."""
 
 
-def select_device(preference: str = "auto"):
+def select_device(preference: str = "auto", allow_mps: bool = True):
+    """The one device selection: auto = CUDA, then MPS (when allowed), then CPU; an explicit
+    device that is not there is an error naming the fix."""
     import torch
 
     pref = (preference or "auto").lower()
@@ -45,7 +47,7 @@ def select_device(preference: str = "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
+        if allow_mps and mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
@@ -53,6 +55,8 @@ def select_device(preference: str = "auto"):
                        "use --device auto or --device cpu")
     if pref == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ZooError("--device mps: Apple MPS is not available here; use --device auto or --device cpu")
+    if pref == "mps" and not allow_mps:
+        raise ZooError("--device mps is not supported here; use --device auto, cpu or cuda")
     if pref not in ("cpu", "mps") and not pref.startswith("cuda"):
         raise ZooError(f"--device must be auto, cpu, cuda[:N] or mps, got {preference!r}")
     return torch.device(pref)

@@ -10,7 +10,6 @@ points are noise. With random-init weights the number measures random features.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -20,11 +19,9 @@ PROBE_WEIGHT_DECAY = 1e-4
 
 
 def _normalization(info, image_size: int | None):
-    norm = info.normalization
-    if image_size:
-        resize = max(image_size, int(round(image_size / norm.crop_pct)))
-        norm = dataclasses.replace(norm, input_size=(3, image_size, image_size), resize_size=resize)
-    return norm
+    from zoo.data import with_image_size  # the one image-size rounding (keeps the crop ratio)
+
+    return with_image_size(info.normalization, image_size)
 
 
 def preprocess_images(images, norm):

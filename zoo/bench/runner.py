@@ -48,17 +48,10 @@ class BenchConfig:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """zoo.training.select_device without MPS (the bench runtimes are CPU and CUDA)."""
+    from zoo.training import select_device
 
-    from zoo.errors import ZooError
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ZooError("--device cuda asked for, but torch sees no CUDA GPU here (use --device cpu)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ZooError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N")
-    return device
+    return str(select_device(device, allow_mps=False))
 
 
 def resolve_backbones(patterns: Sequence[str]) -> list[str]:
@@ -94,8 +87,17 @@ def validate(cfg: BenchConfig) -> None:
         raise ZooError("--repeats must be >= 1 and --warmup >= 0")
     if cfg.isolate not in ("auto", "process", "none"):
         raise ZooError(f"isolate must be auto, process or none, got {cfg.isolate!r}")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise ZooError(f"--image-size must be >= 8, got {cfg.image_size}")
+    from zoo.options import OptionError, number
+
+    for flag, value, check in (("--image-size", cfg.image_size, number(8, 4096, integer=True, optional=True)),
+                               ("--threads", cfg.threads, number(1, integer=True, optional=True)),
+                               ("--timeout", cfg.timeout, number(0, lo_open=True, optional=True)),
+                               ("--head-classes", cfg.head_classes, number(0, integer=True)),
+                               ("--repeats", cfg.repeats, number(1, integer=True)),
+                               ("--warmup", cfg.warmup, number(0, integer=True))):
+        expected = check(value)
+        if expected is not None:
+            raise OptionError(f"{flag} must be {expected}, got {value!r}")
 
 
 def backbone_facts(name: str, weights: Any, image_size: int | None, device: str) -> dict[str, Any]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 
 def add_parser(sub):
+    from zoo.options import ONNX_OPSETS, ExportConfig, defaults
+
+    d = defaults(ExportConfig)
     p = sub.add_parser(
         "export", help="export a trained run to ONNX / TorchScript, validated against eager PyTorch",
         description="Export the whole model (frozen backbone + head) of a run directory. Each artifact is "
@@ -14,21 +17,23 @@ def add_parser(sub):
     p.add_argument("--format", "-f", action="append", default=None, metavar="FORMAT",
                    help="onnx | torchscript | all (= both) | any registered exporter; repeatable (default: all)")
     p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; < 18 uses the TorchScript-based exporter)")
-    p.add_argument("--preprocess", choices=("normalize", "none"), default="normalize",
+    p.add_argument("--opset", type=int, default=d["opset"],
+                   help=f"ONNX opset, {ONNX_OPSETS[0]}..{ONNX_OPSETS[1]} (default 18; < 18 uses the TorchScript-based "
+                        "exporter)")
+    p.add_argument("--preprocess", choices=("normalize", "none"), default=d["preprocess"],
                    help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
                         "inside; none: float32 NCHW, already normalized")
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=("int8",), default=d["quantize"],
                    help="also write model.int8.onnx (onnxruntime dynamic int8), validated on top-1 agreement")
-    p.add_argument("--int8-ops", choices=("all", "matmul"), default="all",
+    p.add_argument("--int8-ops", choices=("all", "matmul"), default=d["int8_ops"],
                    help="with --quantize int8: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
     p.add_argument("--optimize", action="store_true",
                    help="save ONNX Runtime's basic offline graph optimizations into the .onnx")
-    p.add_argument("--tolerance", type=float, default=None, metavar="TOL",
+    p.add_argument("--tolerance", type=float, default=d["tolerance"], metavar="TOL",
                    help="max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4)")
-    p.add_argument("--int8-agreement", type=float, default=None, metavar="FRAC",
+    p.add_argument("--int8-agreement", type=float, default=d["int8_agreement"], metavar="FRAC",
                    help="min top-1 agreement with eager PyTorch for int8 (default 0.9)")
-    p.add_argument("--images", default=None, metavar="DIR",
+    p.add_argument("--images", default=d["images"], metavar="DIR",
                    help="validation images (default: scikit-image sample photos + synthetic images); "
                         "class-named subfolders also give an accuracy delta")
     p.add_argument("--no-embedding", action="store_true", help="leave the embedding output out")
