@@ -265,8 +265,8 @@ def verify_images(samples: Samples, strict: bool = False, workers: int | None = 
         raise DataError(f"--strict: {len(skipped)} unusable files:\n" + _listing(skipped)
                         + "\nremove or fix them, or drop --strict to skip them with a warning")
     good = samples.subset([i for i in range(len(samples)) if i not in bad]) if bad else samples
-    counts = good.class_counts()
-    lost = [good.classes[c] for c in range(len(good.classes)) if counts[c] == 0]
+    before, counts = samples.class_counts(), good.class_counts()  # classes absent from the start are fine
+    lost = [good.classes[c] for c in range(len(good.classes)) if before[c] > 0 and counts[c] == 0]
     if lost:
         raise DataError(f"class(es) {lost} have no readable images left after skipping unreadable files:\n"
                         + _listing(skipped))

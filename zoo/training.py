@@ -377,7 +377,12 @@ class _Trainer:
                 stopped_early = True
                 break
             t0 = time.perf_counter()
-            tr = self._train_epoch(epoch)
+            try:
+                tr = self._train_epoch(epoch)
+            except RuntimeError as exc:  # torch refuses a step whose numbers overflow float32
+                if "overflow" not in str(exc):
+                    raise
+                tr = {"loss": math.inf}
             self._check_finite(epoch, tr["loss"])
             va = self._evaluate() if self.split.val is not None else None
             rec = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
