@@ -69,8 +69,6 @@ def list_models(
 
 def _choose_weights(rec: registry.BackboneRecord, tag_in_name: str | None, weights: Any) -> tuple[str, Any]:
     """-> ("tag", tag | None) or ("file", path)."""
-    from .weights import looks_like_path
-
     if weights is None:
         if tag_in_name is not None:
             raise UnknownWeightsError(f"{rec.name}.{tag_in_name} names weights but weights=None asks for random init")
@@ -81,6 +79,8 @@ def _choose_weights(rec: registry.BackboneRecord, tag_in_name: str | None, weigh
         if tag_in_name is not None and tag_in_name != weights:
             raise UnknownWeightsError(f"the name asks for weights {tag_in_name!r} but weights={weights!r}")
         return "tag", weights
+    from .weights import looks_like_path  # imports torch: only when weights may be a file
+
     if looks_like_path(weights):
         return "file", Path(weights)
     raise UnknownWeightsError(
