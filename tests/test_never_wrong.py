@@ -65,7 +65,7 @@ def test_other_configs_checked_and_cli_defaults_come_from_them():
     from zoo.cli.main import build_parser
     from zoo.options import EvaluateConfig, ExportConfig, OptionError, PredictConfig, TrainConfig, defaults
 
-    for bad in (dict(opset=99), dict(opset=1), dict(tolerance=float("nan")), dict(int8_agreement=1.5)):
+    for bad in (dict(preprocess="rgb"), dict(tolerance=float("nan")), dict(int8_agreement=1.5)):
         with pytest.raises(OptionError):
             ExportConfig(**bad)
     for bad in (0, -3):
@@ -331,7 +331,7 @@ def test_predict_reports_bad_files_and_predicts_the_rest(tmp_path, capsys):
     assert "outputs 2 classes but its metadata lists 3 labels" in capsys.readouterr().err
     broken = _tiny_onnx(tmp_path / "b.onnx", ["a"], metadata="{oops")
     assert main(["predict", str(broken), str(imgs / "good.png")]) == 2
-    assert "metadata is damaged: not valid JSON" in capsys.readouterr().err
+    assert "zoo metadata is damaged (JSONDecodeError" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- 8. cache determinism (head)

@@ -19,8 +19,7 @@ from typing import Any, Callable
 
 from .errors import ZooError
 
-DEFAULT_BACKBONE = "timm/tf_efficientnet_lite0"
-DEFAULT_WEIGHTS = "in1k"
+DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.registry.default_backbone
 MIN_IMAGE_SIZE = 16  # below this every backbone's stride-16/32 stages see less than one pixel
 MAX_IMAGE_SIZE = 4096
 ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)
@@ -224,13 +223,13 @@ class EvaluateConfig:
 # --------------------------------------------------------------------------- export
 @dataclass
 class ExportConfig:
+    """The options every format shares; each exporter declares and checks its own (e.g. the ONNX
+    exporters' opset, whose range is ONNX_OPSETS)."""
+
     formats: Any = opt("all")
     out: str | None = opt(None, text())
-    opset: int | None = opt(None, number(*ONNX_OPSETS, integer=True, optional=True))
     preprocess: str = opt("normalize", choice("normalize", "none"))
-    quantize: str | None = opt(None, choice("int8", optional=True))
-    int8_ops: str = opt("all", choice("all", "matmul"))
-    optimize: bool = opt(False)
+    quantize: str | None = opt(None, text())
     tolerance: float | None = opt(None, number(0, lo_open=True, optional=True))
     int8_agreement: float | None = opt(None, number(0, 1, lo_open=True, optional=True))
     images: Any = opt(None)

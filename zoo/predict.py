@@ -14,7 +14,6 @@ Nothing here may import torch, even indirectly (a test runs it with torch made u
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 from .errors import DataError, ZooError
 from .preprocess import ImageDecodeError, list_images, load_image, normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
 
-METADATA_KEY = "zoo.metadata"
 BATCH = 16
 
 
@@ -56,11 +54,7 @@ class Predictor:
             self.session = ort.InferenceSession(self.path, so, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ZooError(f"{self.path!r}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if not raw:
-            raise ZooError(f"{self.path!r} carries no zoo metadata ({METADATA_KEY!r} in metadata_props): "
-                           "export it with `zoo export` so it knows its labels and preprocessing")
-        self.metadata: dict[str, Any] = self._read_metadata(raw)
+        self.metadata: dict[str, Any] = self._check_metadata(_metadata(self.path, self.session))
         self.labels: list[str] = list(self.metadata["labels"])
         self.preprocess_mode: str = self.metadata.get("preprocess", "none")
         self.normalization = self.metadata["normalization"]
@@ -73,14 +67,10 @@ class Predictor:
             if isinstance(width, int) and width != len(self.labels):
                 raise ZooError(self._label_mismatch(width))
 
-    def _read_metadata(self, raw: str) -> dict[str, Any]:
-        """The zoo metadata, checked: a JSON object with a list of labels and a normalization."""
-        bad = f"{self.path!r}: its {METADATA_KEY!r} metadata is damaged"
+    def _check_metadata(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The zoo metadata, checked: a list of labels and a normalization."""
+        bad = f"{self.path!r}: its zoo metadata is damaged"
         fix = "export the model again with `zoo export`"
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ZooError(f"{bad}: not valid JSON ({exc}); {fix}") from None
         if not isinstance(meta, dict):
             raise ZooError(f"{bad}: not a JSON object; {fix}")
         labels = meta.get("labels")
@@ -157,6 +147,29 @@ class Predictor:
         results = dict(zip(good, self.top_k(self._run_rows([rows[p] for p in good]), top_k))) if good else {}
         return [{"path": p, "error": errors[p]} if p in errors else
                 {"path": p, "top": [r.to_dict() for r in results[p]]} for p in paths]
+
+
+def _metadata(path: str, session) -> dict[str, Any]:
+    """The zoo metadata in the file, read by the exporter plugin that writes this format (the one
+    place that knows where it lives)."""
+    from . import registry
+
+    reg = registry.exporters()
+    exporter = reg.for_artifact(path)
+    candidates = [exporter] if exporter is not None else [reg.get(n) for n in reg.names()]
+    for candidate in candidates:
+        try:
+            meta = candidate.read_metadata(session)
+        except Exception as exc:  # noqa: BLE001 - not this exporter's kind of artifact, or damaged
+            if exporter is not None:  # the format's own reader failed: the metadata is damaged
+                raise ZooError(f"{path!r}: its zoo metadata is damaged ({type(exc).__name__}: {exc}); export the "
+                               "model again with `zoo export`") from None
+            continue
+        if meta:
+            return dict(meta)
+    raise ZooError(f"{path!r} carries no zoo metadata"
+                   + (f" (read by the {exporter.name!r} exporter)" if exporter is not None else "")
+                   + ": export it with `zoo export` so it knows its labels and preprocessing")
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:

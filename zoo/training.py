@@ -29,8 +29,7 @@ import numpy as np
 
 from .errors import ZooError
 
-from .options import (DEFAULT_BACKBONE, DEFAULT_WEIGHTS, RESUMABLE_OVERRIDES, OptionError, TrainConfig,  # noqa: F401
-                      flag_of)
+from .options import DEFAULT_BACKBONE, RESUMABLE_OVERRIDES, OptionError, TrainConfig, flag_of  # noqa: F401
 
 
 class NonFiniteError(ZooError):
@@ -105,7 +104,8 @@ def train(backbone: str | None = None, data: str | os.PathLike | None = None, *,
           on_epoch_end: Callable[[int, dict], None] | None = None, **options) -> "Run":  # noqa: F821
     """Train a classifier head; returns a zoo.runs.Run (model, history, metrics, run dir).
 
-    backbone: qualified name (default timm/tf_efficientnet_lite0 with its offline in1k weights).
+    backbone: qualified name (default: the one a plugin declares; timm/tf_efficientnet_lite0.in1k,
+    offline ImageNet weights, with the built-ins).
     data: image folder with one subfolder per class; None (and no csv) = the embedded
     Fashion-MNIST sample. options: any TrainConfig field (csv, val_data, val_split, freeze,
     head, hidden, epochs, lr, batch_size, device, seed, strict, cache, augment, views,
@@ -133,8 +133,10 @@ def train(backbone: str | None = None, data: str | os.PathLike | None = None, *,
         cfg = resumed_config(TrainConfig.from_dict(runs.read_config(out)), given, out)
     else:
         given.setdefault("backbone", DEFAULT_BACKBONE)
-        if given["backbone"] == DEFAULT_BACKBONE and given.get("weights", "default") == "default":
-            given["weights"] = DEFAULT_WEIGHTS
+        if given["backbone"] == DEFAULT_BACKBONE:
+            from .registry import default_backbone
+
+            given["backbone"] = default_backbone(with_tag=given.get("weights", "default") == "default")
         cfg = TrainConfig(**given)
     return _Trainer(cfg, Path(out) if out is not None else None, resume, on_epoch_end).run()
 

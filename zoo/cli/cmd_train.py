@@ -101,8 +101,14 @@ def run(args) -> int:
             raise ZooError("--resume needs --out DIR (the run directory to continue)")
         run = T.train(out=args.out, resume=True, **opts)
     else:
-        out = args.out or default_run_dir(opts.get("backbone", T.DEFAULT_BACKBONE))
-        run = T.train(out=out, **opts)
+        if "backbone" in opts:
+            backbone = opts["backbone"]
+        else:
+            from zoo.registry import default_backbone
+
+            backbone = default_backbone(with_tag="weights" not in opts)
+        out = args.out or default_run_dir(backbone)
+        run = T.train(out=out, **(opts | {"backbone": backbone}))
     from zoo.distributed import context
 
     if not context().is_main:  # under torchrun only rank 0 reports
