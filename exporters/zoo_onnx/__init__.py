@@ -5,8 +5,9 @@ Registered through the `zoo` entry-point group like any third-party format.
 Export path. DEFAULT_OPSET is 18. For opset >= 18 the model goes through torch's default,
 torch.export-based ("dynamo") exporter; it cannot target opsets below 18 reliably (it keeps 18
 when its version conversion fails), so opset < 18 uses the TorchScript-based exporter, and
-`onnx_exporter="auto"` also falls back to it when the dynamo exporter fails (the report says
-so). Either way the opset written is checked against the one asked for, the batch axis is traced
+`onnx_exporter="auto"` also falls back to it when the dynamo exporter is missing (onnxscript not
+installed) or fails: loudly, one stderr line with the reason, and the report's "fallback" records
+it; `onnx_exporter="dynamo"` makes that an error instead. Either way the opset written is checked against the one asked for, the batch axis is traced
 at batch 2 and marked dynamic (validation then runs batch 1, 3 and 8), `onnx.checker` runs with
 full_check (shape inference included), and the file is self-contained (no external data).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,51 @@ def _export_graph(module, example, opset: int, input_name: str, outputs: list[st
                       input_names=[input_name], output_names=outputs, do_constant_folding=True,
                       dynamic_axes={n: {0: "batch"} for n in [input_name, *outputs]})
     return onnx.load_from_string(buf.getvalue())
+
+
+def dynamo_unavailable_reason() -> str | None:
+    """Why torch's dynamo ONNX exporter cannot run here, or None. Checked up front so the
+    reason given is the real one (a missing package), not whatever error its absence causes."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:
+        return "onnxscript is not installed (pip install onnxscript; backbone-zoo declares it)"
+    return None
+
+
+def _fallback_notice(reason: str) -> str:
+    return (f"zoo export: the dynamo ONNX exporter could not be used: {reason}; exported with the "
+            "TorchScript-based exporter instead (recorded in export-report.json; --onnx-exporter dynamo "
+            "makes this an error)")
+
+
+def _export_with_fallback(module, example, opset, input_name, outputs, chosen: str, requested: str):
+    """-> (proto, exporter used, fallback record or None).
+
+    requested="auto": a dynamo exporter that is missing or fails falls back to the TorchScript-based
+    one, loudly (one stderr line with the reason; the report records it). requested="dynamo": the
+    same situation is an error naming the reason and the fix. Nothing falls back silently."""
+    import torch
+
+    from zoo.errors import ZooError
+
+    reason = dynamo_unavailable_reason() if chosen == "dynamo" else None
+    if reason is None:
+        try:
+            with torch.no_grad():
+                return _export_graph(module, example, opset, input_name, outputs, chosen), chosen, None
+        except Exception as exc:
+            if chosen != "dynamo":
+                raise
+            reason = f"it failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
+    if requested == "dynamo":
+        raise ZooError(f"--onnx-exporter dynamo: the dynamo ONNX exporter could not be used: {reason}; install "
+                       "what is missing, or use --onnx-exporter auto (falls back to the TorchScript-based "
+                       "exporter) or legacy")
+    print(_fallback_notice(reason), file=sys.stderr, flush=True)
+    with torch.no_grad():
+        proto = _export_graph(module, example, opset, input_name, outputs, "legacy")
+    return proto, "legacy", {"from": "dynamo", "to": "legacy", "reason": reason}
 
 
 def graph_opset(model_proto) -> int:
@@ -136,17 +183,9 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     input_name = "image" if preprocess == "normalize" else "input"
     outputs = output_names(embedding)
     chosen = "dynamo" if onnx_exporter == "dynamo" or (onnx_exporter == "auto" and opset >= MIN_DYNAMO_OPSET) else "legacy"
-    fallback = None
     try:
-        with torch.no_grad():
-            proto = _export_graph(module, example, opset, input_name, outputs, chosen)
-    except Exception as exc:
-        if onnx_exporter != "auto" or chosen != "dynamo":
-            raise
-        fallback = f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); used the TorchScript-based one"
-        chosen = "legacy"
-        with torch.no_grad():
-            proto = _export_graph(module, example, opset, input_name, outputs, chosen)
+        proto, chosen, fallback = _export_with_fallback(module, example, opset, input_name, outputs, chosen,
+                                                        onnx_exporter)
     finally:
         model.eval()  # the exporters toggle train/eval on the way
 
@@ -174,6 +213,7 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     }
     if fallback:
         report["fallback"] = fallback
+        report["fallback_reason"] = fallback["reason"]
     if not report["dynamic_batch"]:
         raise ZooError(f"the exported graph has a fixed batch axis ({path.name}); it must be dynamic")
     return report

@@ -15,6 +15,10 @@ def add_parser(sub):
                    help="onnx | torchscript | all (= both) | any registered exporter; repeatable (default: all)")
     p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; < 18 uses the TorchScript-based exporter)")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="auto (default): torch's dynamo exporter, falling back to the TorchScript-based one with "
+                        "a warning and the reason in export-report.json; dynamo: that fallback is an error; "
+                        "legacy: the TorchScript-based exporter")
     p.add_argument("--preprocess", choices=("normalize", "none"), default="normalize",
                    help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
                         "inside; none: float32 NCHW, already normalized")
@@ -74,7 +78,8 @@ def run(args) -> int:
         report = export(args.run, formats=args.format or "all", out=args.out, opset=args.opset,
                         preprocess=args.preprocess, quantize=args.quantize, tolerance=args.tolerance,
                         images=args.images, optimize=args.optimize, embedding=not args.no_embedding,
-                        int8_agreement=args.int8_agreement, int8_ops=args.int8_ops, progress=progress)
+                        int8_agreement=args.int8_agreement, int8_ops=args.int8_ops, onnx_exporter=args.onnx_exporter,
+                        progress=progress)
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)
         if report and "artifacts" in report:
