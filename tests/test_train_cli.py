@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
 def _args(data, weights, out, cache, *extra):
     return ["train", "--backbone", BACKBONE, "--weights", str(weights), "--data", str(data), "--image-size", "32",
             "--epochs", "12", "--lr", "3e-3", "--batch-size", "8", "--out", str(out), "--cache-dir", str(cache),
-            "--workers", "0", "--no-progress", *extra]
+            "--workers", "0", "--no-progress", "--device", "cpu", *extra]
 
 
 def test_train_then_evaluate(setup, capsys):

@@ -415,7 +415,9 @@ class _Trainer:
             source = self._image_batches(epoch)
         for x, y, global_len in source:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            # Cached: only the head runs, on fp32 features; autocast would buy nothing and round its
+            # logits and gradients to bf16/fp16. Mixed precision is for the backbone's convolutions.
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and not self.cached):
                 if self.frozen_backbone_step:  # frozen, uncached: features without autograd, then the head
                     self.model.backbone.eval()
                     with torch.no_grad():
@@ -467,7 +469,8 @@ class _Trainer:
                 batches = self._val_image_batches()
             for x, y in batches:
                 x, y = x.to(self.device), y.to(self.device)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                    enabled=self.amp_dtype is not None and not self.cached):  # as in training
                     logits = module(x).float()
                 loss_sum += loss_fn(logits, y).item()
                 pred = logits.argmax(1).cpu()

@@ -49,7 +49,7 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--patience", type=int, default=0, help="early stopping: epochs without val improvement (0: off)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N] or mps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision (CUDA)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto (bf16, or fp16 without bf16 support, on CUDA; off elsewhere), bf16 or fp16 (CPU autocast too), off")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: auto)")
     p.add_argument("--out", default=None, help="run directory (default runs/<backbone>-<time>); never overwritten")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
