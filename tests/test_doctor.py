@@ -61,7 +61,8 @@ def test_dynamo_export_probe_cache_and_plugins(doctor_json):
     plugins = {p["name"]: p for p in d["plugins"]}
     assert {"torchvision", "timm", "onnx", "torchscript"} <= set(plugins)
     assert all(plugins[n]["status"] == "ok" for n in ("torchvision", "timm", "onnx", "torchscript"))
-    assert plugins["torchvision"]["backbones"] > 10 and plugins["onnx"]["exporters"] >= 2
+    assert plugins["torchvision"]["backbones"] > 10 and plugins["timm"]["backbones"] > 10
+    assert "onnx" in str(plugins["onnx"]["exporters"]) and "torchscript" in str(plugins["torchscript"]["exporters"])
     assert d["problems"] == []
 
 

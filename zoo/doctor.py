@@ -268,8 +268,10 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"cache        {ca['dir']} ({ca['from']}; "
                  + (f"{_size(ca['size_bytes'])} in {ca['files']} files)" if ca["exists"] else "not created yet)"))
     for p in report["plugins"]:
+        exporters = p.get("exporters") or []
+        exporters = ", ".join(exporters) if isinstance(exporters, list) else f"{exporters}"
         lines.append(f"plugin       {p['name']} {p.get('version') or ''} ({p.get('distribution') or '?'}): {p['status']}, "
-                     f"{p.get('backbones', 0)} backbones, {p.get('exporters', 0)} exporters"
+                     f"{p.get('backbones', 0)} backbones, exporters: {exporters or '-'}"
                      + (f": {p.get('error')}" if p["status"] != "ok" else ""))
     lines.append("problems     " + ("none" if not report["problems"] else ""))
     lines.extend(f"  - {p}" for p in report["problems"])
