@@ -136,12 +136,17 @@ def test_int8_quantized_and_reported_with_its_own_tolerance(exported):
 
 
 def test_corrupted_onnx_weights_are_caught(exported, images, tmp_path):
+    import onnx
+    from onnx import numpy_helper
     from zoo_onnx import validate_onnx
 
     model, out, _ = exported
     bad = tmp_path / "bad.onnx"
-    name = onnx_initializer_perturbed(out / "model.onnx", bad)
-    assert "weight" in name
+    name = onnx_initializer_perturbed(out / "model.onnx", bad)  # the largest float initializer
+    before = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    after = {t.name: t for t in onnx.load(str(bad)).graph.initializer}
+    changed = [n for n in before if not np.array_equal(numpy_helper.to_array(before[n]), numpy_helper.to_array(after[n]))]
+    assert changed == [name] and numpy_helper.to_array(after[name]).size >= 512 * 512  # a real weight tensor
     report = validate_onnx(model, bad, images)
     assert report["passed"] is False
     assert report["max_abs_logit_diff"] > 1e-4
@@ -249,11 +254,47 @@ def test_preprocess_none_with_ort_offline_optimization(exported, tmp_path):
     assert all(o.domain in ("", "ai.onnx") for o in proto.opset_import)  # still standard ops only
 
 
-def test_opset_below_18_uses_the_torchscript_based_exporter(exported, tmp_path):
+def test_opset_below_18_is_written_and_validated(exported, tmp_path):
+    import onnx
+
     report = zoo.export(exported[0], formats="onnx", out=tmp_path / "out", opset=17)
     art = report["artifacts"]["onnx"]
-    assert art["status"] == "passed"
-    assert art["export"]["opset"] == 17 and art["export"]["exporter"] == "legacy"
+    assert art["status"] == "passed" and art["validation"]["max_abs_logit_diff"] <= 1e-4
+    proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert "fallbacks" not in report  # asking for an old opset is not a fallback
+
+
+def _break_dynamo(monkeypatch):
+    """A clean install without onnxscript: `import onnxscript` fails, so the dynamo exporter can't run."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+
+
+def test_dynamo_fallback_is_loud_and_recorded(exported, tmp_path, monkeypatch, capfd):
+    _break_dynamo(monkeypatch)
+    report = zoo.export(exported[0], formats="onnx", out=tmp_path / "out")
+    err = capfd.readouterr().err
+    assert "dynamo ONNX exporter could not be used: onnxscript is not installed" in err
+    assert "--onnx-exporter dynamo" in err
+    assert report["status"] == "passed"  # the fallback artifact is still validated like any other
+    assert report["artifacts"]["onnx"]["validation"]["max_abs_logit_diff"] <= 1e-4
+    on_disk = json.loads((tmp_path / "out" / "export-report.json").read_text())
+    assert "onnxscript is not installed" in on_disk["fallbacks"]["onnx"]["reason"]
+
+
+def test_onnx_exporter_dynamo_turns_the_fallback_into_an_error(exported, tmp_path, monkeypatch):
+    from zoo.cli.main import main
+    from zoo.errors import ZooError
+    from zoo.model import save_model
+
+    _break_dynamo(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(ZooError, match="dynamo ONNX exporter could not be used: onnxscript"):
+        zoo.export(exported[0], formats="onnx", out=out, onnx_exporter="dynamo")
+    assert not (out / "model.onnx").exists()
+    run = save_model(exported[0], tmp_path / "run")
+    code = main(["export", str(run), "--format", "onnx", "--onnx-exporter", "dynamo", "--out", str(tmp_path / "o2")])
+    assert code == 2 and not (tmp_path / "o2" / "model.onnx").exists()
 
 
 def test_zoo_export_is_callable_repeatedly(exported):

@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
 def _args(data, weights, out, cache, *extra):
     return ["train", "--backbone", BACKBONE, "--weights", str(weights), "--data", str(data), "--image-size", "32",
             "--epochs", "12", "--lr", "3e-3", "--batch-size", "8", "--out", str(out), "--cache-dir", str(cache),
-            "--workers", "0", "--no-progress", *extra]
+            "--workers", "0", "--no-progress", "--device", "cpu", *extra]
 
 
 def test_train_then_evaluate(setup, capsys):
@@ -52,7 +52,8 @@ def test_existing_run_dir_is_refused_and_resume_finishes(setup, capsys):
     assert "already exists" in err and "--resume" in err and "Traceback" not in err
     assert (out / "head.safetensors").stat().st_mtime_ns == mtime  # untouched
     # --resume continues the saved run; --epochs may extend it
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress", "--workers", "0"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress", "--workers", "0",
+                 "--device", "cpu"]) == 0
     assert json.loads((out / "metrics.json").read_text())["history"][-1]["epoch"] == 3
 
 

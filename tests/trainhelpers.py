@@ -54,7 +54,9 @@ def state_of(module) -> dict:
 
 
 def train_kwargs(tmp_path: Path, **kw) -> dict:
-    base = dict(image_size=32, epochs=3, batch_size=8, lr=3e-3, progress=False, num_workers=0,
+    # device="cpu": these numbers (and exact-equality checks) are the CPU's; on a GPU machine "auto"
+    # would pick CUDA. The CUDA tests pass device="cuda" themselves.
+    base = dict(image_size=32, epochs=3, batch_size=8, lr=3e-3, progress=False, num_workers=0, device="cpu",
                 cache_dir=str(tmp_path / "cache"), val_split=0.25, seed=0)
     base.update(kw)
     return base

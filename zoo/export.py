@@ -359,6 +359,8 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
             with quiet():
                 export_report = spec.export(model, str(staged), options) or {}
             entry["export"] = _jsonable(export_report)
+            if export_report.get("fallback"):  # e.g. ONNX: dynamo exporter missing -> TorchScript-based
+                report.setdefault("fallbacks", {})[name] = _jsonable(export_report["fallback"])
             entry["export_seconds"] = round(time.perf_counter() - t0, 2)
             if not staged.exists():
                 raise ZooError(f"exporter {name!r} did not write {staged.name}")

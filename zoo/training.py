@@ -531,7 +531,9 @@ class _Trainer:
             source = self._image_batches(epoch)
         for x, y, global_len in source:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            # Cached: only the head runs, on fp32 features; autocast would buy nothing and round its
+            # logits and gradients to bf16/fp16. Mixed precision is for the backbone's convolutions.
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None and not self.cached):
                 if self.frozen_backbone_step:  # frozen, uncached: features without autograd, then the head
                     self.model.backbone.eval()
                     with torch.no_grad():
@@ -575,7 +577,8 @@ class _Trainer:
             batches = [(self.features[1], torch.as_tensor(val.labels))]
         else:
             batches = self._val_image_batches()
-        loss_sum, confusion = score(module, batches, len(self.split.classes), self.device, self.amp_dtype,
+        loss_sum, confusion = score(module, batches, len(self.split.classes), self.device,
+                                    None if self.cached else self.amp_dtype,  # the cached head runs in fp32
                                     self.cfg.label_smoothing)
         if not self.cached:
             D.all_reduce_sum(confusion)

@@ -8,8 +8,9 @@ knows where ONNX artifacts keep their metadata (`read_metadata`), for `zoo.predi
 Export path. DEFAULT_OPSET is 18. For opset >= 18 the model goes through torch's default,
 torch.export-based ("dynamo") exporter; it cannot target opsets below 18 reliably (it keeps 18
 when its version conversion fails), so opset < 18 uses the TorchScript-based exporter, and
-`onnx_exporter="auto"` also falls back to it when the dynamo exporter fails (the report says
-so). Either way the opset written is checked against the one asked for, the batch axis is traced
+`onnx_exporter="auto"` also falls back to it when the dynamo exporter is missing (onnxscript not
+installed) or fails: loudly, one stderr line with the reason, and the report's "fallback" records
+it; `onnx_exporter="dynamo"` makes that an error instead. Either way the opset written is checked against the one asked for, the batch axis is traced
 at batch 2 and marked dynamic (validation then runs batch 1, 3 and 8), `onnx.checker` runs with
 full_check (shape inference included), and the file is self-contained (no external data).
 
@@ -62,24 +63,53 @@ def _export_graph(module, example, opset: int, input_name: str, outputs: list[st
     return onnx.load_from_string(buf.getvalue())
 
 
+def dynamo_unavailable_reason() -> str | None:
+    """Why torch's dynamo ONNX exporter cannot run here, or None. Checked up front so the
+    reason given is the real one (a missing package), not whatever error its absence causes."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:
+        return "onnxscript is not installed (pip install onnxscript; backbone-zoo declares it)"
+    return None
+
+
+def _fallback_notice(reason: str) -> str:
+    return (f"zoo export: the dynamo ONNX exporter could not be used: {reason}; exported with the "
+            "TorchScript-based exporter instead (recorded in export-report.json; --onnx-exporter dynamo "
+            "makes this an error)")
+
+
 def _export_with_fallback(module, example, opset: int, input_name: str, outputs: list[str], onnx_exporter: str):
-    """-> (onnx.ModelProto, exporter used, fallback note or None). "auto": dynamo for opset >= 18,
-    and the TorchScript-based exporter when dynamo fails (said in the note)."""
+    """-> (onnx.ModelProto, exporter used, fallback record or None).
+
+    "auto": dynamo for opset >= 18; when it is missing (no onnxscript) or fails, the
+    TorchScript-based exporter, loudly: one stderr line with the reason, and the record
+    {"from", "to", "reason"} for the report. "dynamo": the same situation is an error naming the
+    reason and the fix. Nothing falls back silently."""
+    import sys
+
     import torch
 
+    from zoo.errors import ZooError
+
     chosen = "dynamo" if onnx_exporter == "dynamo" or (onnx_exporter == "auto" and opset >= MIN_DYNAMO_OPSET) else "legacy"
-    fallback = None
-    try:
-        with torch.no_grad():
-            proto = _export_graph(module, example, opset, input_name, outputs, chosen)
-    except Exception as exc:
-        if onnx_exporter != "auto" or chosen != "dynamo":
-            raise
-        fallback = f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); used the TorchScript-based one"
-        chosen = "legacy"
-        with torch.no_grad():
-            proto = _export_graph(module, example, opset, input_name, outputs, chosen)
-    return proto, chosen, fallback
+    reason = dynamo_unavailable_reason() if chosen == "dynamo" else None
+    if reason is None:
+        try:
+            with torch.no_grad():
+                return _export_graph(module, example, opset, input_name, outputs, chosen), chosen, None
+        except Exception as exc:
+            if chosen != "dynamo":
+                raise
+            reason = f"it failed ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]})"
+    if onnx_exporter == "dynamo":
+        raise ZooError(f"--onnx-exporter dynamo: the dynamo ONNX exporter could not be used: {reason}; install "
+                       "what is missing, or use --onnx-exporter auto (falls back to the TorchScript-based "
+                       "exporter) or legacy")
+    print(_fallback_notice(reason), file=sys.stderr, flush=True)
+    with torch.no_grad():
+        proto = _export_graph(module, example, opset, input_name, outputs, "legacy")
+    return proto, "legacy", {"from": "dynamo", "to": "legacy", "reason": reason}
 
 
 def graph_opset(model_proto) -> int:
@@ -188,6 +218,7 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     }
     if fallback:
         report["fallback"] = fallback
+        report["fallback_reason"] = fallback["reason"]
     if not report["dynamic_batch"]:
         raise ZooError(f"the exported graph has a fixed batch axis ({path.name}); it must be dynamic")
     return report
@@ -299,7 +330,8 @@ _GRAPH_OPTIONS = (
     ExportOption("opset", DEFAULT_OPSET, f"ONNX opset (default {DEFAULT_OPSET}; < {MIN_DYNAMO_OPSET} uses the "
                  "TorchScript-based exporter)", type=int,
                  choices=tuple(range(ONNX_OPSETS[0], ONNX_OPSETS[1] + 1))),  # what torch.onnx can write
-    ExportOption("onnx_exporter", "auto", "torch exporter: auto (dynamo, TorchScript-based on failure), dynamo, legacy",
+    ExportOption("onnx_exporter", "auto", "torch exporter: auto (dynamo; TorchScript-based, with a warning, when "
+                 "dynamo is missing or fails), dynamo (that fallback is an error), legacy",
                  choices=("auto", "dynamo", "legacy")),
     ExportOption("optimize", False, "save ONNX Runtime's basic offline graph optimizations into the file", type=bool),
 )

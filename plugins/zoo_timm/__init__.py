@@ -32,9 +32,12 @@ def _feature_dims() -> dict[str, int]:
 
 
 def _family(arch: str) -> str:
-    import timm.models._registry as reg
+    from timm.models import model_entrypoint
 
-    module = reg._model_to_module.get(arch, "")  # timm's own grouping: the defining module
+    try:  # timm's own grouping: the module that defines the architecture (public API only)
+        module = model_entrypoint(arch).__module__
+    except (RuntimeError, KeyError):
+        return arch
     return module.rpartition(".")[2] or arch
 
 
@@ -127,7 +130,7 @@ def _feature_dim(model) -> int:
 def _layer_groups(model):
     if not hasattr(model, "group_matcher"):
         return None  # the zoo falls back to auto_layer_groups
-    from timm.models._manipulate import group_parameters
+    from timm.models import group_parameters
 
     grouped = group_parameters(model, model.group_matcher(coarse=False))
     groups = []

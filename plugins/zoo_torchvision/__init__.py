@@ -96,16 +96,22 @@ def _weights_only_loads():
     False there), which would unpickle arbitrary code. We keep its cache lookup, download and
     hash check, and only force the safe unpickler.
     """
-    import torch.hub
-    from torchvision.models import _api
+    from torchvision.models import WeightsEnum
 
-    original = _api.load_state_dict_from_url
+    # Every builder fetches its checkpoint through the public WeightsEnum.get_state_dict; wrapping
+    # it (rather than torchvision's private _api module) keeps working across torchvision releases.
+    original = WeightsEnum.get_state_dict
+
+    def get_state_dict(self, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(self, *args, **kwargs)
+
     with _safe_lock:
-        _api.load_state_dict_from_url = functools.partial(torch.hub.load_state_dict_from_url, weights_only=True)
+        WeightsEnum.get_state_dict = get_state_dict
         try:
             yield
         finally:
-            _api.load_state_dict_from_url = original
+            WeightsEnum.get_state_dict = original
 
 
 def _build_kwargs(model: str, weights: str | None) -> dict:

@@ -22,6 +22,10 @@ def add_parser(sub):
                         "e.g. -O opset=17 -O onnx_exporter=legacy for ONNX")
     p.add_argument("--opset", type=int, default=None,
                    help=f"shorthand for -O opset=N (ONNX, {ONNX_OPSETS[0]}..{ONNX_OPSETS[1]}; default 18)")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default=None,
+                   help="shorthand for -O onnx_exporter=...: auto (default) uses torch's dynamo exporter and falls "
+                        "back to the TorchScript-based one with a warning and the reason in export-report.json; "
+                        "dynamo makes that fallback an error; legacy: the TorchScript-based exporter")
     p.add_argument("--preprocess", choices=("normalize", "none"), default=d["preprocess"],
                    help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
                         "inside; none: float32 NCHW, already normalized")
@@ -77,7 +81,8 @@ def _options(args) -> dict:
         if not sep or not key.strip():
             raise ZooError(f"--option expects KEY=VALUE, got {item!r}")
         out[key.strip()] = value
-    for key, value in (("opset", args.opset), ("int8_ops", args.int8_ops), ("optimize", args.optimize or None)):
+    for key, value in (("opset", args.opset), ("onnx_exporter", args.onnx_exporter), ("int8_ops", args.int8_ops),
+                       ("optimize", args.optimize or None)):
         if value is not None:
             out[key] = value
     return out

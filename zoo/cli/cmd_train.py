@@ -60,7 +60,7 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
     p.add_argument("--patience", type=int, help="early stopping: epochs without val improvement (default 0: off)")
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU; default), cpu, cuda[:N] or mps")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision (CUDA; default auto)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision: auto (bf16, or fp16 without bf16 support, on CUDA; off elsewhere), bf16 or fp16 (CPU autocast too), off")
     p.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes (default: auto)")
     p.add_argument("--out", default=None, help="run directory (default runs/<backbone>-<time>); never overwritten")
     p.add_argument("--resume", action="store_true", default=False, help="continue the interrupted run in --out")

@@ -20,6 +20,7 @@ COMMANDS = (
     ("export", "zoo.cli.cmd_export"),
     ("predict", "zoo.cli.cmd_predict"),
     ("bench", "zoo.cli.cmd_bench"),
+    ("doctor", "zoo.cli.cmd_doctor"),
 )
 
 
