@@ -64,6 +64,8 @@ class TrainConfig:
     image_size: int | None = None
     num_workers: int | None = None
     progress: bool = True
+    engine: str = "auto"  # feature extraction engine (zoo.engines): auto | eager | channels_last | bf16 | ...
+    jpeg_draft: bool = False  # reduced-size JPEG decoding for extraction (cache-keyed; zoo.features)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,7 +205,11 @@ class _Trainer:
         if ctx.enabled and device.type == "cuda":
             device = torch.device("cuda", ctx.local_rank)
         # Data first: every data error surfaces before a backbone is built or a file written.
-        split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict)
+        from .features import readable_hashes
+
+        # Images the cache has seen decode are only hashed, not decoded again (the warm path).
+        split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict,
+                          known_readable=readable_hashes(cfg.cache_dir) if cfg.cache else None)
         if self.out is not None and ctx.is_main:
             runs.prepare(self.out, self.resume)
             if not self.resume:
@@ -219,8 +225,9 @@ class _Trainer:
         channels_last = device.type in ("cuda", "cpu")
         workers = cfg.num_workers
         if workers is None:
-            in_memory = not any(isinstance(i, (str, os.PathLike)) for i in split.train.items[:1])
-            workers = 0 if in_memory else min(4, max(0, (os.cpu_count() or 1) - 1))
+            from .features import default_workers
+
+            workers = default_workers(split.train, device)
         if ctx.is_main and cfg.progress:
             print(f"data: {split.source}: {len(split.train)} train / {len(split.val) if split.val else 0} val "
                   f"images, {len(split.classes)} classes" + (f", {len(split.skipped)} skipped" if split.skipped else ""),
@@ -242,7 +249,8 @@ class _Trainer:
                    "state": state_digest(model.backbone),
                    "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"}
             common = dict(device=device, cache=cfg.cache, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64),
-                          num_workers=workers, amp_dtype=amp_dtype, channels_last=channels_last, progress=cfg.progress)
+                          num_workers=workers, amp_dtype=amp_dtype, channels_last=channels_last, progress=cfg.progress,
+                          engine=cfg.engine, jpeg_draft=cfg.jpeg_draft)
             views = list(range(cfg.views)) if cfg.augment else [None]
             train_feats, s1 = cached_features(model.backbone, split.train, train_tf, norm,
                                               key_fields=dict(key, transform=train_tf.describe(),
@@ -256,7 +264,9 @@ class _Trainer:
                                                 desc="val features", **common)
                 s1h = {"hits": s1.hits + s2.hits, "misses": s1.misses + s2.misses}
                 val_feats = val_feats[0]
-            self.cache_info = dict(s1h, enabled=cfg.cache, seconds=round(s1.seconds + (s2.seconds if split.val else 0), 3))
+            self.cache_info = dict(s1h, enabled=cfg.cache, seconds=round(s1.seconds + (s2.seconds if split.val else 0), 3),
+                                   engine=s1.engine if s1.engine.get("name") or split.val is None else s2.engine)
+            self.feature_stats = [s1] + ([s2] if split.val is not None else [])
             self.features = (train_feats, val_feats)
             trainable_module = model.head
         else:
@@ -341,6 +351,16 @@ class _Trainer:
             stopped_early = True
         if best["state"] is not None:
             self._load_trainable(best["state"])
+        if cached:  # reduced-precision engines: do the head's predictions on the check batch move?
+            from .features import head_predictions_agree
+
+            agree = next((a for a in (head_predictions_agree(model.head, s) for s in self.feature_stats) if a), None)
+            if agree is not None:
+                self.cache_info["engine"]["head_predictions_unchanged"] = f"{agree[0]}/{agree[1]}"
+                if agree[0] < agree[1] and self.cache_info["engine"].get("numerics") != "fp32":
+                    warnings.warn(f"{agree[1] - agree[0]} of {agree[1]} check-batch predictions differ between "
+                                  f"{self.cache_info['engine']['name']} and eager fp32 features; use --engine "
+                                  "channels_last (fp32) if that matters", stacklevel=2)
         final = self._evaluate() if split.val is not None else {}
         model.eval()
         extra = dict(model.meta.extra)

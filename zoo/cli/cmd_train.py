@@ -51,6 +51,12 @@ def add_parser(sub):
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda[:N] or mps")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision (CUDA)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: auto)")
+    p.add_argument("--engine", choices=("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"),
+                   default="auto", help="feature extraction engine, checked against eager fp32 on the first batch "
+                   "(auto: the fastest fp32 engine by a short probe, remembered per machine; bf16 with --amp bf16)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="decode large JPEGs at reduced size for extraction (faster; slightly different pixels, "
+                   "cached separately)")
     p.add_argument("--out", default=None, help="run directory (default runs/<backbone>-<time>); never overwritten")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +104,8 @@ def run(args) -> int:
             label_smoothing=args.label_smoothing, batch_size=args.batch_size, patience=args.patience,
             device=args.device, amp=args.amp, seed=args.seed, strict=args.strict, cache=not args.no_cache,
             cache_dir=args.cache_dir, augment=args.augment, views=args.views, image_size=args.image_size,
-            num_workers=args.workers, progress=not args.no_progress)
+            num_workers=args.workers, progress=not args.no_progress, engine=args.engine,
+            jpeg_draft=args.jpeg_draft)
     from zoo.distributed import context
 
     if not context().is_main:  # under torchrun only rank 0 reports
