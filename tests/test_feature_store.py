@@ -111,3 +111,49 @@ def test_cold_and_warm_heads_are_identical_with_dropout(tmp_path, weights):
     for k, v in cold.model.head.state_dict().items():
         assert torch.equal(v, warm.model.head.state_dict()[k]), k
     assert [h["train_loss"] for h in cold.history] == [h["train_loss"] for h in warm.history]
+
+
+def _jpeg_folder(root, n=6, size=(70, 50)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = (rng.random((size[1], size[0], 3)) * 60 + (180 if c == "a" else 40)).astype("uint8")
+            Image.fromarray(arr).save(root / c / f"{i}.jpg", quality=92)
+    Image.fromarray(np.full((40, 40, 3), 128, "uint8")).save(root / "a" / "png.png")  # not a JPEG: CPU path
+    return root
+
+
+@pytest.mark.parametrize("mode", ["gpu", "draft"])
+def test_alternative_decoders_are_close_to_the_reference_and_cached_apart(tmp_path, monkeypatch, mode):
+    from zoo.data import scan_folder
+    from zoo.engines import row_cosine
+
+    samples, _ = scan_folder(_jpeg_folder(tmp_path / "jpegs", size=(200, 160)))
+    norm = type(NORM)(NORM.mean, NORM.std, (3, 24, 24), 28)
+    common = dict(key_fields={"backbone": "tiny"}, device=torch.device("cpu"), cache_dir=tmp_path / "cache",
+                  batch_size=4, num_workers=0, engine="eager")
+    ref, _ = F.cached_features(tiny_backbone(), samples, EvalTransform(norm), norm, **common)
+    if mode == "gpu":  # torchvision's batched decoder, on the CPU here (the same code path as on CUDA)
+        import torchvision.io
+
+        real = torchvision.io.decode_jpeg
+        calls = []
+
+        def flaky(data, **kw):  # the batch call fails once: per-image retry, then the CPU fallback
+            calls.append(len(data) if isinstance(data, list) else 1)
+            if len(calls) == 1 or not isinstance(data, list) and len(calls) == 2:
+                raise RuntimeError("decoder refused")
+            return real(data, **kw)
+
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", flaky)
+        alt, stats = F.cached_features(tiny_backbone(), samples, EvalTransform(norm), norm, gpu_decode="any", **common)
+    else:
+        alt, stats = F.cached_features(tiny_backbone(), samples, EvalTransform(norm), norm, jpeg_draft=True, **common)
+    assert stats.misses == len(samples)  # another decode is another cache entry, never the reference's
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
+    assert float(row_cosine(ref[0], alt[0]).min()) >= 0.99
+    assert not torch.equal(ref, alt)

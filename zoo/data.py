@@ -41,8 +41,8 @@ class DataWarning(UserWarning):
 _DECODES = [0]
 
 
-def count_decode() -> None:
-    _DECODES[0] += 1
+def count_decode(n: int = 1) -> None:
+    _DECODES[0] += n
 
 
 def decode_count() -> int:

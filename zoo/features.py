@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as D
-from .data import ImageDataset, Samples, normalize_batch, sample_seed
+from .data import ImageDataset, Samples, count_decode, normalize_batch, sample_seed
 from .io import save_safetensors, write_json
 from .records import Normalization
 
@@ -338,12 +338,112 @@ class DraftImageDataset(ImageDataset):
         return torch.from_numpy(np.require(arr, requirements=["C", "W"])), int(self.samples.labels[i]), i
 
 
+class JpegBytesDataset(ImageDataset):
+    """For batched JPEG decoding on the device: JPEG files (eval transform) come back as their raw
+    bytes, anything else (PNG, seeded views, arrays) preprocessed on the CPU as usual."""
+
+    def __getitem__(self, key):
+        i = key if not isinstance(key, tuple) else None
+        item = self.samples.items[i] if i is not None else None
+        if isinstance(item, (str, os.PathLike)) and str(item).lower().endswith((".jpg", ".jpeg")):
+            with open(item, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return ("jpeg", data, int(self.samples.labels[i]), i)
+        arr, label, idx = super().__getitem__(key)
+        return ("pixels", arr, label, idx)
+
+
+def _collate_mixed(items):
+    return items
+
+
+class DeviceJpegDecoder:
+    """Batched JPEG decoding with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA), then the
+    eval geometry (shorter side to resize_size, antialiased, center crop) in torch. A batch the
+    decoder refuses (CMYK, progressive corner cases, a damaged file) is decoded image by image,
+    and an image that still fails goes through the CPU reference path, so nothing is dropped.
+    Pixels differ slightly from PIL's (another JPEG IDCT and resize): cached under its own key."""
+
+    KEY = "device-jpeg+torch-resize"
+
+    def __init__(self, samples: Samples, transform, norm: Normalization, device: torch.device):
+        self.samples, self.transform, self.norm, self.device = samples, transform, norm, device
+        self.fallbacks = 0
+
+    def _geometry(self, chw: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as Fn
+
+        (_, out_h, out_w), resize = self.norm.input_size, int(self.norm.resize_size)
+        h, w = chw.shape[1:]
+        if self.norm.crop_mode == "squash":
+            nh, nw = resize, resize
+        elif w <= h:
+            nw, nh = resize, int(resize * h / w)
+        else:
+            nw, nh = int(resize * w / h), resize
+        mode = {"bicubic": "bicubic", "nearest": "nearest"}.get(self.norm.interpolation, "bilinear")
+        x = chw.unsqueeze(0).float()
+        if (nh, nw) != (h, w):
+            x = Fn.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest",
+                               align_corners=False if mode != "nearest" else None)
+        x = x.round_().clamp_(0, 255)
+        top, left = int(round((nh - out_h) / 2.0)), int(round((nw - out_w) / 2.0))
+        if top < 0 or left < 0:  # smaller than the crop: pad like the reference
+            x = Fn.pad(x, (max(0, -left), max(0, out_w - nw + max(0, -left)), max(0, -top),
+                           max(0, out_h - nh + max(0, -top))))
+            top, left = max(0, top), max(0, left)
+        return x[0, :, top:top + out_h, left:left + out_w].permute(1, 2, 0).to(torch.uint8)
+
+    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        kw = dict(mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29+ points to torchcodec
+            return self._decode_all(data, decode_jpeg, kw)
+
+    @staticmethod
+    def _decode_all(data, decode_jpeg, kw) -> list[torch.Tensor | None]:
+        try:
+            return list(decode_jpeg(data, **kw))
+        except Exception:  # noqa: BLE001 - one bad file spoils the batch call: retry one by one
+            out = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, **kw))
+                except Exception:  # noqa: BLE001
+                    out.append(None)
+            return out
+
+    def __call__(self, items) -> tuple[torch.Tensor, None, None]:
+        jpegs = [j for j, it in enumerate(items) if it[0] == "jpeg"]
+        decoded = self._decode([items[j][1] for j in jpegs]) if jpegs else []
+        count_decode(sum(d is not None for d in decoded))
+        pixels: list[torch.Tensor | None] = [None] * len(items)
+        for j, img in zip(jpegs, decoded):
+            if img is not None:
+                pixels[j] = self._geometry(img)
+        for j, it in enumerate(items):
+            if pixels[j] is None:
+                if it[0] == "pixels":
+                    pixels[j] = it[1].to(self.device)
+                else:  # the device decoder refused it: the CPU reference path
+                    self.fallbacks += 1
+                    count_decode()
+                    arr = self.transform(self.samples.load(it[3]), None)
+                    pixels[j] = torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(self.device)
+        return torch.stack(pixels), None, None
+
+
 def _loader(samples: Samples, transform, batches: list, device: torch.device, num_workers: int,
-            draft_target: int | None):
+            draft_target: int | None, device_decode: bool = False):
     from torch.utils.data import DataLoader
 
-    ds = DraftImageDataset(samples, transform, draft_target) if draft_target else ImageDataset(samples, transform)
     extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
+    if device_decode:
+        return DataLoader(JpegBytesDataset(samples, transform), batch_sampler=batches, num_workers=num_workers,
+                          collate_fn=_collate_mixed, generator=torch.Generator().manual_seed(0), **extra)
+    ds = DraftImageDataset(samples, transform, draft_target) if draft_target else ImageDataset(samples, transform)
     return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(0), **extra)
 
@@ -370,6 +470,15 @@ def _engine_for(backbone, x, device, engine: str, allow_reduced: bool, total: in
     return s, True
 
 
+def _has_device_decoder() -> bool:
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def engine_numerics(engine: str, device: torch.device, allow_reduced: bool) -> str:
     """The numerics an extraction will have, known before any image is read (for the cache key):
     `auto` chooses among fp32 engines unless reduced precision is allowed (--amp bf16, or CUDA's
@@ -385,7 +494,7 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                  device: torch.device, out, positions: Sequence[int], *, batch_size: int = 64,
                  num_workers: int = 0, engine: str = "auto", allow_reduced: bool = False, total: int | None = None,
                  cache_dir=None, on_batch=None, progress: bool = False, desc: str = "features",
-                 draft_target: int | None = None, say=None):
+                 draft_target: int | None = None, device_decode: bool = False, say=None):
     """Extract keys[j] into out[positions[j]] (out: a (rows, D) tensor, or a callable(D) -> tensor
     allocating it once D is known); on_batch(js, feats) sees every batch (for streaming shards).
     Returns (out, engine Selection or None)."""
@@ -394,7 +503,11 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
         return out, None
     backbone.eval()
     batches = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
-    loader = _loader(samples, transform, [[keys[j] for j in b] for b in batches], device, num_workers, draft_target)
+    loader = _loader(samples, transform, [[keys[j] for j in b] for b in batches], device, num_workers, draft_target,
+                     device_decode)
+    if device_decode:
+        decoder = DeviceJpegDecoder(samples, transform, norm, device)
+        loader = map(decoder, loader)
     sel = None
     with _progress(len(keys), desc, progress) as bar:
         for js, (images, _, _) in zip(batches, loader):
@@ -458,23 +571,25 @@ def cached_features(backbone: nn.Module, samples: Samples, transform, norm: Norm
                     key_fields: dict, device: torch.device, views: Sequence[int | None] = (None,),
                     view_seed: int = 0, cache: bool = True, cache_dir=None, batch_size: int = 64,
                     num_workers: int | None = None, engine: str = "auto", allow_reduced: bool = False,
-                    amp_dtype=None, channels_last: bool = True, jpeg_draft: bool = False, progress: bool = False,
-                    desc: str = "features") -> tuple[torch.Tensor, CacheStats]:
+                    amp_dtype=None, channels_last: bool = True, jpeg_draft: bool = False, gpu_decode: bool = False,
+                    progress: bool = False, desc: str = "features") -> tuple[torch.Tensor, CacheStats]:
     """(len(views), N, D) features, from the cache where possible; extraction sharded over ranks.
 
     views: None = the deterministic (eval) transform; an int v = augmented view v, seeded by
-    (view_seed, v, image content) so it is the same whoever computes it. engine: zoo.engines name
+    (view_seed, v, image content) so it is the same whoever computes it. gpu_decode: JPEGs of the eval
+    view decoded in batches by torchvision on a CUDA device (DeviceJpegDecoder); elsewhere the CPU
+    path is used and said so ("any": torchvision's decoder on whatever device, for tests). engine: zoo.engines name
     or "auto" (amp_dtype not None also allows reduced precision). The cache key gets the engine's
     numerics and the decoding; key_fields' own "precision" is replaced by them.
     """
     with _rng_untouched():
         return _cached_features(backbone, samples, transform, norm, key_fields, device, list(views), view_seed,
                                 cache, cache_dir, batch_size, num_workers, engine,
-                                allow_reduced or amp_dtype is not None, jpeg_draft, progress, desc)
+                                allow_reduced or amp_dtype is not None, jpeg_draft, gpu_decode, progress, desc)
 
 
 def _cached_features(backbone, samples, transform, norm, key_fields, device, views, view_seed, cache, cache_dir,
-                     batch_size, num_workers, engine, allow_reduced, jpeg_draft, progress, desc):
+                     batch_size, num_workers, engine, allow_reduced, jpeg_draft, gpu_decode, progress, desc):
     t0 = time.perf_counter()
     ctx = D.context()
     n = len(samples)
@@ -482,8 +597,14 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
     # auto with reduced precision allowed is the bf16 engine; otherwise auto picks among fp32 engines
     asked = "bf16" if engine == "auto" and numerics == "bf16" else engine
     draft_target = int(norm.resize_size) if jpeg_draft else None
+    device_decode = bool(gpu_decode) and (device.type == "cuda" or gpu_decode == "any") and _has_device_decoder()
+    if gpu_decode and not device_decode and progress and ctx.is_main:
+        print(f"gpu decode: not available on {device} (torchvision.io.decode_jpeg on CUDA); decoding on the CPU",
+              file=sys.stderr)
     key = {k: v for k, v in key_fields.items() if k != "precision"} | {"numerics": numerics}
-    if draft_target:
+    if device_decode:
+        key["decode"], draft_target = DeviceJpegDecoder.KEY, None
+    elif draft_target:
         key["decode"] = "jpeg-draft-2x"
     fc = FeatureCache(cache_root(cache_dir), key) if cache else None
     workers = default_workers(samples, device) if num_workers is None else num_workers
@@ -550,7 +671,8 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
                                 allow_reduced=False, total=missing_total,
                                 cache_dir=cache_dir if cache else False,  # False: write nothing (no choice memo)
                                 on_batch=on_batch, progress=progress and ctx.is_main,
-                                desc=desc if v is None else f"{desc} (view {v})", draft_target=draft_target, say=say)
+                                desc=desc if v is None else f"{desc} (view {v})", draft_target=draft_target,
+                                device_decode=device_decode and v is None, say=say)
             flush()
             stats.extract_seconds += time.perf_counter() - te
             sel = sel or s

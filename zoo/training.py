@@ -66,6 +66,7 @@ class TrainConfig:
     progress: bool = True
     engine: str = "auto"  # feature extraction engine (zoo.engines): auto | eager | channels_last | bf16 | ...
     jpeg_draft: bool = False  # reduced-size JPEG decoding for extraction (cache-keyed; zoo.features)
+    gpu_decode: bool = False  # CUDA: batched nvJPEG decoding for extraction, CPU fallback (cache-keyed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -250,7 +251,7 @@ class _Trainer:
                    "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"}
             common = dict(device=device, cache=cfg.cache, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64),
                           num_workers=workers, amp_dtype=amp_dtype, channels_last=channels_last, progress=cfg.progress,
-                          engine=cfg.engine, jpeg_draft=cfg.jpeg_draft)
+                          engine=cfg.engine, jpeg_draft=cfg.jpeg_draft, gpu_decode=cfg.gpu_decode)
             views = list(range(cfg.views)) if cfg.augment else [None]
             train_feats, s1 = cached_features(model.backbone, split.train, train_tf, norm,
                                               key_fields=dict(key, transform=train_tf.describe(),

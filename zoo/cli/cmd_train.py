@@ -57,6 +57,9 @@ def add_parser(sub):
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode large JPEGs at reduced size for extraction (faster; slightly different pixels, "
                    "cached separately)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="CUDA: decode JPEGs on the GPU in batches for extraction (CPU fallback per image; "
+                   "slightly different pixels, cached separately)")
     p.add_argument("--out", default=None, help="run directory (default runs/<backbone>-<time>); never overwritten")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +108,7 @@ def run(args) -> int:
             device=args.device, amp=args.amp, seed=args.seed, strict=args.strict, cache=not args.no_cache,
             cache_dir=args.cache_dir, augment=args.augment, views=args.views, image_size=args.image_size,
             num_workers=args.workers, progress=not args.no_progress, engine=args.engine,
-            jpeg_draft=args.jpeg_draft)
+            jpeg_draft=args.jpeg_draft, gpu_decode=args.gpu_decode)
     from zoo.distributed import context
 
     if not context().is_main:  # under torchrun only rank 0 reports
