@@ -116,6 +116,9 @@ def test_auto_skips_a_broken_engine_and_remembers_the_fastest(tmp_path):
     small = E.select("auto", m, x, cpu, allow_reduced=False, total=50, cache_root=tmp_path, choice_key="other",
                      say=quiet, _prepare=prep)
     assert small.engine.name == "eager" and "channels_last" in small.rejected  # small job: no probe, still checked
+    remembered = E.select("auto", m, x, cpu, allow_reduced=False, total=50, cache_root=tmp_path, choice_key="key",
+                          say=quiet, _prepare=prep)
+    assert remembered.how == "remembered"  # a remembered choice serves small jobs too
 
 
 def test_an_engine_that_cannot_be_built_is_rejected_with_its_reason(tmp_path):

@@ -15,8 +15,9 @@ also reports whether the trained head's predictions on the check batch are uncha
 that fails its check, or cannot be prepared, is rejected with a one-line reason and the next one
 is used; eager is always available.
 
-`auto` on fewer than PROBE_MIN_IMAGES images is channels_last (checked; probing would cost more
-than it saves). Otherwise `auto` times each eligible engine on the first batch (after the check) and picks the fastest; the
+`auto` uses a remembered choice when there is one; otherwise, on fewer than PROBE_MIN_IMAGES
+images it is channels_last (checked; probing would cost more than it saves), and on more it times
+each eligible engine on the first batch (after the check) and picks the fastest; the
 choice is remembered in ``<cache>/engines/choices.json`` per machine (host, CPU, threads, torch
 version, device), backbone state and batch size, so later runs skip the probe (the check still runs).
 
@@ -345,13 +346,14 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
     rejected: dict[str, str] = {}
     rates: dict[str, float] = {}
     how = "asked"
-    if asked == "auto" and total < PROBE_MIN_IMAGES:
-        order, how = ["channels_last"], f"auto, small job (< {PROBE_MIN_IMAGES} images)"
-    elif asked == "auto":
+    if asked == "auto":
         remembered = store.get(choice_key)
-        order = [remembered] if remembered and remembered in candidates(device, allow_reduced, total) else None
-        how = "remembered" if order else "probe"
-        order = order or candidates(device, allow_reduced, total)
+        if remembered and remembered in candidates(device, allow_reduced, max(total, COMPILE_MIN_IMAGES)):
+            order, how = [remembered], "remembered"
+        elif total < PROBE_MIN_IMAGES:
+            order, how = ["channels_last"], f"auto, small job (< {PROBE_MIN_IMAGES} images, no probe)"
+        else:
+            order, how = candidates(device, allow_reduced, total), "probe"
     else:
         order = [asked]
     best: tuple[float, Prepared, torch.Tensor, float] | None = None
