@@ -8,7 +8,7 @@ preprocessed batch already in memory, timed after a warm-up call: the model alon
 `zoo.train --epochs 1` (train and validation images both extracted) on a folder of `--images` JPEGs (`--px` square, decoded, resized and cropped
 as the plugin says) with an empty feature cache; img/s = images / the trainer's feature phase
 (hashing, cache lookup, decode + preprocess in DataLoader workers, the engine, writing shards).
-The `auto` engine's one-time probe is done by a first, untimed run on 1,100 small JPEGs (its choice is
+The `auto` engine's one-time probe is done by a first, untimed run on 1,300 small JPEGs (its choice is
 remembered per machine); `--amp bf16` lets the trainer use bf16. Target: cold >= 0.9x the fastest
 engine's raw rate (for fp32 runs, the fastest fp32 engine is the comparable one; both are printed).
 Random init weights (speed does not depend on them; nothing is downloaded).
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         data = write_jpegs(tmp / "data", args.images, args.px)
         for name in args.backbones.split(","):
             cache = tmp / "cache"
-            probe_data = write_jpegs(tmp / f"probe-{len(lines)}", 1100, 48)  # >= PROBE_MIN_IMAGES, cheap to decode
+            probe_data = write_jpegs(tmp / f"probe-{len(lines)}", 1300, 48)  # >= PROBE_MIN_IMAGES, cheap to decode
             cold_rate(name, probe_data, cache, args.batch)  # the auto probe, once (remembered afterwards)
             before = raw_rates(name, args.batch, threads)
             auto, info = cold_rate(name, data, cache, args.batch)

@@ -49,7 +49,7 @@ ENGINE_CHOICES = ("auto",) + ENGINES
 FP32_COSINE = 0.9999
 BF16_COSINE = 0.99
 COMPILE_MIN_IMAGES = 20000  # below this, compilation costs more than it saves (CPU: minutes)
-PROBE_MIN_IMAGES = 1000  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
+PROBE_MIN_IMAGES = 500  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
 
 
 class EngineRejected(RuntimeError):
