@@ -714,7 +714,7 @@ def head_predictions_agree(head: nn.Module, stats: CacheStats) -> tuple[int, int
     was = head.training
     head.eval()
     with torch.inference_mode():
-        a = head(sel.features.to(dev)).argmax(1)
+        a = head(sel.features[:len(sel.reference)].to(dev)).argmax(1)
         b = head(sel.reference.to(dev)).argmax(1)
     head.train(was)
     return int((a == b).sum()), len(a)
