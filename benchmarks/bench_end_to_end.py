@@ -19,6 +19,8 @@ backbone's weak features leave borderline images that noise can flip).
                 features come from the disk cache
   ours (bf16)   cold, with the backbone under CPU bf16 autocast (--amp bf16): faster extraction,
                 features rounded to bf16
+  ours (ORT)    cold, --engine onnxruntime (its one-time ONNX export included)
+The default engine (`auto`) is channels_last here: 200 images is below the probe threshold.
 """
 
 from __future__ import annotations
@@ -129,13 +131,15 @@ def main(argv=None) -> int:
         cold = ours(*common, cache=tmp / "cache")
         warm = ours(*common, cache=tmp / "cache")
         bf16 = ours(*common, cache=tmp / "cache-bf16", amp="bf16")
+        ort = ours(*common, cache=tmp / "cache-ort", engine="onnxruntime")
         slow = naive(*common)
     print(f"end to end: {args.images} images (160 train / 40 val), {args.epochs} epochs, batch {args.batch}, "
           f"{args.size}px, ResNet-18 random init, CPU x{torch.get_num_threads()} threads")
-    print(f"{'contender':<34}{'seconds':>9}{'val top-1':>11}{'speedup':>9}")
+    print(f"{'contender':<40}{'seconds':>9}{'val top-1':>11}{'speedup':>9}")
     for name, r in (("naive (backbone every step)", slow), ("zoo.train, cold feature cache", cold),
-                    ("zoo.train, warm feature cache", warm), ("zoo.train, cold, --amp bf16", bf16)):
-        print(f"{name:<34}{r['seconds']:>9.1f}{100 * r['val_top1']:>10.1f}%{slow['seconds'] / r['seconds']:>8.1f}x")
+                    ("zoo.train, warm feature cache", warm), ("zoo.train, cold, --amp bf16", bf16),
+                    ("zoo.train, cold, --engine onnxruntime", ort)):
+        print(f"{name:<40}{r['seconds']:>9.1f}{100 * r['val_top1']:>10.1f}%{slow['seconds'] / r['seconds']:>8.1f}x")
     print(f"cold: {slow['seconds'] / cold['seconds']:.1f}x faster, val top-1 {100 * cold['val_top1']:.1f}% vs naive "
           f"{100 * slow['val_top1']:.1f}% (|diff| {100 * abs(cold['val_top1'] - slow['val_top1']):.1f} points); "
           f"warm: {slow['seconds'] / warm['seconds']:.1f}x (val {100 * warm['val_top1']:.1f}%); cold bf16: "

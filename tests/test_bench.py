@@ -288,3 +288,38 @@ def test_cuda_peak_memory_is_the_allocators():
     rows = run_bench(small_config(device="cuda", modes=["infer", "train-full"], batch_sizes=[2]))["rows"]
     for r in rows:
         assert r["error"] is None and r["mem_kind"] == "CUDA allocator peak" and r["peak_mem_mb"] > 0
+
+
+def test_precision_axis_runs_torch_runtimes_under_autocast_and_refuses_the_rest():
+    from zoo.bench.report import render_table
+    from zoo.bench.runner import run_bench
+
+    doc = run_bench(small_config(runtimes=["eager", "onnxruntime", "compile-cudagraphs"], precisions=["fp32", "bf16"],
+                                 batch_sizes=[2]))
+    rows = {(r["runtime"], r["precision"]): r for r in doc["rows"]}
+    assert set(rows) == {(rt, p) for rt in ("eager", "onnxruntime", "compile-cudagraphs") for p in ("fp32", "bf16")}
+    assert rows[("eager", "bf16")]["error"] is None and rows[("eager", "bf16")]["throughput"] > 0
+    assert rows[("onnxruntime", "fp32")]["error"] is None
+    assert rows[("onnxruntime", "bf16")]["error"].startswith("Unsupported") and "fp32" in rows[("onnxruntime", "bf16")]["error"]
+    assert all(rows[("compile-cudagraphs", p)]["error"].startswith("Unsupported") for p in ("fp32", "bf16"))  # CUDA only
+    assert "eager bf16" in render_table(doc)
+
+
+def test_precision_autocast_really_changes_the_compute_dtype():
+    import torch
+
+    from zoo.bench.measure import Task, _autocast
+
+    seen = []
+    lin = torch.nn.Linear(4, 4)
+    step = _autocast(Task("x", "eager", "infer", 1, 8, precision="bf16"), lambda: seen.append(lin(torch.ones(1, 4)).dtype))
+    step()
+    assert seen == [torch.bfloat16]
+
+
+def test_unknown_precision_is_refused_up_front():
+    from zoo.bench.runner import validate
+    from zoo.errors import ZooError
+
+    with pytest.raises(ZooError, match="fp8"):
+        validate(small_config(precisions=["fp8"]))

@@ -40,6 +40,19 @@ class DataWarning(UserWarning):
     """Some files were skipped (listed in the message)."""
 
 
+_DECODES = [0]
+
+
+def count_decode(n: int = 1) -> None:
+    _DECODES[0] += n
+
+
+def decode_count() -> int:
+    """Image files decoded by this process so far (Samples.load and the extraction datasets): the
+    warm-path tests and benchmarks count decodes with it, not with timings."""
+    return _DECODES[0]
+
+
 @dataclass
 class Samples:
     """Labelled images: file paths or in-memory uint8 arrays (H, W[, C])."""
@@ -64,6 +77,7 @@ class Samples:
     def load(self, i: int, max_pixels: int | None = None) -> Image.Image:
         item = self.items[i]
         if isinstance(item, (str, os.PathLike)):
+            count_decode()
             return load_image(item, max_pixels)
         return to_rgb(Image.fromarray(np.asarray(item)))
 
@@ -251,15 +265,24 @@ def _try_decode(samples: Samples, i: int, max_pixels: int | None = None) -> str 
 
 def verify_images(samples: Samples, strict: bool = False, workers: int | None = None,
                   already_skipped: Sequence[tuple[str, str]] = (),
-                  max_pixels: int | None = None) -> tuple[Samples, list[tuple[str, str]]]:
+                  max_pixels: int | None = None, known_readable=None) -> tuple[Samples, list[tuple[str, str]]]:
     """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
     Images over `max_pixels` are skipped before decoding. With strict=True any unreadable or
-    skipped file raises DataError instead."""
+    skipped file raises DataError instead.
+    known_readable: a zoo.features.ReadableSet; files whose content hash it holds decoded before
+    (the same bytes cannot fail now) and are only hashed, which is what makes a warm run decode-free."""
     paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]
     workers = workers or min(8, (os.cpu_count() or 2))
+    if known_readable is not None and paths:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            hashes = list(pool.map(samples.content_hash, paths))
+        known = known_readable.known()
+        paths = [i for i, h in zip(paths, hashes) if h not in known]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(lambda i: _try_decode(samples, i, max_pixels), paths))
     bad = {i: r for i, r in zip(paths, reasons) if r is not None}
+    if known_readable is not None:
+        known_readable.add(samples.content_hash(i) for i in paths if i not in bad)
     skipped = list(already_skipped) + [(samples.describe(i), r) for i, r in bad.items()]
     if skipped and strict:
         raise DataError(f"--strict: {len(skipped)} unusable files:\n" + _listing(skipped)
@@ -302,7 +325,7 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) 
 def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike | None = None,
               val_data: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
               strict: bool = False, *, csv_outside_root: bool = False,
-              max_pixels: int | None = None) -> DataSplit:
+              max_pixels: int | None = None, known_readable=None) -> DataSplit:
     """Everything up front: scan, verify (decode each file once), split, and drop from validation
     any image whose content is also in training. Raises DataError early."""
     if data is None and csv_file is None:
@@ -321,12 +344,13 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
         val_samples, val_skipped = scan_folder(val_data, flag="--val-data", min_classes=1)
         val_samples = align_labels(val_samples, samples.classes, f"--val-data {str(val_data)!r}",
                                    "the training data lacks")
-    samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels)
+    samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels,
+                                   known_readable=known_readable)
     if val_samples is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
             val_samples, val_skipped = verify_images(val_samples, strict, already_skipped=val_skipped,
-                                                     max_pixels=max_pixels)
+                                                     max_pixels=max_pixels, known_readable=known_readable)
         if val_skipped:
             warnings.warn(f"skipped {len(val_skipped)} unusable validation files:\n" + _listing(val_skipped),
                           DataWarning, stacklevel=2)

@@ -211,15 +211,15 @@ class _Trainer:
 
     def _load_data(self) -> None:
         from .data import load_data
+        from .features import default_workers, readable_hashes
 
         cfg = self.cfg
+        # Images the cache has seen decode are only hashed, not decoded again (the warm path).
         self.split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict,
-                               csv_outside_root=cfg.csv_outside_root, max_pixels=cfg.max_image_pixels)
-        workers = cfg.num_workers
-        if workers is None:
-            in_memory = not any(isinstance(i, (str, os.PathLike)) for i in self.split.train.items[:1])
-            workers = 0 if in_memory else min(4, max(0, (os.cpu_count() or 1) - 1))
-        self.workers = workers
+                               csv_outside_root=cfg.csv_outside_root, max_pixels=cfg.max_image_pixels,
+                               known_readable=readable_hashes(cfg.cache_dir) if cfg.cache else None)
+        self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.split.train,
+                                                                                           self.device)
 
     def _build_model(self) -> None:
         from .data import with_image_size
@@ -293,26 +293,31 @@ class _Trainer:
     def _extract_features(self) -> tuple[tuple, dict]:
         """The extraction phase: (train features (views, N, D), val features (N, D) or None) and the
         cache statistics. Reads only the frozen backbone, the split and the transforms."""
-        from .features import cached_features, model_key
+        from .features import CacheStats, cached_features, model_key
 
         cfg, split = self.cfg, self.split
         key = model_key(self.model, self.amp_dtype)
         common = dict(device=self.device, cache=cfg.cache, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64),
                       num_workers=self.workers, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                      progress=cfg.progress)
+                      progress=cfg.progress, engine=cfg.engine, jpeg_draft=cfg.jpeg_draft, gpu_decode=cfg.gpu_decode)
         views = list(range(cfg.views)) if cfg.augment else [None]
         train_feats, stats = cached_features(
             self.model.backbone, split.train, self.train_tf, self.norm,
             key_fields=dict(key, transform=self.train_tf.describe(), view_seed=cfg.seed if cfg.augment else None),
             views=views, view_seed=cfg.seed, desc="train features", **common)
+        self.feature_stats = [stats]
         val_feats = None
         if split.val is not None:
             val_feats, val_stats = cached_features(
                 self.model.backbone, split.val, self.eval_tf, self.norm,
                 key_fields=dict(key, transform=self.eval_tf.describe(), view_seed=None), desc="val features", **common)
-            stats.add(val_stats)
+            self.feature_stats.append(val_stats)
             val_feats = val_feats[0]
-        info = {"hits": stats.hits, "misses": stats.misses, "enabled": cfg.cache, "seconds": round(stats.seconds, 3)}
+        total = CacheStats()
+        for st in self.feature_stats:
+            total.add(st)
+        info = {"hits": total.hits, "misses": total.misses, "enabled": cfg.cache, "seconds": round(total.seconds, 3),
+                "engine": dict(total.engine)}
         return (train_feats, val_feats), info
 
     def _build_optimization(self) -> None:
@@ -446,6 +451,21 @@ class _Trainer:
             "history": state.history, "best_epoch": state.best_epoch, "best_top1": state.best_top1,
             "best_loss": state.best_loss, "best_state": state.best_state, "stale": state.stale})
 
+    def _check_engine_predictions(self) -> None:
+        """Reduced-precision engines: do the trained head's predictions on the engine's check batch
+        move against eager fp32 features? Recorded in the run's cache info; a warning if any do."""
+        from .features import head_predictions_agree
+
+        engine = self.cache_info.get("engine") or {}
+        agree = next((a for a in (head_predictions_agree(self.model.head, s) for s in self.feature_stats) if a), None)
+        if agree is None or not engine:
+            return
+        engine["head_predictions_unchanged"] = f"{agree[0]}/{agree[1]}"
+        if agree[0] < agree[1] and engine.get("numerics") != "fp32":
+            warnings.warn(f"{agree[1] - agree[0]} of {agree[1]} check-batch predictions differ between "
+                          f"{engine.get('name')} and eager fp32 features; use --engine channels_last (fp32) "
+                          "if that matters", stacklevel=3)
+
     def _finish(self, state: _FitState, stopped_early: bool, t_start: float):
         """Keep the best epoch's weights, score them, and write the model and its reports."""
         import torch
@@ -456,6 +476,8 @@ class _Trainer:
         cfg, split, model = self.cfg, self.split, self.model
         if state.best_state is not None:
             self._load_trainable(state.best_state)
+        if self.cached:
+            self._check_engine_predictions()
         final = self._evaluate() if split.val is not None else {}
         model.eval()
         extra = dict(model.meta.extra)

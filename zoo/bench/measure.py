@@ -34,6 +34,7 @@ class Task:
     num_classes: int = 10  # train modes: classes of the linear head being trained
     seed: int = 0
     memory: str | None = None  # "rss" (isolated child), "cuda", or None (not measured)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch runtimes: the timed call under torch.autocast)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +111,7 @@ def base_row(task: Task) -> dict[str, Any]:
         "backbone": task.backbone,
         "weights": task.weights,
         "runtime": runtime_label(task.runtime),
+        "precision": task.precision,
         "mode": task.mode,
         "device": task.device,
         "batch_size": task.batch_size,
@@ -192,6 +194,9 @@ def _measure(task: Task, row: dict[str, Any]) -> None:
 
     runtime = get_runtime(task.runtime)
     runtime.check(task.mode, task.device)  # cheap refusal before building anything
+    from .runner import _check_precision
+
+    _check_precision(runtime, task.precision, task.device)
 
     torch.manual_seed(task.seed)
     backbone, info = create_backbone(task.backbone, weights=task.weights)
@@ -279,10 +284,27 @@ def _feature_dim(backbone, info, device, image_size: int) -> int:
         return int(backbone.eval()(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-1])
 
 
+def _autocast(task: Task, step: Callable[[], Any]) -> Callable[[], Any]:
+    """fp32: the step as is; bf16/fp16: the step under torch.autocast on the task's device."""
+    if task.precision == "fp32":
+        return step
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[task.precision]
+    device_type = task.device.split(":")[0]
+
+    def amp_step():
+        with torch.autocast(device_type, dtype=dtype):
+            return step()
+
+    return amp_step
+
+
 def _time_into(row: dict[str, Any], task: Task, step: Callable[[], Any], cuda: bool, prepare_s: float,
                prepared) -> None:
     """setup_s = preparing (trace/export/session) + the first call (compilation, lazy init)."""
     sync = _sync_for(task.device) if cuda else (lambda: None)
+    step = _autocast(task, step)
     row["note"] = prepared.note
     try:
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from zoo.cli.table import fmt_count, render
 from zoo.io import write_json, write_text
 
 ROW_FIELDS = (
-    "backbone", "weights", "runtime", "mode", "device", "batch_size", "image_size", "params", "gflops",
+    "backbone", "weights", "runtime", "precision", "mode", "device", "batch_size", "image_size", "params", "gflops",
     "feature_dim", "throughput", "time_mean_ms", "time_p50_ms", "time_p95_ms", "latency_p50_ms",
     "latency_p95_ms", "setup_s", "peak_mem_mb", "mem_kind", "base_rss_mb", "threads", "load_avg_1m", "warmup",
     "repeats",
@@ -71,7 +71,7 @@ def render_table(doc: dict[str, Any]) -> str:
     headers.append("ERROR")
     table = []
     for r in rows:
-        line = [r["backbone"], r["runtime"], r["mode"], r.get("batch_size") or "-", r.get("image_size") or "-",
+        line = [r["backbone"], _runtime_cell(r), r["mode"], r.get("batch_size") or "-", r.get("image_size") or "-",
                 fmt_count(r.get("params")) if r.get("params") else "-", _sig(r.get("gflops")),
                 r.get("feature_dim") or "-", _num(r.get("throughput")), _num(r.get("time_p50_ms"), 2),
                 _num(r.get("time_p95_ms"), 2), _num(r.get("peak_mem_mb"), 0), _num(r.get("setup_s"), 2)]
@@ -98,6 +98,15 @@ def render_table(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _runtime_cell(r: dict[str, Any]) -> str:
+    """The runtime, with its precision when not fp32 (and the ONNX Runtime provider on CUDA)."""
+    text = r["runtime"] if r.get("precision", "fp32") == "fp32" else f"{r['runtime']} {r['precision']}"
+    note = r.get("note") or ""
+    if r["runtime"] == "onnxruntime" and str(r.get("device", "")).startswith("cuda") and "provider" in note:
+        text += " (CPU EP)" if note.startswith("CPU provider") else " (CUDA EP)"
+    return text
+
+
 def _mem_legend(rows) -> str:
     kinds = sorted({r["mem_kind"] for r in rows if r.get("mem_kind")})
     return "; ".join(kinds) if kinds else "not measured (in-process on CPU: use process isolation)"
@@ -105,7 +114,8 @@ def _mem_legend(rows) -> str:
 
 def training_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pair train-frozen and train-full rows of the same backbone/runtime/batch/size."""
-    key = lambda r: (r["backbone"], r["runtime"], r.get("batch_size"), r.get("image_size"))  # noqa: E731
+    key = lambda r: (r["backbone"], r["runtime"], r.get("precision", "fp32"), r.get("batch_size"),  # noqa: E731
+                     r.get("image_size"))
     frozen = {key(r): r for r in rows if r["mode"] == "train-frozen" and not r.get("error")}
     out = []
     for r in rows:
@@ -113,7 +123,7 @@ def training_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         f = frozen[key(r)]
         out.append({
-            "backbone": r["backbone"], "runtime": r["runtime"], "batch_size": r["batch_size"],
+            "backbone": r["backbone"], "runtime": _runtime_cell(r), "batch_size": r["batch_size"],
             "image_size": r["image_size"], "frozen_ms": f["time_mean_ms"], "full_ms": r["time_mean_ms"],
             "time_ratio": _ratio(r["time_mean_ms"], f["time_mean_ms"]),
             "frozen_mem_mb": f.get("peak_mem_mb"), "full_mem_mb": r.get("peak_mem_mb"),
@@ -163,7 +173,8 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def _key(r: dict[str, Any]) -> tuple:
-    return (r["backbone"], r["runtime"], r["mode"], r.get("batch_size"), r.get("image_size"))
+    return (r["backbone"], r["runtime"], r.get("precision", "fp32"), r["mode"], r.get("batch_size"),
+            r.get("image_size"))
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:

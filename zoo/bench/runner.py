@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .measure import Task, base_row, error_text, measure
-from .runtimes import DEFAULT_RUNTIMES, MODES, get_runtime
+from .runtimes import MODES, PRECISIONS, default_runtimes, get_runtime
 
 SCHEMA = "zoo-bench/1"
 
@@ -21,7 +21,7 @@ SCHEMA = "zoo-bench/1"
 @dataclass
 class BenchConfig:
     patterns: Sequence[str]
-    runtimes: Sequence[str] = DEFAULT_RUNTIMES
+    runtimes: Sequence[str] | None = None  # None: default_runtimes(device)
     modes: Sequence[str] = MODES
     batch_sizes: Sequence[int] = (1, 8, 32)
     image_size: int | None = None  # None: each backbone's own input size
@@ -37,11 +37,13 @@ class BenchConfig:
     probe: bool = False
     probe_batch_size: int = 50
     seed: int = 0
+    precisions: Sequence[str] = ("fp32",)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["patterns"] = list(self.patterns)
-        d["runtimes"] = list(self.runtimes)
+        d["runtimes"] = None if self.runtimes is None else list(self.runtimes)
+        d["precisions"] = list(self.precisions)
         d["modes"] = list(self.modes)
         d["batch_sizes"] = list(self.batch_sizes)
         return d
@@ -76,8 +78,11 @@ def validate(cfg: BenchConfig) -> None:
 
     if not cfg.patterns:
         raise ZooError("name at least one backbone or glob, e.g. `zoo bench torchvision/resnet18`")
-    for r in cfg.runtimes:
+    for r in cfg.runtimes or ():
         get_runtime(r)
+    bad = [p for p in cfg.precisions if p not in PRECISIONS]
+    if bad or not cfg.precisions:
+        raise ZooError(f"unknown precision(s) {', '.join(bad) or '(none)'}: expected {', '.join(PRECISIONS)}")
     bad = [m for m in cfg.modes if m not in MODES]
     if bad:
         raise ZooError(f"unknown mode(s) {', '.join(bad)}: expected {', '.join(MODES)}")
@@ -148,7 +153,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
 
     rows: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
-    combos = [(r, m) for m in cfg.modes for r in cfg.runtimes]
+    runtimes = list(cfg.runtimes) if cfg.runtimes else list(default_runtimes(device))
+    combos = [(r, m, p) for m in cfg.modes for r in runtimes for p in cfg.precisions]
     total = len(names) * len(combos) * len(cfg.batch_sizes)
     done = 0
     for name in names:
@@ -163,15 +169,16 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
             done += len(combos) * len(cfg.batch_sizes)
             say(f"[{done}/{total}] {name}: {row['error']}")
             continue
-        for runtime, mode in combos:
+        for runtime, mode, precision in combos:
             for bs in cfg.batch_sizes:
                 task = Task(backbone=name, runtime=runtime, mode=mode, batch_size=int(bs),
                             image_size=facts["image_size"], device=device, weights=cfg.weights,
                             warmup=cfg.warmup, repeats=cfg.repeats, threads=threads,
                             head_classes=cfg.head_classes, num_classes=cfg.num_classes, seed=cfg.seed,
-                            memory=memory)
+                            memory=memory, precision=precision)
                 try:
                     get_runtime(runtime).check(mode, device)  # refuse here: no child process for a known no
+                    _check_precision(get_runtime(runtime), precision, device)
                     row = measure_fn(task)
                 except Exception as exc:  # noqa: BLE001 - unsupported, or the child could not even start
                     row = base_row(task)
@@ -204,11 +211,22 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
         "environment": environment,
-        "config": {**cfg.to_dict(), "device": device, "threads": threads, "isolate": isolate,
+        "config": {**cfg.to_dict(), "runtimes": runtimes, "device": device, "threads": threads, "isolate": isolate,
                    "weights_note": _weights_note(cfg.weights)},
         "rows": rows,
         "probe": probes,
     }
+
+
+def _check_precision(runtime, precision: str, device: str) -> None:
+    """Runtimes from elsewhere (module:attr) that predate precisions run fp32 only."""
+    check = getattr(runtime, "check_precision", None)
+    if check is not None:
+        check(precision, device)
+    elif precision != "fp32":
+        from .runtimes import Unsupported
+
+        raise Unsupported(f"runtime {getattr(runtime, 'name', runtime)!r} declares no precisions: fp32 only")
 
 
 def _weights_note(weights: Any) -> str:
@@ -226,7 +244,8 @@ def _loadavg() -> list[float] | None:
 
 
 def _progress_line(row: dict[str, Any]) -> str:
-    head = f"{row['backbone']} {row['runtime']} {row['mode']} b={row['batch_size']} {row['image_size']}px"
+    prec = "" if row.get("precision", "fp32") == "fp32" else f" {row['precision']}"
+    head = f"{row['backbone']} {row['runtime']}{prec} {row['mode']} b={row['batch_size']} {row['image_size']}px"
     if row.get("error"):
         return f"{head}: ERROR {row['error']}"
     mem = f", peak {row['peak_mem_mb']:.0f} MiB" if row.get("peak_mem_mb") else ""

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 INFER, TRAIN_FROZEN, TRAIN_FULL = "infer", "train-frozen", "train-full"
 MODES = (INFER, TRAIN_FROZEN, TRAIN_FULL)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class Unsupported(Exception):
@@ -44,8 +45,21 @@ class Prepared:
 class Runtime:
     name = "?"
     modes: tuple[str, ...] = MODES
+    precisions: tuple[str, ...] = PRECISIONS  # bf16/fp16: the timed call runs under torch.autocast
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def check_precision(self, precision: str, device: str) -> None:
+        if precision not in self.precisions:
+            raise Unsupported(f"runtime {self.name!r} runs {', '.join(self.precisions)} only, not {precision}")
+        if precision == "bf16" and device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                raise Unsupported("this GPU has no bf16")
 
     def check(self, mode: str, device: str) -> None:
+        if device.split(":")[0] not in self.devices:
+            raise Unsupported(f"runtime {self.name!r} needs {' or '.join(self.devices)}, not {device}")
         if mode not in self.modes:
             raise Unsupported(f"runtime {self.name!r} does not support mode {mode!r} "
                               f"(supports: {', '.join(self.modes)})")
@@ -80,17 +94,28 @@ class ChannelsLast(Runtime):
 
 class Compile(Runtime):
     """torch.compile with the default (inductor) backend; compilation happens on the first call,
-    which the benchmark times as setup, not as a measurement."""
+    which the benchmark times as setup, not as a measurement. `compile_mode` is torch.compile's
+    mode: "max-autotune" (kernel autotuning), "reduce-overhead" (CUDA graphs: the whole forward
+    replayed as one graph launch, what batch-1 latency on a GPU needs)."""
 
     name = "compile"
+    compile_mode: str | None = None
+
+    def __init__(self, name: str = "compile", compile_mode: str | None = None, devices=("cpu", "cuda")):
+        self.name, self.compile_mode, self.devices = name, compile_mode, tuple(devices)
 
     def prepare(self, module, example, mode, device, threads):
         import torch
 
         self.check(mode, device)
         torch._dynamo.reset()  # a fresh cache per measurement when running in-process
-        compiled = torch.compile(module, dynamic=False)
-        return Prepared(run=compiled, to_input=_identity, trainable=module)
+        compiled = torch.compile(module, dynamic=False, mode=self.compile_mode)
+        if self.compile_mode == "reduce-overhead":
+            # CUDA graphs reuse their output buffers: hand out a copy, as a caller keeping it would need
+            return Prepared(run=lambda x: compiled(x).clone(), to_input=_identity, trainable=module,
+                            note="CUDA graphs (mode reduce-overhead)")
+        return Prepared(run=compiled, to_input=_identity, trainable=module,
+                        note=f"mode {self.compile_mode}" if self.compile_mode else "")
 
 
 class TorchScript(Runtime):
@@ -98,6 +123,7 @@ class TorchScript(Runtime):
     traces the module in train mode without freezing, so autograd flows through the graph."""
 
     name = "torchscript"
+    precisions = ("fp32",)  # a frozen traced graph ignores autocast
 
     def prepare(self, module, example, mode, device, threads):
         import torch
@@ -120,6 +146,7 @@ class OnnxRuntime(Runtime):
 
     name = "onnxruntime"
     modes = (INFER, TRAIN_FROZEN)
+    precisions = ("fp32",)  # the exported graph is fp32; no fp16 conversion is done here
 
     def check(self, mode, device):
         if mode == TRAIN_FULL:
@@ -132,12 +159,13 @@ class OnnxRuntime(Runtime):
         import torch
 
         self.check(mode, device)
-        providers = ["CPUExecutionProvider"]
+        providers, provider_note = ["CPUExecutionProvider"], "CPU provider"
         if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise Unsupported("this onnxruntime build has no CUDAExecutionProvider "
-                                  f"(available: {', '.join(ort.get_available_providers())})")
-            providers = ["CUDAExecutionProvider"]
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers, provider_note = ["CUDAExecutionProvider"], "CUDA provider"
+            else:  # measured on the CPU provider, and the row says so (not an error row)
+                provider_note = ("CPU provider: this onnxruntime has no CUDAExecutionProvider "
+                                 "(pip install onnxruntime-gpu)")
         tmp = tempfile.mkdtemp(prefix="zoo-bench-onnx-")
         path = os.path.join(tmp, "model.onnx")
         exporter = export_onnx(module.eval(), example, path)
@@ -159,7 +187,7 @@ class OnnxRuntime(Runtime):
             run=lambda inp: session.run(None, {name: inp})[0],
             to_input=lambda x: np.ascontiguousarray(x.detach().cpu().numpy()),
             to_torch=lambda out: torch.from_numpy(out).to(device),
-            note=f"onnx exporter: {exporter}; host numpy in/out" if device != "cpu" else f"onnx exporter: {exporter}",
+            note=f"{provider_note}; onnx exporter: {exporter}" + ("; host numpy in/out" if device != "cpu" else ""),
             cleanup=cleanup,
         )
 
@@ -183,8 +211,16 @@ def export_onnx(module, example, path: str) -> str:
     return f"{chosen} (fallback: {report['fallback']})" if report.get("fallback") else chosen
 
 
-RUNTIMES: dict[str, Runtime] = {r.name: r for r in (Eager(), ChannelsLast(), Compile(), TorchScript(), OnnxRuntime())}
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Eager(), ChannelsLast(), Compile(), Compile("compile-max-autotune", "max-autotune"),
+    Compile("compile-cudagraphs", "reduce-overhead", devices=("cuda",)), TorchScript(), OnnxRuntime())}
 DEFAULT_RUNTIMES = ("eager", "channels_last", "torchscript", "onnxruntime")
+# On a GPU compilation is seconds, not minutes, and CUDA graphs are what batch-1 latency needs.
+DEFAULT_CUDA_RUNTIMES = DEFAULT_RUNTIMES + ("compile", "compile-cudagraphs")
+
+
+def default_runtimes(device: str) -> tuple[str, ...]:
+    return DEFAULT_CUDA_RUNTIMES if device.startswith("cuda") else DEFAULT_RUNTIMES
 
 
 def get_runtime(name: str) -> Runtime:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import sys
 
-RUNTIME_NAMES = ("eager", "channels_last", "compile", "torchscript", "onnxruntime")
+RUNTIME_NAMES = ("eager", "channels_last", "compile", "compile-max-autotune", "compile-cudagraphs", "torchscript",
+                 "onnxruntime")
 DEFAULT_RUNTIMES = "eager,channels_last,torchscript,onnxruntime"
+DEFAULT_CUDA_RUNTIMES = DEFAULT_RUNTIMES + ",compile,compile-cudagraphs"
+PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("infer", "train-frozen", "train-full")
 
 
@@ -29,14 +32,20 @@ def add_parser(sub):
         "p50/p95 at batch 1, peak memory (CPU: peak RSS of a fresh child process per measurement; GPU: the CUDA "
         "allocator's peak), for each runtime, mode and batch size. A combination that fails is reported as a row "
         "with its error and the run goes on. Backbones use random init by default (no downloads).",
-        epilog=f"runtimes: {', '.join(RUNTIME_NAMES)} (compile is not in the default set: on CPU its compile "
-        "time dominates; ask for it). modes: infer = headless backbone forward; train-frozen = features under "
+        epilog=f"runtimes: {', '.join(RUNTIME_NAMES)} (on CPU compile is not in the default set: its compile "
+        "time dominates; ask for it. On CUDA the default adds compile and compile-cudagraphs (torch.compile "
+        "mode reduce-overhead: CUDA graphs, for batch-1 latency); onnxruntime uses the CUDA provider where "
+        "installed, else the CPU provider, and the row says which). precisions: fp32, bf16, fp16 (torch "
+        "runtimes under torch.autocast; torchscript and onnxruntime rows are fp32 only). modes: infer = headless backbone forward; train-frozen = features under "
         "inference_mode + a linear-head optimizer step; train-full = full fine-tuning step. "
         "Example: zoo bench torchvision/resnet18 'timm/efficientnet_b*' --batch-size 1,8 --out results/",
     )
     p.add_argument("patterns", nargs="*", metavar="PATTERN", help="backbone names or globs (as in `zoo list`)")
-    p.add_argument("--runtime", default=DEFAULT_RUNTIMES, metavar="LIST",
-                   help=f"comma-separated, from {','.join(RUNTIME_NAMES)} (default: {DEFAULT_RUNTIMES})")
+    p.add_argument("--runtime", default=None, metavar="LIST",
+                   help=f"comma-separated, from {','.join(RUNTIME_NAMES)} (default: {DEFAULT_RUNTIMES}; on CUDA "
+                   f"{DEFAULT_CUDA_RUNTIMES})")
+    p.add_argument("--precision", default="fp32", metavar="LIST",
+                   help=f"comma-separated, from {','.join(PRECISIONS)} (default fp32), e.g. fp32,bf16")
     p.add_argument("--batch-size", type=_ints, default=[1, 8, 32], metavar="LIST", help="default: 1,8,32")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help="square input side (default: each backbone's own input size)")
@@ -87,7 +96,8 @@ def run(args) -> int:
                        "(or --compare A.json B.json)")
     weights = None if args.weights.lower() in ("none", "random") else args.weights
     cfg = BenchConfig(
-        patterns=args.patterns, runtimes=_csv(args.runtime), modes=_csv(args.mode), batch_sizes=args.batch_size,
+        patterns=args.patterns, runtimes=_csv(args.runtime) if args.runtime else None, modes=_csv(args.mode),
+        precisions=_csv(args.precision), batch_sizes=args.batch_size,
         image_size=args.image_size, device=args.device, weights=weights, warmup=args.warmup, repeats=args.repeats,
         threads=args.threads, isolate=args.isolate, timeout=args.timeout, head_classes=args.head_classes,
         probe=args.probe,

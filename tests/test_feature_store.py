@@ -1,0 +1,159 @@
+"""The feature cache at scale: shards stream to disk as features are extracted (an interrupted run
+keeps them), lookups read the index instead of every shard, a damaged shard is a reported miss
+(once), a warm run decodes no image, and a head trained cold equals one trained warm."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import zoo
+import zoo.features as F
+from test_engines import NORM, tiny_backbone, tiny_samples
+from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
+from zoo.data import EvalTransform, decode_count
+
+
+def _run(tmp_path, samples=None, backbone=None, **kw):
+    return F.cached_features(backbone or tiny_backbone(), samples or tiny_samples(), EvalTransform(NORM), NORM,
+                             key_fields={"backbone": "tiny"}, device=torch.device("cpu"),
+                             cache_dir=tmp_path / "cache", batch_size=4, num_workers=0, engine="eager", **kw)
+
+
+def _dir(tmp_path):
+    (d,) = (tmp_path / "cache" / "features").iterdir()
+    return d
+
+
+def test_shards_stream_and_an_interrupted_run_keeps_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "SHARD_ROWS", 8)
+    real = F.FeatureCache.write_shard
+    written = []
+
+    def write_then_maybe_die(self, names, matrix):
+        real(self, names, matrix)
+        written.append(len(names))
+        if len(written) == 2:
+            raise KeyboardInterrupt  # killed mid-extraction, after two shards reached the disk
+
+    monkeypatch.setattr(F.FeatureCache, "write_shard", write_then_maybe_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    monkeypatch.setattr(F.FeatureCache, "write_shard", real)
+    feats, stats = _run(tmp_path)
+    assert written == [8, 8] and (stats.hits, stats.misses) == (16, 4)
+    fresh, _ = _run(tmp_path / "other", cache=False)
+    assert torch.equal(feats, fresh)
+    assert len(list(_dir(tmp_path).glob("*.safetensors"))) == 3 and len(
+        (_dir(tmp_path) / "index.jsonl").read_text().splitlines()) == 3
+
+
+def test_lookup_reads_the_index_and_only_the_shards_it_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "SHARD_ROWS", 4)
+    _run(tmp_path)  # 20 images -> 5 shards
+    opened = []
+    real = F._mmap_matrix
+    monkeypatch.setattr(F, "_mmap_matrix", lambda p: (opened.append(p.name), real(p))[1])
+    samples = tiny_samples()
+    fc = F.FeatureCache(tmp_path / "cache", {"backbone": "tiny", "transform": None} | {})
+    fc.dir = _dir(tmp_path)
+    got = fc.lookup([samples.content_hash(0), samples.content_hash(1)])  # both in the first shard
+    assert len(got) == 2 and len(set(opened)) == 1
+
+
+def test_a_damaged_shard_is_a_miss_reported_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "SHARD_ROWS", 8)
+    first, _ = _run(tmp_path)
+    victim = sorted(_dir(tmp_path).glob("*.safetensors"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0xFF  # one flipped byte in the data: same size, valid header, wrong numbers
+    victim.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=f"{victim.name}.*checksum mismatch") as rec:
+        again, stats = _run(tmp_path)
+    assert len([w for w in rec if "unusable" in str(w.message)]) == 1
+    assert stats.misses == 8 and stats.hits == 12 and torch.equal(first, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tombstone: not reported again
+        third, stats = _run(tmp_path)
+    assert stats.misses == 0 and torch.equal(first, third)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_weights_file(tmp_path_factory.mktemp("w") / "a.safetensors", seed=0)
+
+
+def test_a_warm_run_decodes_no_image(tmp_path, weights):
+    data = make_image_folder(tmp_path / "colors", per_class=6)
+    kw = train_kwargs(tmp_path, epochs=1)
+    before = decode_count()
+    cold = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    cold_decodes = decode_count() - before
+    before = decode_count()
+    warm = zoo.train(BACKBONE, data, weights=str(weights), head="mlp", hidden=(8,), **kw)
+    assert cold.cache["misses"] == 18 and cold_decodes >= 18  # verified, then decoded for extraction
+    assert warm.cache["hits"] == 18 and warm.cache["misses"] == 0
+    assert decode_count() - before == 0
+    kw_nc = dict(kw, cache=False)
+    before = decode_count()
+    zoo.train(BACKBONE, data, weights=str(weights), **kw_nc)
+    assert decode_count() - before >= 18  # without the cache everything is verified again
+
+
+def test_cold_and_warm_heads_are_identical_with_dropout(tmp_path, weights):
+    data = make_image_folder(tmp_path / "colors", per_class=6)
+    kw = train_kwargs(tmp_path, epochs=3, head="mlp", hidden=(16,), dropout=0.5)
+    cold = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    warm = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    assert cold.cache["misses"] == 18 and warm.cache["hits"] == 18
+    for k, v in cold.model.head.state_dict().items():
+        assert torch.equal(v, warm.model.head.state_dict()[k]), k
+    assert [h["train_loss"] for h in cold.history] == [h["train_loss"] for h in warm.history]
+
+
+def _jpeg_folder(root, n=6, size=(70, 50)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = (rng.random((size[1], size[0], 3)) * 60 + (180 if c == "a" else 40)).astype("uint8")
+            Image.fromarray(arr).save(root / c / f"{i}.jpg", quality=92)
+    Image.fromarray(np.full((40, 40, 3), 128, "uint8")).save(root / "a" / "png.png")  # not a JPEG: CPU path
+    return root
+
+
+@pytest.mark.parametrize("mode", ["gpu", "draft"])
+def test_alternative_decoders_are_close_to_the_reference_and_cached_apart(tmp_path, monkeypatch, mode):
+    from zoo.data import scan_folder
+    from zoo.engines import row_cosine
+
+    samples, _ = scan_folder(_jpeg_folder(tmp_path / "jpegs", size=(200, 160)))
+    norm = type(NORM)(NORM.mean, NORM.std, (3, 24, 24), 28)
+    common = dict(key_fields={"backbone": "tiny"}, device=torch.device("cpu"), cache_dir=tmp_path / "cache",
+                  batch_size=4, num_workers=0, engine="eager")
+    ref, _ = F.cached_features(tiny_backbone(), samples, EvalTransform(norm), norm, **common)
+    if mode == "gpu":  # torchvision's batched decoder, on the CPU here (the same code path as on CUDA)
+        import torchvision.io
+
+        real = torchvision.io.decode_jpeg
+        calls = []
+
+        def flaky(data, **kw):  # the batch call fails once: per-image retry, then the CPU fallback
+            calls.append(len(data) if isinstance(data, list) else 1)
+            if len(calls) == 1 or not isinstance(data, list) and len(calls) == 2:
+                raise RuntimeError("decoder refused")
+            return real(data, **kw)
+
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", flaky)
+        alt, stats = F.cached_features(tiny_backbone(), samples, EvalTransform(norm), norm, gpu_decode="any", **common)
+    else:
+        alt, stats = F.cached_features(tiny_backbone(), samples, EvalTransform(norm), norm, jpeg_draft=True, **common)
+    assert stats.misses == len(samples)  # another decode is another cache entry, never the reference's
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
+    assert float(row_cosine(ref[0], alt[0]).min()) >= 0.99
+    assert not torch.equal(ref, alt)
