@@ -263,9 +263,7 @@ def import_runtime(target: str):
 
 
 def runtime_version(target: str) -> str:
-    mod = import_runtime(target)
-    version = getattr(mod, "__version__", None) or getattr(getattr(mod, "get_version", None), "__call__", lambda: "?")()
-    return f"{profile(target).runtime} {version}"
+    return f"{profile(target).runtime} {getattr(import_runtime(target), '__version__', '?')}"
 
 
 def runner(target: str, path) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
@@ -302,3 +300,60 @@ def runner(target: str, path) -> tuple[Callable[[np.ndarray], dict[str, np.ndarr
 
         return run_cv, names
     raise ZooError(f"no runner for target {target!r}")
+
+
+# -- validating in the target -------------------------------------------------------------------------
+def second_size(input_size) -> tuple[int, int]:
+    """The other (H, W) a --dynamic-size export is verified at: larger by a quarter, a multiple of 32."""
+    _, h, w = tuple(input_size)
+    return (h + max(32, (h // 4) // 32 * 32), w + max(32, (w // 4) // 32 * 32))
+
+
+def resized_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 NHWC images resized to `size` (H, W) with PIL's antialiased bilinear resize."""
+    from PIL import Image
+
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(p).resize((w, h), Image.Resampling.BILINEAR)) for p in pixels])
+
+
+def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, reference=None, tolerance=None,
+                       batch_sizes=(1, 3, 8), preprocess: str = "normalize", targets=None, kind: str = "fp32",
+                       dynamic_size: bool = False, **_: Any) -> dict[str, Any]:
+    """Run the file in the target's runtime at each batch size and compare with eager PyTorch
+    (zoo.validation's criteria); with dynamic_size, also at a second input size. Fail-closed:
+    a runtime that is absent, or that cannot load the file, fails the validation."""
+    import onnx
+
+    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
+
+    from . import read_metadata
+
+    norm = model.meta.normalization
+    try:
+        run, _ = runner(target, path)
+    except ZooError as exc:
+        return {"passed": False, "target": target, "problems": [str(exc)]}
+    reference = reference if reference is not None else eager_outputs(model, images)
+    x = model_inputs(images, norm, preprocess)
+    report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, kind=kind, targets=targets)
+    problems = list(report["problems"])
+    if dynamic_size:
+        size = second_size(norm.input_size)
+        other = resized_pixels(images, size)
+        ref2 = eager_outputs(model, other)
+        rep2 = compare(ref2, run_in_batches(run, model_inputs(other, norm, preprocess), (1, 3)), tolerance, kind=kind)
+        report["second_size"] = {"size": list(size), **{k: rep2[k] for k in ("passed", "max_abs_logit_diff",
+                                                                             "top1_agreement", "min_embedding_cosine")}}
+        problems += [f"at {size[0]}x{size[1]}: {p}" for p in rep2["problems"]]
+    meta = read_metadata(path)
+    problems += metadata_problems(meta, model, preprocess)
+    if target not in (meta.get("runtimes") or [target]):
+        problems.append(f"metadata runtimes {meta.get('runtimes')} do not include the target {target!r}")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    report["dynamic_batch"] = bool(batch_dim.dim_param) and not batch_dim.HasField("dim_value")
+    if not report["dynamic_batch"]:
+        problems.append(f"input batch axis is fixed at {batch_dim.dim_value}")
+    report.update(passed=not problems, problems=problems, target=target, runtime=runtime_version(target))
+    return report
