@@ -229,6 +229,9 @@ def export(
     int8_ops: str = "all",
     onnx_exporter: str = "auto",
     validate: bool = True,
+    target: str | None = None,
+    validate_target: bool = True,
+    dynamic_size: bool = False,
     progress=None,
 ) -> dict[str, Any]:
     """Export a trained model (ZooModel, or a run directory written by `zoo train` /
@@ -247,6 +250,10 @@ def export(
         sample photos topped up with deterministic synthetic images (8 in all).
     optimize: save ONNX Runtime's offline graph optimizations (basic level, standard ops only).
     validate=False skips validation (the report says so; the artifacts are marked unvalidated).
+    target: "onnxruntime" (default), "openvino" or "opencv": the runtime the ONNX file is for; its
+        graph is fitted to that runtime's profile and validated in it (zoo_onnx.targets).
+        validate_target=False validates in ONNX Runtime instead and says so.
+    dynamic_size: dynamic input height and width (ONNX), verified at a second size.
 
     Returns the report (also written to OUT/export-report.json). Raises ExportValidationError
     after all formats were tried if any failed; its `.report` holds the numbers.
@@ -255,13 +262,15 @@ def export(
     was_training = model.training
     try:
         return _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance, images, optimize,
-                       embedding, batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress)
+                       embedding, batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress,
+                       dict(target=target, validate_target=validate_target, dynamic_size=dynamic_size))
     finally:
         model.train(was_training)  # exporting never leaves a model in training switched to eval
 
 
 def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance, images, optimize, embedding,
-            batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress) -> dict[str, Any]:
+            batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress,
+            deploy: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from . import registry
     from .validation import Tolerance, eager_outputs, load_validation_images
 
@@ -290,7 +299,7 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         "out": str(out),
         "options": {"formats": names, "opset": opset, "preprocess": preprocess, "quantize": quantize,
                     "optimize": optimize, "embedding": embedding, "batch_sizes": list(batch_sizes), "int8_ops": int8_ops,
-                    "onnx_exporter": onnx_exporter, "validate": validate},
+                    "onnx_exporter": onnx_exporter, "validate": validate, **(deploy or {})},
         "tolerance": tol.to_dict(),
         "images": vimages.to_dict(),
         "versions": versions(),
@@ -312,6 +321,8 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         staged = staging / final.name
         options = dict(opset=opset, preprocess=preprocess, embedding=embedding, optimize=optimize,
                        onnx_exporter=onnx_exporter, artifacts=dict(validated))
+        if name.startswith("onnx"):  # deployment targets are an ONNX notion
+            options.update(deploy or {})
         if name == "onnx-int8":
             options["int8_ops"] = int8_ops
         t0 = time.perf_counter()

@@ -167,6 +167,17 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
         raise ZooError(f"asked for ONNX opset {opset} but the {chosen} exporter wrote opset {written}")
     if not dynamic_size:
         proto = tg.fold_static_shapes(proto, opset)
+    problems = tg.profile_problems(proto, target)
+    if problems and onnx_exporter == "auto" and chosen == "dynamo":
+        # the dynamo graph keeps some batch-size arithmetic (Shape/Range) static-shape runtimes reject
+        fallback = (f"the dynamo exporter's graph does not fit the {target} target ({problems[0]}); "
+                    "used the TorchScript-based one")
+        chosen = "legacy"
+        with torch.no_grad():
+            proto = _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size)
+        model.eval()
+        if not dynamic_size:
+            proto = tg.fold_static_shapes(proto, opset)
     tg.check_profile(proto, target, f"the {chosen} exporter's graph")
     meta = artifact_metadata(model, "onnx", preprocess, embedding, opset=opset, onnx_exporter=chosen,
                              ort_offline_optimization="basic" if optimize else "none", target=target,
@@ -227,7 +238,7 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
             fp32_report = export_onnx(model, source, **options)
         quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS[int8_ops])
         meta = dict(read_metadata(source))
-    meta.update(format="onnx-int8", int8_ops=int8_ops,
+    meta.update(format="onnx-int8", int8_ops=int8_ops, runtimes=["onnxruntime"],  # dynamic int8 ops: ORT only
                 quantization=f"onnxruntime dynamic int8 (QInt8 weights; {'/'.join(INT8_OPS[int8_ops])})",
                 quantized_from=os.path.basename(str(source)) if fp32_report is None else "fresh fp32 export")
     proto = onnx.load(str(path))

@@ -22,6 +22,14 @@ def add_parser(sub):
                    help="also write model.int8.onnx (onnxruntime dynamic int8), validated on top-1 agreement")
     p.add_argument("--int8-ops", choices=("all", "matmul"), default="all",
                    help="with --quantize int8: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
+    p.add_argument("--target", choices=("onnxruntime", "openvino", "opencv"), default="onnxruntime",
+                   help="runtime the ONNX file is for (default onnxruntime): the graph is fitted to its profile "
+                        "(shape arithmetic folded at the fixed input size) and validated in that runtime")
+    p.add_argument("--no-validate-target", action="store_true",
+                   help="validate in ONNX Runtime instead of the target runtime (e.g. where it is not installed); "
+                        "the report says the target was not tried")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="dynamic input height and width where the backbone allows (verified at a second size)")
     p.add_argument("--optimize", action="store_true",
                    help="save ONNX Runtime's basic offline graph optimizations into the .onnx")
     p.add_argument("--tolerance", type=float, default=None, metavar="TOL",
@@ -74,7 +82,9 @@ def run(args) -> int:
         report = export(args.run, formats=args.format or "all", out=args.out, opset=args.opset,
                         preprocess=args.preprocess, quantize=args.quantize, tolerance=args.tolerance,
                         images=args.images, optimize=args.optimize, embedding=not args.no_embedding,
-                        int8_agreement=args.int8_agreement, int8_ops=args.int8_ops, progress=progress)
+                        int8_agreement=args.int8_agreement, int8_ops=args.int8_ops, target=args.target,
+                        validate_target=not args.no_validate_target, dynamic_size=args.dynamic_size,
+                        progress=progress)
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)
         if report and "artifacts" in report:
