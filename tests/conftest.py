@@ -92,3 +92,7 @@ def example_plugin(tmp_path, monkeypatch, fresh_plugins):
     yield "example"
     for mod in [m for m in sys.modules if m.startswith("zoo_example_plugin")]:
         del sys.modules[mod]
+
+
+# The listing index (zoo.index) of the test session lives in a private folder, never ~/.cache.
+os.environ.setdefault("ZOO_CACHE_DIR", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "zoo-tests-index"))

@@ -1,9 +1,11 @@
-"""Conformance tests parametrized over the registry itself (as timm tests its catalogue).
+"""Conformance tests parametrized over the registry itself (as timm tests its catalogue), with
+the kit plugin authors use (zoo.testing).
 
 For a bounded, deterministic sample of every built-in provider, random init, small inputs:
 the model builds; the feature dimension the plugin reports (statically and after building)
 equals the width of its real output; the stats are valid; the layer groups cover every
-parameter exactly once, under unique names.
+parameter exactly once, under unique names. The kit also passes on the example plugin and the
+built-in exporters, and fails on deliberately wrong plugins.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 import zoo
 from zoo import registry
-from zoo.layers import check_layer_groups
+from zoo.testing import ConformanceError, check_backbone, check_backbones, check_exporter
 
 # Always covered: one of each head layout the plugins must discover.
 PINNED = {
@@ -35,7 +37,7 @@ def _meta_params(name: str) -> int:
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            module = registry.backbones().host.call_owner(rec.plugin, "create_backbone", spec=rec.spec, weights=None)
+            module = registry.backbones().provider(rec).build(rec.spec, None).module
         return sum(p.numel() for p in module.parameters())
     except Exception:  # noqa: BLE001 - cannot be sized on meta: skip it in sampling
         return MAX_PARAMS + 1
@@ -73,25 +75,14 @@ def _timm_fixed(arch: str) -> bool:
 
 @pytest.mark.parametrize("name", SAMPLE)
 def test_backbone_conforms(name):
-    static_dim = registry.backbones().static_feature_dim(registry.backbones().resolve(name)[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, info = zoo.create_backbone(name, weights=None)
-    info.normalization.validate(name)
-    assert info.weights is None and not model.training
-    with torch.inference_mode():
-        try:
-            y = model(torch.randn(2, *_input_size(name, info)))
-        except (AssertionError, RuntimeError):
-            # small inputs are a speed-up only; some models (e.g. halo attention) need their
-            # block-aligned size. The size the plugin's record prescribes must always work.
-            y = model(torch.randn(2, *info.normalization.input_size))
-    assert y.ndim == 2 and y.shape[0] == 2, f"{name}: expected pooled (N, D) features, got {tuple(y.shape)}"
-    assert y.shape[1] == info.feature_dim, f"{name}: plugin says {info.feature_dim}, output is {y.shape[1]}"
-    assert static_dim == info.feature_dim, f"{name}: shipped table says {static_dim}, model gives {info.feature_dim}"
-    assert len(info.layer_groups) >= 2
-    check_layer_groups(model, info.layer_groups)
-    assert len({g.name for g in info.layer_groups}) == len(info.layer_groups), "group names must be unique"
+    try:  # small inputs are a speed-up only; some models need their record's size
+        result = check_backbone(name, input_size=_input_size(name, zoo.get_info(name, None)))
+    except (AssertionError, RuntimeError) as exc:
+        if isinstance(exc, ConformanceError) and "does not build" in str(exc):
+            raise
+        result = check_backbone(name)
+    assert result["listed_feature_dim"] == result["feature_dim"], f"{name}: the shipped table is stale"
+    assert result["layer_groups"] >= 2
 
 
 @pytest.mark.parametrize("provider", ["torchvision", "timm"])
@@ -108,3 +99,90 @@ def test_vgg_feature_choice_is_fc7():
     model, info = zoo.create_backbone("torchvision/vgg16", weights=None)
     assert info.feature_dim == 4096
     assert [g.name for g in info.layer_groups][-2:] == ["classifier.0", "classifier.3"]
+
+
+def test_the_example_plugins_own_tests_pass(example_plugin):
+    """examples/zoo-example-plugin/tests (which use the kit), run against the installed example."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "zoo-example-plugin" / "tests" / "test_tinynet.py"
+    spec = importlib.util.spec_from_file_location("example_plugin_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = [getattr(module, n) for n in sorted(vars(module)) if n.startswith("test_")]
+    assert len(tests) >= 3
+    for test in tests:
+        test()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_kit_passes_on_the_builtin_exporters(fmt):
+    report = check_exporter(fmt)
+    assert report["artifacts"][fmt]["validation"]["max_abs_logit_diff"] <= 1e-4
+
+
+WRONG = {
+    "groups": (r"layer groups must cover every parameter exactly once: .*0\.bias", """
+        def build(self, spec, weights):
+            m = tiny(8)
+            return BuiltBackbone(m, feature_dim=8, layer_groups=[LayerGroup("conv", ("0.weight",))])  # no 0.bias
+    """),
+    "listing": ("feature_dim 16", """
+        def feature_dim(self, spec):
+            return 16   # the module outputs 8
+    """),
+    "unpooled": ("pooled features", """
+        def build(self, spec, weights):
+            return BuiltBackbone(torch.nn.Conv2d(3, 8, 3), feature_dim=8)
+    """),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG))
+def test_kit_fails_on_a_deliberately_wrong_plugin(kind, fresh_plugins):
+    import textwrap
+    import types
+
+    from test_plugins import plugin
+
+    fragment, body = WRONG[kind]
+    mod = types.ModuleType(f"wrong_{kind}")
+    exec(plugin("from zoo import LayerGroup\nclass P(Base):\n    name = 'wrong'\n" + textwrap.indent(textwrap.dedent(body), "    ")
+                + "\n@hookimpl\ndef zoo_register_backbones(register):\n    register(P())\n"), mod.__dict__)
+    assert fresh_plugins.get_host().register(mod, "wrong")
+    registry.reset()
+    with pytest.raises(ConformanceError, match=fragment) as err:
+        check_backbones(provider="wrong")
+    assert str(err.value).startswith("wrong/net: ")
+
+
+def test_kit_fails_on_an_exporter_without_a_verdict(fresh_plugins):
+    import types
+
+    mod = types.ModuleType("verdictless")
+    exec(VERDICTLESS, mod.__dict__)
+    assert fresh_plugins.get_host().register(mod, "verdictless")
+    registry.reset()
+    with pytest.raises(ConformanceError, match=r"validate\(\) returned dict without a boolean 'passed'"):
+        check_exporter("no-verdict")
+
+
+VERDICTLESS = """
+import numpy as np
+import zoo
+
+class NoVerdict(zoo.Exporter):
+    name = "no-verdict"
+    suffix = ".npy"
+    def export(self, model, path, options):
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros(3))
+        return {}
+    def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
+        return {"max_abs_logit_diff": 0.0}   # numbers, but no verdict
+
+@zoo.hookimpl
+def zoo_register_exporters(register):
+    register(NoVerdict())
+"""

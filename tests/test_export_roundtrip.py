@@ -78,19 +78,27 @@ def test_round_trip_example_third_party_backbone(tmp_path, example_plugin):
     assert not (tmp_path / "run" / "backbone.safetensors").exists()
 
 
-def test_example_plugin_exporter_found_through_discovery(tmp_path, example_plugin):
-    """A third-party format registered by the example package is listed and usable; having no
-    validate(), its artifact is reported as unvalidated, not as passed."""
+def test_example_plugin_exporter_found_through_discovery(tmp_path, example_plugin, monkeypatch):
+    """A third-party format registered by the example package is listed, usable and validated;
+    a format with no validate() gets its artifact reported as unvalidated, not as passed."""
     from zoo import registry
 
-    names = registry.exporters().names()
+    reg = registry.exporters()
+    names = reg.names()
     assert {"onnx", "onnx-int8", "torchscript", "example-npz"} <= set(names)
-    assert registry.exporters().owner("example-npz") == "example"
+    assert reg.owner("example-npz") == "example"
     model = tiny_model("example/tinynet", weights="seed0", keep_normalization=True)
     report = zoo.export(model, formats=["example-npz"], out=tmp_path / "out")
-    art = report["artifacts"]["example-npz"]
-    assert art["status"] == "unvalidated" and "no validate()" in art["reason"]
+    assert report["artifacts"]["example-npz"]["status"] == "passed"
     with np.load(tmp_path / "out" / "model.npz") as npz:
         assert "backbone.stem.0.weight" in npz.files
-    sidecar = json.loads((tmp_path / "out" / "model.npz.json").read_text())
+
+    class Unchecked(type(reg.get("example-npz"))):
+        validate = zoo.Exporter.validate  # the default: no validation
+
+    monkeypatch.setitem(reg._exporters, "example-npz", (Unchecked(), "example"))
+    report = zoo.export(model, formats=["example-npz"], out=tmp_path / "out2")
+    art = report["artifacts"]["example-npz"]
+    assert art["status"] == "unvalidated" and "no validate()" in art["reason"]
+    sidecar = json.loads((tmp_path / "out2" / "model.npz.json").read_text())
     assert sidecar["status"] == "unvalidated" and sidecar["artifact"] == "model.npz"

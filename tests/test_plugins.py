@@ -1,7 +1,9 @@
-"""Third-party plugins: found through entry points, isolated when broken, strict mode re-raises."""
+"""Third-party plugins on the v2 API: found through entry points, dispatched by pluggy, isolated
+when broken, never displacing a built-in; strict mode re-raises."""
 
 import json
 import textwrap
+import warnings
 
 import pytest
 
@@ -10,66 +12,152 @@ from conftest import install_distribution
 from zoo import registry
 from zoo.errors import PluginError
 
-STATS = "Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=(3, 32, 32), resize_size=36)"
-HEADER = "from zoo import BackboneSpec, Normalization, hookimpl\n"
+HEADER = textwrap.dedent("""
+    import torch
+    from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, Normalization, hookimpl
+
+    STATS = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=(3, 32, 32), resize_size=36)
+
+    def tiny(width=8):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    class Base(BackboneProvider):
+        name = "base"
+        models = ("net",)
+        def specs(self):
+            for m in self.models:
+                yield BackboneSpec(provider=self.name, model=m)
+        def normalization(self, spec, weights):
+            return STATS
+        def build(self, spec, weights):
+            return BuiltBackbone(tiny(8), feature_dim=8)
+""")
+
+
+def plugin(body: str) -> str:
+    return HEADER + textwrap.dedent(body)
+
+
 BROKEN = {
     "bad_import": "import this_module_does_not_exist\n",
-    "bad_hook": HEADER + textwrap.dedent("""
+    "bad_hook": plugin("""
         @hookimpl
-        def register_backbones(register):
+        def zoo_register_backbones(register):
             raise RuntimeError("boom in register")
     """),
-    "bad_std": HEADER + textwrap.dedent(f"""
+    "bad_std": plugin("""
+        class P(Base):
+            name = "badstd"
+            def normalization(self, spec, weights):
+                return Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.0, 0.5), input_size=(3, 32, 32), resize_size=36)
         @hookimpl
-        def register_backbones(register):
-            register(BackboneSpec(provider="badstd", model="net"))
-        @hookimpl
-        def backbone_normalization(spec, weights):
-            return Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.0, 0.5), input_size=(3, 32, 32), resize_size=36)
+        def zoo_register_backbones(register):
+            register(P())
     """),
-    "bad_len": HEADER + textwrap.dedent("""
+    "bad_len": plugin("""
+        class P(Base):
+            name = "badlen"
+            def normalization(self, spec, weights):
+                return Normalization(mean=(0.5, 0.5), std=(0.5, 0.5), input_size=(3, 32, 32), resize_size=36)
         @hookimpl
-        def register_backbones(register):
-            register(BackboneSpec(provider="badlen", model="net"))
-        @hookimpl
-        def backbone_normalization(spec, weights):
-            return Normalization(mean=(0.5, 0.5), std=(0.5, 0.5), input_size=(3, 32, 32), resize_size=36)
+        def zoo_register_backbones(register):
+            register(P())
     """),
-    "dup_name": HEADER + textwrap.dedent(f"""
+    "misspelt_hook": plugin("""
+        class P(Base):
+            name = "misspelt"
+        @hookimpl
+        def zoo_register_backbone(register):   # the hook is zoo_register_backbones
+            register(P())
+    """),
+    "v1_hooks": plugin("""
         @hookimpl
         def register_backbones(register):
-            register(BackboneSpec(provider="dupok", model="fine"))       # would be fine alone...
-            register(BackboneSpec(provider="torchvision", model="resnet18"))  # ...but this clashes
+            pass
+    """),
+    "no_build": plugin("""
+        class P(BackboneProvider):
+            name = "nobuild"
+            def specs(self):
+                yield BackboneSpec(provider=self.name, model="net")
+            def normalization(self, spec, weights):
+                return STATS
         @hookimpl
-        def backbone_normalization(spec, weights):
-            return {STATS}
+        def zoo_register_backbones(register):
+            register(P)
+    """),
+    "misspelt_part": plugin("""
+        class P(Base):
+            name = "misspeltpart"
+            def feature_dims(self, spec):   # the optional part is feature_dim
+                return 8
+        @hookimpl
+        def zoo_register_backbones(register):
+            register(P())
+    """),
+    "sneaky": plugin("""
+        class P(Base):
+            name = "sneaky"
+            def specs(self):
+                yield BackboneSpec(provider="sneaky", model="fine")
+                yield BackboneSpec(provider="timm", model="resnet18")   # not its provider name
+        @hookimpl
+        def zoo_register_backbones(register):
+            register(P())
     """),
 }
 
+# Sorts before every built-in entry point, and claims a built-in provider name.
+IMPOSTOR = plugin("""
+    class Impostor(Base):
+        name = "torchvision"
+        models = ("resnet18", "impostor_only")
+    @hookimpl
+    def zoo_register_backbones(register):
+        register(Impostor())
+""")
 
-@pytest.fixture
-def broken_site(tmp_path, monkeypatch, fresh_plugins):
-    site = tmp_path / "broken-site"
+WRONG_DIM = plugin("""
+    class P(Base):
+        name = "wrongdim"
+        def feature_dim(self, spec):
+            return 8
+        def build(self, spec, weights):
+            return BuiltBackbone(tiny(8), feature_dim=999)   # the module outputs 8
+    @hookimpl
+    def zoo_register_backbones(register):
+        register(P())
+""")
+
+
+def install(tmp_path, monkeypatch, plugins: dict[str, str], site_name="site"):
+    site = tmp_path / site_name
     site.mkdir()
-    src = tmp_path / "src"
-    for name, code in BROKEN.items():
+    src = tmp_path / f"{site_name}-src"
+    for name, code in plugins.items():
         (src / f"zoo_{name}").mkdir(parents=True)
         (src / f"zoo_{name}" / "__init__.py").write_text(code)
         install_distribution(site, src, f"zoo-{name.replace('_', '-')}", "1.2.3", {name: f"zoo_{name}"},
                              [f"zoo_{name}"])
     monkeypatch.syspath_prepend(str(site))
-    fresh_plugins.reset()
+    zoo.plugins.reset()
     return site
+
+
+@pytest.fixture
+def broken_site(tmp_path, monkeypatch, fresh_plugins):
+    return install(tmp_path, monkeypatch, BROKEN)
 
 
 def test_example_plugin_is_discovered_through_its_entry_point(example_plugin):
     assert "example/tinynet" in zoo.list_models()
     st = zoo.plugins.get_host().status["example"]
     assert (st.status, st.distribution, st.version) == ("ok", "zoo-example-plugin", "0.1.0")
-    assert "register_backbones" in st.hooks and "register_exporters" in st.hooks
+    assert st.hooks == ["zoo_register_backbones", "zoo_register_exporters"] and not st.builtin
     n = zoo.get_normalization("example/tinynet")
     assert n.mean == (0.5, 0.4, 0.3) and n.input_size == (3, 64, 64)  # its own stats, not ImageNet's
     assert "example-npz" in registry.exporters().names()
+    assert st.providers == ["example"] and st.exporters == ["example-npz"]
 
 
 def test_broken_plugins_are_isolated_and_reported(broken_site, capsys):
@@ -77,20 +165,86 @@ def test_broken_plugins_are_isolated_and_reported(broken_site, capsys):
 
     names = zoo.list_models()
     assert "torchvision/resnet18" in names and "timm/resnet18" in names  # the others keep working
-    assert not any(n.startswith(("badstd/", "badlen/", "dupok/")) for n in names)  # all-or-nothing
+    assert not any(n.startswith(("badstd/", "badlen/", "sneaky/", "misspelt", "nobuild/")) for n in names)
     status = zoo.plugins.get_host().status
     assert status["bad_import"].status == "broken" and "this_module_does_not_exist" in status["bad_import"].error
     assert "boom in register" in status["bad_hook"].error
     assert "std must be > 0" in status["bad_std"].error
     assert "one value per input channel" in status["bad_len"].error
-    assert "'torchvision'" in status["dup_name"].error and "'dup_name'" in status["dup_name"].error
+    assert "registers only under its own name" in status["sneaky"].error
+    assert rec_of("timm/resnet18").plugin == "timm"
     assert main(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["bad_hook"]["status"] == "broken" and rows["bad_hook"]["version"] == "1.2.3"
     assert rows["torchvision"]["status"] == "ok" and rows["torchvision"]["backbones"] > 50
     assert main(["plugins"]) == 0
-    out = capsys.readouterr().out
-    assert "bad_std: broken: register_backbones:" in out
+    assert "bad_std: broken: zoo_register_backbones:" in capsys.readouterr().out
+
+
+def rec_of(name):
+    return registry.backbones().resolve(name)[0]
+
+
+def test_a_misspelt_hook_is_rejected_naming_it(broken_site):
+    zoo.list_models()
+    st = zoo.plugins.get_host().status["misspelt_hook"]
+    assert st.status == "broken" and "zoo_register_backbone" in st.error and "zoo_register_backbones" in st.error
+    v1 = zoo.plugins.get_host().status["v1_hooks"]
+    assert v1.status == "broken" and "'register_backbones' is a plugin API v1 hook" in v1.error
+
+
+def test_a_provider_missing_a_required_part_is_told_what_to_write(broken_site):
+    zoo.list_models()
+    st = zoo.plugins.get_host().status["no_build"]
+    assert st.status == "broken"
+    assert "does not implement the required build(self, spec: 'BackboneSpec', weights: 'str | None')" in st.error
+    part = zoo.plugins.get_host().status["misspelt_part"]
+    assert part.status == "broken" and "P.feature_dims is not part of zoo.BackboneProvider" in part.error
+    assert "did you mean 'feature_dim'" in part.error
+
+
+def test_impostor_sorting_first_never_displaces_a_builtin(tmp_path, monkeypatch, fresh_plugins, capsys):
+    from zoo.cli.main import main
+
+    install(tmp_path, monkeypatch, {"aaa_impostor": IMPOSTOR})
+    eps = [ep.name for ep in zoo.plugins.plugin_entry_points()]
+    assert eps.index("aaa_impostor") < eps.index("torchvision")  # it really sorts first
+    status = zoo.plugins.get_host().status
+    zoo.list_models()
+    assert status["torchvision"].status == "ok" and status["torchvision"].backbones > 50
+    imp = status["aaa_impostor"]
+    assert imp.status == "broken" and "'torchvision'" in imp.error and "'aaa_impostor'" in imp.error
+    assert "impostor_only" not in " ".join(zoo.list_models("*impostor*"))  # nothing of it is kept
+    module, info = zoo.create_backbone("torchvision/resnet18", weights=None)
+    assert type(module).__module__.startswith("torchvision.") and info.plugin == "torchvision"
+    assert info.feature_dim == 512
+    assert main(["info", "torchvision/resnet50", "--no-build", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plugin"] == "torchvision"
+    assert main(["plugins"]) == 0
+    assert "aaa_impostor: broken:" in capsys.readouterr().out
+
+
+def test_same_name_claimed_by_two_third_parties_keeps_the_first(tmp_path, monkeypatch, fresh_plugins):
+    second = IMPOSTOR.replace('name = "torchvision"', 'name = "shared"')
+    install(tmp_path, monkeypatch, {"alpha": second, "beta": second})
+    zoo.list_models()
+    status = zoo.plugins.get_host().status
+    assert status["alpha"].status == "ok" and status["alpha"].providers == ["shared"]
+    assert status["beta"].status == "broken" and "'alpha'" in status["beta"].error and "'beta'" in status["beta"].error
+    assert rec_of("shared/resnet18").plugin == "alpha"
+
+
+def test_feature_dim_mismatch_is_caught_at_build(tmp_path, monkeypatch, fresh_plugins, capsys):
+    from zoo.cli.main import main
+
+    install(tmp_path, monkeypatch, {"wrongdim": WRONG_DIM})
+    with pytest.raises(PluginError, match=r"plugin 'wrongdim': backbone wrongdim/net declares feature_dim 999 "
+                                          r"but its module outputs 8 features"):
+        zoo.create_backbone("wrongdim/net", weights=None)
+    assert main(["info", "wrongdim/net"]) == 2
+    assert "declares feature_dim 999" in capsys.readouterr().err
+    with pytest.raises(PluginError, match="feature_dim 999"):  # before any training step
+        zoo.train("wrongdim/net", data=None, epochs=1, device="cpu", cache=False)
 
 
 def test_strict_mode_reraises(broken_site, monkeypatch, fresh_plugins):
@@ -115,26 +269,48 @@ def test_allow_list_and_disable(example_plugin, monkeypatch, fresh_plugins):
     assert zoo.list_models() == []
 
 
-def test_a_hook_that_fails_at_call_time_names_the_plugin(tmp_path, monkeypatch, fresh_plugins):
-    src = tmp_path / "src"
-    (src / "zoo_flaky").mkdir(parents=True)
-    (src / "zoo_flaky" / "__init__.py").write_text(HEADER + textwrap.dedent(f"""
-        @hookimpl
-        def register_backbones(register):
-            register(BackboneSpec(provider="flaky", model="net"))
-        @hookimpl
-        def backbone_normalization(spec, weights):
-            return {STATS}
-        @hookimpl
-        def create_backbone(spec, weights):
-            raise ValueError("cannot build today")
-    """))
-    site = tmp_path / "site"
-    site.mkdir()
-    install_distribution(site, src, "zoo-flaky", "0.0.1", {"flaky": "zoo_flaky"}, ["zoo_flaky"])
-    monkeypatch.syspath_prepend(str(site))
+@pytest.mark.parametrize("var", ["ZOO_LOAD_PLUGINS", "ZOO_DISABLE_PLUGINS"])
+def test_env_entries_matching_no_plugin_warn_naming_the_variable(var, monkeypatch, fresh_plugins):
+    monkeypatch.setenv(var, "torchvision,nosuch")
     fresh_plugins.reset()
-    with pytest.raises(PluginError, match="plugin 'flaky' failed in create_backbone: ValueError: cannot build today"):
+    with pytest.warns(zoo.plugins.PluginEnvWarning, match=rf"{var} names 'nosuch', which matches no installed plugin"):
+        fresh_plugins.get_host()
+    monkeypatch.setenv(var, "torchvision")
+    fresh_plugins.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zoo.plugins.PluginEnvWarning)
+        fresh_plugins.get_host()  # all entries known: no warning
+
+
+def test_a_provider_that_fails_at_call_time_names_the_plugin(tmp_path, monkeypatch, fresh_plugins):
+    install(tmp_path, monkeypatch, {"flaky": plugin("""
+        class P(Base):
+            name = "flaky"
+            def build(self, spec, weights):
+                raise ValueError("cannot build today")
+        @hookimpl
+        def zoo_register_backbones(register):
+            register(P())
+    """)})
+    with pytest.raises(PluginError, match="plugin 'flaky' failed in build for flaky/net: ValueError: cannot build today"):
         zoo.create_backbone("flaky/net", weights=None)
-    zoo.create_backbone("example/tinynet" if "example/tinynet" in zoo.list_models() else "torchvision/resnet18",
-                        weights=None)  # other plugins unaffected
+    zoo.create_backbone("torchvision/resnet18", weights=None)  # other plugins unaffected
+
+
+def test_registering_by_hand_goes_through_the_same_checks(fresh_plugins):
+    import types
+
+    host = fresh_plugins.get_host()
+    mod = types.ModuleType("by_hand")
+    exec(plugin("""
+        class P(Base):
+            name = "byhand"
+        @hookimpl
+        def zoo_register_backbones(register):
+            register(P())
+    """), mod.__dict__)
+    assert host.register(mod, "by_hand")
+    registry.reset()
+    assert zoo.list_models("byhand/*") == ["byhand/net"]
+    _, info = zoo.create_backbone("byhand/net", weights=None)
+    assert info.feature_dim == 8 and info.plugin == "by_hand"

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from . import registry
 from .errors import PluginError, UnknownWeightsError, ZooError
+from .api import BuiltBackbone
 from .records import LayerGroup, Normalization, WeightsInfo
 
 DEFAULT = "default"  # the `weights=` value meaning "the plugin's default pretrained weights"
@@ -68,8 +69,6 @@ def list_models(
 
 def _choose_weights(rec: registry.BackboneRecord, tag_in_name: str | None, weights: Any) -> tuple[str, Any]:
     """-> ("tag", tag | None) or ("file", path)."""
-    from .weights import looks_like_path
-
     if weights is None:
         if tag_in_name is not None:
             raise UnknownWeightsError(f"{rec.name}.{tag_in_name} names weights but weights=None asks for random init")
@@ -80,6 +79,8 @@ def _choose_weights(rec: registry.BackboneRecord, tag_in_name: str | None, weigh
         if tag_in_name is not None and tag_in_name != weights:
             raise UnknownWeightsError(f"the name asks for weights {tag_in_name!r} but weights={weights!r}")
         return "tag", weights
+    from .weights import looks_like_path  # imports torch: only when weights may be a file
+
     if looks_like_path(weights):
         return "file", Path(weights)
     raise UnknownWeightsError(
@@ -88,9 +89,11 @@ def _choose_weights(rec: registry.BackboneRecord, tag_in_name: str | None, weigh
     )
 
 
-def get_info(name: str, weights: Any = DEFAULT) -> BackboneInfo:
-    """Describe a backbone without building it (normalization, static feature dim, weights)."""
-    reg = registry.backbones()
+def get_info(name: str, weights: Any = DEFAULT, catalog: registry.Catalog | None = None) -> BackboneInfo:
+    """Describe a backbone without building it (normalization, static feature dim, weights).
+
+    catalog: where to look it up; default the live registry (zoo.index passes its cached one)."""
+    reg = catalog if catalog is not None else registry.backbones()
     rec, tag_in_name = reg.resolve(name)
     kind, value = _choose_weights(rec, tag_in_name, weights)
     norm_tag = value if kind == "tag" else rec.spec.default_weights
@@ -120,17 +123,27 @@ def create_backbone(name: str, weights: Any = DEFAULT) -> tuple["torch.nn.Module
     weights: "default" (the plugin's default pretrained tag, or random init if it has none),
     a tag such as "IMAGENET1K_V2", None (random init), or a local .safetensors / .pth file
     (read without unpickling code). Returns (module in eval mode, BackboneInfo).
+
+    The module always comes from the provider that owns the name, and its real output width is
+    checked against the feature dimension the plugin declares before it is handed out.
     """
     from .weights import file_digest, load_into, read_state_dict
 
+    # -- resolve: the record, its owner, the weights ------------------------------------------------
     reg = registry.backbones()
     rec, tag_in_name = reg.resolve(name)
     kind, value = _choose_weights(rec, tag_in_name, weights)
-    host = reg.host
     build_tag = value if kind == "tag" else None
-    module = host.call_owner(rec.plugin, "create_backbone", spec=rec.spec, weights=build_tag)
-    if module is None:
-        raise PluginError(f"plugin {rec.plugin!r} registered {rec.name} but its create_backbone returned nothing")
+    norm_tag = value if kind == "tag" else rec.spec.default_weights
+    normalization = reg.normalization(rec, norm_tag)
+
+    # -- build, through the owning provider only ----------------------------------------------------
+    built = reg.ask(rec, "build", lambda p: p.build(rec.spec, build_tag))
+    if not isinstance(built, BuiltBackbone):
+        raise PluginError(f"plugin {rec.plugin!r}: {type(reg.provider(rec)).__name__}.build() must return "
+                          f"zoo.BuiltBackbone(module, feature_dim, layer_groups) for {rec.name}, "
+                          f"got {type(built).__name__}")
+    module = built.module
     weights_id: str | None = build_tag
     if kind == "file":
         path = Path(value)
@@ -139,14 +152,15 @@ def create_backbone(name: str, weights: Any = DEFAULT) -> tuple["torch.nn.Module
             warnings.warn(f"{rec.name}: ignored {len(ignored)} keys from {path.name} (classifier): {ignored[:4]}",
                           stacklevel=2)
         weights_id = f"file:{path.name}@sha256:{file_digest(path)}"
-    norm_tag = value if kind == "tag" else rec.spec.default_weights
-    feature_dim = host.call_owner(rec.plugin, "backbone_feature_dim", spec=rec.spec, model=module)
-    groups = host.call_owner(rec.plugin, "backbone_layer_groups", spec=rec.spec, model=module)
+    module.eval()
+
+    # -- verify what the plugin declared --------------------------------------------------------------
+    feature_dim = verify_feature_dim(module, rec, built.feature_dim, reg.static_feature_dim(rec), normalization)
+    groups = built.layer_groups
     if groups is None:
         from .layers import auto_layer_groups
 
         groups = auto_layer_groups(module)
-    module.eval()
     info = BackboneInfo(
         name=rec.name,
         provider=rec.spec.provider,
@@ -156,13 +170,59 @@ def create_backbone(name: str, weights: Any = DEFAULT) -> tuple["torch.nn.Module
         weights=weights_id,
         default_weights=rec.spec.default_weights,
         available_weights=rec.spec.weights,
-        normalization=reg.normalization(rec, norm_tag),
-        feature_dim=int(feature_dim) if feature_dim is not None else None,
+        normalization=normalization,
+        feature_dim=feature_dim,
         layer_groups=tuple(groups),
         num_params=sum(p.numel() for p in module.parameters()),
         description=rec.spec.description,
     )
     return module, info
+
+
+def output_width(module, input_size: Sequence[int]) -> tuple[int, ...]:
+    """The shape of what `module` outputs for one image of `input_size`.
+
+    Shapes only: the module runs on the meta device through torch.func.functional_call (its
+    parameters and buffers swapped for meta tensors), so nothing is computed and nothing of it,
+    BatchNorm statistics included, changes. Modules meta tensors cannot run (data-dependent
+    code) get one real zeros image, in eval mode, under inference_mode."""
+    import torch
+    from torch.func import functional_call
+
+    was_training = module.training
+    module.eval()
+    try:
+        state = {k: torch.empty_like(v, device="meta") for k, v in
+                 [*module.named_parameters(), *module.named_buffers()]}
+        try:
+            with torch.no_grad():
+                out = functional_call(module, state, (torch.empty(1, *input_size, device="meta"),))
+        except Exception:  # noqa: BLE001 - meta cannot run this module: run it for real, once
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            with torch.inference_mode():
+                out = module(torch.zeros(1, *input_size, device=device))
+    finally:
+        module.train(was_training)
+    return tuple(out.shape)
+
+
+def verify_feature_dim(module, rec: registry.BackboneRecord, declared: Any, static: int | None,
+                       normalization: Normalization) -> int:
+    """The real pooled width of `module`; PluginError naming the plugin unless it is what the
+    plugin declared at build time and, when it gave one, in its listing table."""
+    shape = output_width(module, normalization.input_size)
+    where = f"plugin {rec.plugin!r}: backbone {rec.name}"
+    if len(shape) != 2:
+        raise PluginError(f"{where} outputs shape {shape} for one image of {tuple(normalization.input_size)}; "
+                          "a backbone must output pooled features (N, feature_dim): pool and flatten in build()")
+    real = int(shape[1])
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared != real:
+        raise PluginError(f"{where} declares feature_dim {declared!r} but its module outputs {real} features; "
+                          f"return BuiltBackbone(module, feature_dim={real}, ...) from build()")
+    if static is not None and static != real:
+        raise PluginError(f"{where} is listed with feature_dim {static} (BackboneProvider.feature_dim) but its "
+                          f"module outputs {real} features; fix feature_dim() (or its table)")
+    return real
 
 
 def offline_weights_error(model: str, file_name: str, directory: str | os.PathLike, source: str,

@@ -40,10 +40,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .api import ExportOptions
 from .errors import ExportValidationError, ZooError
 from .io import write_json
 
-DEFAULT_FORMATS = ("onnx", "torchscript")  # what "all" means
 PREPROCESS_MODES = ("normalize", "none")
 ARTIFACT_STEM = "model"
 METADATA_VERSION = 1
@@ -182,24 +182,64 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_formats(formats: str | Sequence[str], quantize: str | None) -> list[str]:
+def resolve_formats(formats: str | Sequence[str], quantize: str | None, reg=None) -> list[str]:
+    """Format names in the order they run: "all" expanded to every exporter that declares
+    `in_all`, `quantize` adding each chosen format's quantized variant, and a derived format
+    after the one it builds on."""
+    from . import registry
+
+    reg = reg or registry.exporters()
     names = [formats] if isinstance(formats, str) else list(formats)
     out: list[str] = []
     for name in names:
         for part in str(name).split(","):
             part = part.strip()
-            expanded = DEFAULT_FORMATS if part == "all" else (part,)
+            expanded = [n for n in reg.names() if reg.get(n).in_all] if part == "all" else [part]
             out.extend(p for p in expanded if p and p not in out)
     if quantize:
-        if quantize != "int8":
-            raise ZooError(f"quantize must be 'int8' or None, got {quantize!r}")
-        if "onnx" not in out:
-            raise ZooError("quantize='int8' quantizes the ONNX export: include the 'onnx' format")
-        if "onnx-int8" not in out:
-            out.insert(out.index("onnx") + 1, "onnx-int8")
+        variants = [(n, reg.variant(n, quantize)) for n in out if n in reg.names()]
+        found = [(base, v) for base, v in variants if v is not None]
+        if not found:
+            raise ZooError(f"quantize={quantize!r}: none of the formats {', '.join(out) or '-'} has a {quantize} "
+                           "variant (`zoo plugins` lists the exporters)")
+        for base, variant in found:
+            if variant not in out:
+                out.insert(out.index(base) + 1, variant)
     if not out:
         raise ZooError("no export format given")
     return out
+
+
+def exporter_options(exporters: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each exporter's own options: the ones it declares, parsed, defaults filled in. An option
+    no chosen exporter declares is an error naming it, never silently dropped."""
+    known = {o.name for e in exporters.values() for o in e.options}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        offered = "; ".join(f"{n}: {', '.join(o.name for o in e.options) or 'none'}" for n, e in exporters.items())
+        raise ZooError(f"export option(s) {', '.join(map(repr, unknown))} are not accepted by the chosen formats "
+                       f"({offered})")
+    out: dict[str, dict[str, Any]] = {}
+    for name, exporter in exporters.items():
+        opts: dict[str, Any] = {}
+        for o in exporter.options:
+            try:
+                opts[o.name] = o.parse(given[o.name]) if o.name in given else o.default
+            except (TypeError, ValueError) as exc:
+                raise ZooError(f"export format {name!r}: {exc}") from exc
+        out[name] = opts
+    return out
+
+
+def check_requirements(name: str, exporter) -> None:
+    """ZooError naming the distribution and the pip command when an exporter's `requires` is missing."""
+    from importlib import metadata as md
+
+    for dist in exporter.requires:
+        try:
+            md.version(dist)
+        except md.PackageNotFoundError:
+            raise ZooError(f"export format {name!r} requires {dist!r}, which is not installed: pip install {dist}") from None
 
 
 def _load(run_or_model):
@@ -216,64 +256,58 @@ def export(
     run_or_model: Any,
     formats: str | Sequence[str] = "all",
     out: str | os.PathLike | None = None,
-    opset: int | None = None,
     preprocess: str = "normalize",
     quantize: str | None = None,
     tolerance: float | None = None,
     images: Any = None,
     *,
-    optimize: bool = False,
     embedding: bool = True,
     batch_sizes: Iterable[int] = (1, 3, 8),
     int8_agreement: float | None = None,
-    int8_ops: str = "all",
-    onnx_exporter: str = "auto",
     validate: bool = True,
-    target: str | None = None,
-    validate_target: bool = True,
-    dynamic_size: bool = False,
     progress=None,
+    options: Mapping[str, Any] | None = None,
+    **exporter_options: Any,
 ) -> dict[str, Any]:
     """Export a trained model (ZooModel, or a run directory written by `zoo train` /
     `zoo.model.save_model`) to each format and validate it fail-closed.
 
-    formats: "all" (= onnx and torchscript), a name, or a list of names of registered exporters
-        (`zoo plugins` lists them; third-party formats work the same way).
+    formats: "all" (every registered format that declares `in_all`: ONNX and TorchScript with
+        the built-ins), a name, or a list of names of registered exporters (`zoo plugins` lists
+        them; third-party formats work the same way).
     out: destination folder (default: RUN/export for a run directory; required for a model).
-    opset: ONNX opset (default zoo_onnx.DEFAULT_OPSET = 18).
     preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't.
-    quantize: "int8" adds model.int8.onnx (onnxruntime dynamic quantization), validated with the
-        int8 tolerance (top-1 agreement >= int8_agreement, default 0.9); int8_ops="all" quantizes
-        Conv, MatMul and Gemm, "matmul" only MatMul and Gemm (for CNNs whose convs lose too much).
+    quantize: e.g. "int8": adds each chosen format's quantized variant (`onnx` -> `onnx-int8`,
+        onnxruntime dynamic quantization), validated with the int8 tolerance (top-1 agreement
+        >= int8_agreement, default 0.9).
     tolerance: max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4).
     images: validation images (a folder, files, or a uint8 NHWC array); default: scikit-image's
         sample photos topped up with deterministic synthetic images (8 in all).
-    optimize: save ONNX Runtime's offline graph optimizations (basic level, standard ops only).
     validate=False skips validation (the report says so; the artifacts are marked unvalidated).
-    target: "onnxruntime" (default), "openvino" or "opencv": the runtime the ONNX file is for; its
-        graph is fitted to that runtime's profile and validated in it (zoo_onnx.targets).
-        validate_target=False validates in ONNX Runtime instead and says so.
-    dynamic_size: dynamic input height and width (ONNX), verified at a second size.
+    options / **exporter_options: the exporters' own options by name, e.g. opset=17,
+        onnx_exporter="legacy", optimize=True, int8_ops="matmul" for the ONNX exporters
+        (`zoo plugins --json` lists each exporter's options). An option no chosen format
+        accepts is an error.
 
     Returns the report (also written to OUT/export-report.json). Raises ExportValidationError
     after all formats were tried if any failed; its `.report` holds the numbers.
     """
     model, run_dir = _load(run_or_model)
+    given = {**(options or {}), **exporter_options}
     was_training = model.training
     try:
-        return _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance, images, optimize,
-                       embedding, batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress,
-                       dict(target=target, validate_target=validate_target, dynamic_size=dynamic_size))
+        return _export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
+                       batch_sizes, int8_agreement, validate, progress, given)
     finally:
         model.train(was_training)  # exporting never leaves a model in training switched to eval
 
 
-def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance, images, optimize, embedding,
-            batch_sizes, int8_agreement, int8_ops, onnx_exporter, validate, progress,
-            deploy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
+            batch_sizes, int8_agreement, validate, progress, given) -> dict[str, Any]:
     from . import registry
     from .validation import Tolerance, eager_outputs, load_validation_images
 
+    # -- everything checked before anything is written -------------------------------------------------
     say = progress or (lambda msg: None)
     batch_sizes = tuple(int(b) for b in batch_sizes)
     if out is None:
@@ -282,12 +316,16 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         out = run_dir / "export"
     if preprocess not in PREPROCESS_MODES:
         raise ZooError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
-    names = resolve_formats(formats, quantize)
     reg = registry.exporters()
+    names = resolve_formats(formats, quantize, reg)
     specs = {name: reg.get(name) for name in names}  # unknown names fail before any work
+    for name, spec in specs.items():
+        check_requirements(name, spec)
+    own_options = exporter_options(specs, given)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
+    # -- the reference every artifact is compared with ---------------------------------------------------
     tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
     vimages = load_validation_images(images, model.meta.normalization, model.meta.labels)
@@ -297,9 +335,8 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         "model": {"backbone": model.meta.backbone, "weights": model.meta.weights,
                   "labels": list(model.meta.labels), "run": str(run_dir) if run_dir else None},
         "out": str(out),
-        "options": {"formats": names, "opset": opset, "preprocess": preprocess, "quantize": quantize,
-                    "optimize": optimize, "embedding": embedding, "batch_sizes": list(batch_sizes), "int8_ops": int8_ops,
-                    "onnx_exporter": onnx_exporter, "validate": validate, **(deploy or {})},
+        "options": {"formats": names, "preprocess": preprocess, "quantize": quantize, "embedding": embedding,
+                    "batch_sizes": list(batch_sizes), "validate": validate, "exporters": own_options},
         "tolerance": tol.to_dict(),
         "images": vimages.to_dict(),
         "versions": versions(),
@@ -312,40 +349,37 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         entry: dict[str, Any] = {"format": name, "plugin": reg.owner(name)}
         report["artifacts"][name] = entry
         final = out / f"{ARTIFACT_STEM}{spec.suffix}"
-        if name == "onnx-int8" and "onnx" not in validated:
-            entry.update(status="skipped", reason="the fp32 ONNX export it quantizes did not pass")
+        if spec.builds_on in names and spec.builds_on not in validated:
+            entry.update(status="skipped", reason=f"the {spec.builds_on!r} export it builds on did not pass")
             failed.append(name)
             _remove_artifact(out, final)
             continue
         staging = Path(tempfile.mkdtemp(prefix=f".{ARTIFACT_STEM}.{name}.", suffix=".staging", dir=out))
         staged = staging / final.name
-        options = dict(opset=opset, preprocess=preprocess, embedding=embedding, optimize=optimize,
-                       onnx_exporter=onnx_exporter, artifacts=dict(validated))
-        if name.startswith("onnx"):  # deployment targets are an ONNX notion
-            options.update(deploy or {})
-        if name == "onnx-int8":
-            options["int8_ops"] = int8_ops
+        options = ExportOptions(preprocess=preprocess, embedding=embedding, artifacts=dict(validated),
+                                options=own_options[name])
         t0 = time.perf_counter()
         try:
             say(f"{name}: exporting")
             with quiet():
-                export_report = spec.export(model, staged, **options) or {}
+                export_report = spec.export(model, str(staged), options) or {}
             entry["export"] = _jsonable(export_report)
             entry["export_seconds"] = round(time.perf_counter() - t0, 2)
             if not staged.exists():
                 raise ZooError(f"exporter {name!r} did not write {staged.name}")
-            if validate and spec.validate is not None:
+            if validate and _implements(spec, "validate"):
                 say(f"{name}: validating against eager PyTorch at batch sizes {list(batch_sizes)}")
                 t1 = time.perf_counter()
                 try:
                     with quiet():
-                        vrep = spec.validate(model, staged, vimages.pixels, reference=reference, tolerance=tol,
-                                             batch_sizes=tuple(batch_sizes), targets=vimages.targets, **options)
+                        result = spec.validate(model, str(staged), vimages.pixels, options, reference, tol,
+                                               tuple(batch_sizes), vimages.targets)
+                    vrep = verdict(name, result).to_dict()
                 except ExportValidationError:
                     raise
                 except Exception as exc:  # an artifact that cannot even be run fails, it is not an error
                     vrep = {"passed": False, "problems": [f"running the artifact failed: {type(exc).__name__}: {exc}"]}
-                vrep = _jsonable(vrep or {"passed": False, "problems": ["validate() returned no report"]})
+                vrep = _jsonable(vrep)
                 vrep["seconds"] = round(time.perf_counter() - t1, 2)
                 entry["validation"] = vrep
                 entry["status"] = "passed" if vrep.get("passed") else "failed"
@@ -394,6 +428,28 @@ def _export(model, run_dir, formats, out, opset, preprocess, quantize, tolerance
         err.report = report
         raise err
     return report
+
+
+def _implements(exporter, method: str) -> bool:
+    from .api import Exporter
+
+    return getattr(type(exporter), method) is not getattr(Exporter, method)
+
+
+def verdict(name: str, result: Any):
+    """An exporter's validate() answer as a ValidationResult; anything without a boolean `passed`
+    fails, saying so (a missing verdict never counts as a pass)."""
+    from .api import ValidationResult
+
+    if isinstance(result, ValidationResult) and isinstance(result.passed, bool):
+        return result
+    if isinstance(result, Mapping) and isinstance(result.get("passed"), bool):
+        return ValidationResult.from_report(result)
+    got = (f"{type(result).__name__} with passed={result.passed!r}" if isinstance(result, ValidationResult)
+           else f"{type(result).__name__} without a boolean 'passed'")
+    return ValidationResult(passed=False, problems=[
+        f"exporter {name!r}: validate() returned {got}; it must return zoo.ValidationResult(passed=True/False, "
+        "problems=[...]) so the artifact can be judged"])
 
 
 def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:

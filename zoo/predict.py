@@ -14,7 +14,6 @@ Nothing here may import torch, even indirectly (a test runs it with torch made u
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 from .errors import DataError, ZooError
 from .preprocess import ImageDecodeError, list_images, load_image, normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
 
-METADATA_KEY = "zoo.metadata"
 BATCH = 16
 
 
@@ -56,11 +54,7 @@ class Predictor:
             self.session = ort.InferenceSession(self.path, so, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ZooError(f"{self.path!r}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if not raw:
-            raise ZooError(f"{self.path!r} carries no zoo metadata ({METADATA_KEY!r} in metadata_props): "
-                           "export it with `zoo export` so it knows its labels and preprocessing")
-        self.metadata: dict[str, Any] = json.loads(raw)
+        self.metadata: dict[str, Any] = _metadata(self.path, self.session)
         self.labels: list[str] = list(self.metadata["labels"])
         self.preprocess_mode: str = self.metadata.get("preprocess", "none")
         self.normalization = self.metadata["normalization"]
@@ -112,6 +106,26 @@ class Predictor:
         paths = expand_inputs(inputs)
         results = self.predict(paths, top_k)
         return [{"path": p, "top": [r.to_dict() for r in res]} for p, res in zip(paths, results)]
+
+
+def _metadata(path: str, session) -> dict[str, Any]:
+    """The zoo metadata in the file, read by the exporter plugin that writes this format (the one
+    place that knows where it lives)."""
+    from . import registry
+
+    reg = registry.exporters()
+    exporter = reg.for_artifact(path)
+    candidates = [exporter] if exporter is not None else [reg.get(n) for n in reg.names()]
+    for candidate in candidates:
+        try:
+            meta = candidate.read_metadata(session)
+        except Exception:  # noqa: BLE001 - not this exporter's kind of artifact
+            continue
+        if meta:
+            return dict(meta)
+    raise ZooError(f"{path!r} carries no zoo metadata"
+                   + (f" (read by the {exporter.name!r} exporter)" if exporter is not None else "")
+                   + ": export it with `zoo export` so it knows its labels and preprocessing")
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:

@@ -141,17 +141,15 @@ class BackboneSpec:
             )
         return self
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the listing index stores specs this way); `extra` must be JSON-able to survive."""
+        return {"provider": self.provider, "model": self.model, "family": self.family,
+                "weights": [asdict(w) | {"metrics": dict(w.metrics)} for w in self.weights],
+                "default_weights": self.default_weights, "description": self.description, "extra": dict(self.extra)}
 
-@dataclass(frozen=True)
-class ExporterSpec:
-    """What a plugin registers to add an export format.
-
-    `export(model, path, **options) -> dict` writes the artifact at `path` and returns a small
-    report; `validate(model, path, images, **options) -> dict` re-runs it against eager PyTorch.
-    """
-
-    name: str
-    suffix: str
-    export: Any
-    validate: Any = None
-    description: str = ""
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BackboneSpec":
+        return cls(provider=d["provider"], model=d["model"], family=d.get("family", ""),
+                   weights=tuple(WeightsInfo(**w) for w in d.get("weights", ())),
+                   default_weights=d.get("default_weights"), description=d.get("description", ""),
+                   extra=d.get("extra") or {})

@@ -1,8 +1,13 @@
-"""The backbone and exporter registries, filled from the plugins' register_* hooks.
+"""The backbone and exporter registries, filled from the plugins' registration hooks.
 
-Each plugin registers into a staging list first; only if all of its records are valid and none
-clashes with an earlier plugin's are they committed. So a broken plugin never leaves half its
-backbones behind, and never takes another plugin's down.
+Each plugin registers into a staging list first; only if all of its providers are valid, every
+spec lies under a provider name the plugin declared, and no name clashes with one an earlier
+plugin owns are they committed. Built-in plugins register first (see zoo.plugins), so a third
+party can never displace one: the clash marks the newcomer broken, naming both. A broken plugin
+never leaves half its backbones behind, and never takes another plugin's down.
+
+`Catalog` is the lookup part (names, globs, suggestions) shared with the on-disk listing index
+(zoo.index), which answers `zoo list` without importing any plugin.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import difflib
 import fnmatch
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from .api import BackboneProvider, Exporter, check_provider
 from .errors import (
     AmbiguousBackboneError,
     DuplicateBackboneError,
@@ -22,8 +28,8 @@ from .errors import (
     UnknownExporterError,
     UnknownWeightsError,
 )
-from .plugins import PluginHost, get_host
-from .records import BackboneSpec, ExporterSpec, Normalization
+from .plugins import PluginHost, call_hook, get_host, strict_plugins
+from .records import BackboneSpec, Normalization
 
 
 @dataclass(frozen=True)
@@ -38,44 +44,19 @@ class BackboneRecord:
         return self.spec.name
 
 
-class BackboneRegistry:
-    def __init__(self, host: PluginHost):
-        self.host = host
+class Catalog:
+    """Registered backbones by name: lookup, globs, suggestions. Knows nothing of plugins' code."""
+
+    def __init__(self) -> None:
         self._records: dict[str, BackboneRecord] = {}
         self._by_model: dict[str, list[str]] = {}
         self._norm_cache: dict[tuple[str, str | None], Normalization] = {}
-        for plugin_name, register_fn in host.impls("register_backbones"):
-            self._load_plugin(plugin_name, register_fn)
+        self._static_dims: dict[str, int | None] = {}
+        self.default_backbone: str | None = None  # "provider/model.tag", declared by its provider
 
-    # -- loading ------------------------------------------------------------------------------
-    def _load_plugin(self, plugin_name: str, register_fn) -> None:
-        staged: list[BackboneSpec] = []
-        try:
-            register_fn(register=staged.append)
-            names: dict[str, BackboneSpec] = {}
-            for spec in staged:
-                if not isinstance(spec, BackboneSpec):
-                    raise InvalidRecordError(f"register() expects a zoo.BackboneSpec, got {type(spec).__name__}")
-                spec.validate()
-                if spec.name in self._records or spec.name in names:
-                    other = self._records[spec.name].plugin if spec.name in self._records else plugin_name
-                    raise DuplicateBackboneError(
-                        f"backbone {spec.name!r} is registered by both plugin {other!r} and plugin {plugin_name!r}; "
-                        "a name can belong to one plugin only (rename it, or disable one plugin "
-                        "with ZOO_DISABLE_PLUGINS)"
-                    )
-                names[spec.name] = spec
-            # The stats a plugin hands out are checked before anything of it is used.
-            for spec in staged:
-                self._normalization(BackboneRecord(spec, plugin_name), spec.default_weights)
-        except Exception as exc:  # noqa: BLE001 - isolate the plugin, whatever it raised
-            self._norm_cache = {k: v for k, v in self._norm_cache.items() if k[0] not in {s.name for s in staged}}
-            self.host.fail(plugin_name, exc, "register_backbones")
-            return
-        for spec in staged:
-            self._records[spec.name] = BackboneRecord(spec, plugin_name)
-            self._by_model.setdefault(spec.model, []).append(spec.name)
-        self.host.status[plugin_name].backbones = len(staged)
+    def _add(self, rec: BackboneRecord) -> None:
+        self._records[rec.name] = rec
+        self._by_model.setdefault(rec.spec.model, []).append(rec.name)
 
     # -- lookup -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -159,60 +140,152 @@ class BackboneRegistry:
                     out.append(q)
         return out[:n]
 
-    # -- plugin-owned facts -----------------------------------------------------------------
-    def _normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
+    # -- facts the plugins gave (cached) -----------------------------------------------------
+    def normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
+        return self._norm_cache[(rec.name, tag)]
+
+    def static_feature_dim(self, rec: BackboneRecord) -> int | None:
+        return self._static_dims.get(rec.name)
+
+
+class BackboneRegistry(Catalog):
+    """The live registry: every plugin's backbone providers, asked through the hooks."""
+
+    def __init__(self, host: PluginHost):
+        super().__init__()
+        self.host = host
+        self._providers: dict[str, tuple[BackboneProvider, str]] = {}  # provider name -> (provider, plugin)
+        call_hook(host, "zoo_register_backbones", self._load_plugin)
+
+    # -- loading ------------------------------------------------------------------------------
+    def _load_plugin(self, plugin_name: str, registered: list) -> None:
+        staged: dict[str, BackboneProvider] = {}
+        records: list[BackboneRecord] = []
+        try:
+            for obj in registered:
+                provider = check_provider(obj, "backbones")
+                self._claim(provider.name, plugin_name, staged)
+                staged[provider.name] = provider
+            for provider in staged.values():
+                records += self._records_of(provider, plugin_name)
+            # The stats a plugin hands out are checked before anything of it is used.
+            for rec in records:
+                self._fetch_normalization(rec, staged[rec.spec.provider], rec.spec.default_weights)
+        except Exception as exc:  # noqa: BLE001 - isolate the plugin, whatever it raised
+            names = {r.name for r in records}
+            self._norm_cache = {k: v for k, v in self._norm_cache.items() if k[0] not in names}
+            self.host.fail(plugin_name, exc, "zoo_register_backbones")
+            return
+        for name, provider in staged.items():
+            self._providers[name] = (provider, plugin_name)
+            if provider.default_backbone and self.default_backbone is None:
+                self.default_backbone = f"{name}/{provider.default_backbone}"
+        for rec in records:
+            self._add(rec)
+        st = self.host.status[plugin_name]
+        st.providers, st.backbones = sorted(staged), len(records)
+
+    def _claim(self, provider_name: str, plugin_name: str, staged: dict) -> None:
+        """A provider name belongs to the first plugin that registers it (built-ins come first)."""
+        if provider_name in self._providers or provider_name in staged:
+            owner = self._providers[provider_name][1] if provider_name in self._providers else plugin_name
+            raise DuplicateBackboneError(
+                f"backbone provider {provider_name!r} belongs to plugin {owner!r}; plugin {plugin_name!r} "
+                f"registers it too and was not loaded (rename its provider, or disable it with ZOO_DISABLE_PLUGINS)"
+            )
+
+    @staticmethod
+    def _records_of(provider: BackboneProvider, plugin_name: str) -> list[BackboneRecord]:
+        out: dict[str, BackboneRecord] = {}
+        for spec in provider.specs():
+            if not isinstance(spec, BackboneSpec):
+                raise InvalidRecordError(f"{type(provider).__name__}.specs() must yield zoo.BackboneSpec, "
+                                         f"got {type(spec).__name__}")
+            spec.validate()
+            if spec.provider != provider.name:
+                raise InvalidRecordError(
+                    f"{type(provider).__name__} (provider {provider.name!r}) yielded {spec.name!r}: a provider "
+                    f"registers only under its own name; use BackboneSpec(provider={provider.name!r}, ...)")
+            if spec.name in out:
+                raise DuplicateBackboneError(f"{type(provider).__name__}.specs() yields {spec.name!r} twice")
+            out[spec.name] = BackboneRecord(spec, plugin_name)
+        return list(out.values())
+
+    # -- asking the owner ---------------------------------------------------------------------
+    def provider(self, rec: BackboneRecord) -> BackboneProvider:
+        return self._providers[rec.spec.provider][0]
+
+    def ask(self, rec: BackboneRecord, what: str, call) -> Any:
+        """Run `call(provider)`; errors become PluginError naming the plugin (ZooErrors pass)."""
+        try:
+            return call(self.provider(rec))
+        except Exception as exc:
+            if strict_plugins() or _is_zoo_error(exc):
+                raise
+            raise PluginError(f"plugin {rec.plugin!r} failed in {what} for {rec.name}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _fetch_normalization(self, rec: BackboneRecord, provider: BackboneProvider, tag: str | None) -> Normalization:
         key = (rec.name, tag)
         if key not in self._norm_cache:
-            norm = self.host.call_owner(rec.plugin, "backbone_normalization", spec=rec.spec, weights=tag)
-            if norm is None:
-                raise InvalidRecordError(
-                    f"plugin {rec.plugin!r} registered {rec.name} but returned no normalization for weights {tag!r}; "
-                    "every backbone needs its stats from its plugin"
-                )
+            norm = provider.normalization(rec.spec, tag)
             if not isinstance(norm, Normalization):
                 raise InvalidRecordError(
-                    f"plugin {rec.plugin!r}: backbone_normalization must return zoo.Normalization, got {type(norm).__name__}"
-                )
+                    f"plugin {rec.plugin!r}: {type(provider).__name__}.normalization() must return zoo.Normalization "
+                    f"for {rec.name} (weights {tag!r}), got {type(norm).__name__}; every backbone needs its stats "
+                    "from its plugin")
             self._norm_cache[key] = norm.validate(f"{rec.name} (weights {tag!r}, plugin {rec.plugin!r})")
         return self._norm_cache[key]
 
     def normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
         try:
-            return self._normalization(rec, tag)
+            return self.ask(rec, "normalization", lambda p: self._fetch_normalization(rec, p, tag))
         except InvalidRecordError as exc:
             raise PluginError(str(exc)) from exc
 
     def static_feature_dim(self, rec: BackboneRecord) -> int | None:
-        return self.host.call_owner(rec.plugin, "backbone_feature_dim", spec=rec.spec, model=None)
+        if rec.name not in self._static_dims:
+            dim = self.ask(rec, "feature_dim", lambda p: p.feature_dim(rec.spec))
+            self._static_dims[rec.name] = int(dim) if dim is not None else None
+        return self._static_dims[rec.name]
+
+
+def _is_zoo_error(exc: BaseException) -> bool:
+    from .errors import ZooError
+
+    return isinstance(exc, ZooError)
 
 
 class ExporterRegistry:
+    """Export formats by name; a name belongs to the first plugin registering it (built-ins first)."""
+
     def __init__(self, host: PluginHost):
         self.host = host
-        self._exporters: dict[str, tuple[ExporterSpec, str]] = {}
-        for plugin_name, register_fn in host.impls("register_exporters"):
-            staged: list[ExporterSpec] = []
-            try:
-                register_fn(register=staged.append)
-                for spec in staged:
-                    if not isinstance(spec, ExporterSpec):
-                        raise InvalidRecordError(f"register() expects a zoo.ExporterSpec, got {type(spec).__name__}")
-                    if spec.name in self._exporters:
-                        raise DuplicateBackboneError(
-                            f"exporter {spec.name!r} is registered by both plugin {self._exporters[spec.name][1]!r} "
-                            f"and plugin {plugin_name!r}"
-                        )
-            except Exception as exc:  # noqa: BLE001
-                host.fail(plugin_name, exc, "register_exporters")
-                continue
-            for spec in staged:
-                self._exporters[spec.name] = (spec, plugin_name)
-            host.status[plugin_name].exporters = len(staged)
+        self._exporters: dict[str, tuple[Exporter, str]] = {}
+        call_hook(host, "zoo_register_exporters", self._load_plugin)
+
+    def _load_plugin(self, plugin_name: str, registered: list) -> None:
+        staged: dict[str, Exporter] = {}
+        try:
+            for obj in registered:
+                exporter = check_provider(obj, "exporters")
+                if exporter.name in self._exporters or exporter.name in staged:
+                    owner = self._exporters[exporter.name][1] if exporter.name in self._exporters else plugin_name
+                    raise DuplicateBackboneError(
+                        f"export format {exporter.name!r} belongs to plugin {owner!r}; plugin {plugin_name!r} "
+                        "registers it too and was not loaded (rename its format, or disable it with ZOO_DISABLE_PLUGINS)")
+                staged[exporter.name] = exporter
+        except Exception as exc:  # noqa: BLE001
+            self.host.fail(plugin_name, exc, "zoo_register_exporters")
+            return
+        for name, exporter in staged.items():
+            self._exporters[name] = (exporter, plugin_name)
+        self.host.status[plugin_name].exporters = sorted(staged)
 
     def names(self) -> list[str]:
         return sorted(self._exporters)
 
-    def get(self, name: str) -> ExporterSpec:
+    def get(self, name: str) -> Exporter:
         if name not in self._exporters:
             close = difflib.get_close_matches(name, list(self._exporters), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -224,6 +297,16 @@ class ExporterRegistry:
 
     def owner(self, name: str) -> str:
         return self._exporters[name][1]
+
+    def variant(self, base: str, quantization: str) -> str | None:
+        """The format that quantizes `base` with `quantization` (e.g. "onnx", "int8"), if any."""
+        return next((n for n, (e, _) in sorted(self._exporters.items())
+                     if e.builds_on == base and e.quantization == quantization), None)
+
+    def for_artifact(self, path: str) -> Exporter | None:
+        """The exporter whose suffix the file name ends with (the longest such suffix)."""
+        hits = [e for e, _ in self._exporters.values() if str(path).endswith(e.suffix)]
+        return max(hits, key=lambda e: len(e.suffix)) if hits else None
 
 
 _backbones: BackboneRegistry | None = None
@@ -245,6 +328,17 @@ def exporters() -> ExporterRegistry:
         if _exporters is None:
             _exporters = ExporterRegistry(get_host())
         return _exporters
+
+
+def default_backbone(with_tag: bool = True) -> str:
+    """The zoo's default backbone, "provider/model.tag" (or without its tag, for callers that
+    choose the weights themselves): the one its provider declares (`default_backbone`)."""
+    name = backbones().default_backbone
+    if name is None:
+        raise PluginError("no installed plugin declares a default backbone (BackboneProvider.default_backbone); "
+                          "name one with --backbone provider/model")
+    provider, _, rest = name.partition("/")
+    return name if with_tag else f"{provider}/{rest.partition('.')[0]}"
 
 
 def reset() -> None:

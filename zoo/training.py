@@ -29,8 +29,7 @@ import numpy as np
 
 from .errors import ZooError
 
-DEFAULT_BACKBONE = "timm/tf_efficientnet_lite0"
-DEFAULT_WEIGHTS = "in1k"
+DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.registry.default_backbone
 
 
 @dataclass
@@ -147,7 +146,8 @@ def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = Non
           on_epoch_end: Callable[[int, dict], None] | None = None, **options) -> "Run":  # noqa: F821
     """Train a classifier head; returns a zoo.runs.Run (model, history, metrics, run dir).
 
-    backbone: qualified name (default timm/tf_efficientnet_lite0 with its offline in1k weights).
+    backbone: qualified name (default: the one a plugin declares; timm/tf_efficientnet_lite0.in1k,
+    offline ImageNet weights, with the built-ins).
     data: image folder with one subfolder per class; None (and no csv) = the embedded
     Fashion-MNIST sample. options: any TrainConfig field (csv, val_data, val_split, freeze,
     head, hidden, epochs, lr, batch_size, device, seed, strict, cache, augment, views,
@@ -169,8 +169,10 @@ def train(backbone: str = DEFAULT_BACKBONE, data: str | os.PathLike | None = Non
         overrides = {k: v for k, v in options.items() if k in RESUMABLE_OVERRIDES}
         cfg = replace(saved, **overrides)
     else:
-        if backbone == DEFAULT_BACKBONE and options.get("weights", "default") == "default":
-            options["weights"] = DEFAULT_WEIGHTS
+        if backbone == DEFAULT_BACKBONE:
+            from .registry import default_backbone
+
+            backbone = default_backbone(with_tag=options.get("weights", "default") == "default")
         cfg = TrainConfig(backbone=backbone, data=None if data is None else os.fspath(data), **options)
     return _Trainer(cfg, Path(out) if out is not None else None, resume, on_epoch_end).run()
 

@@ -1,6 +1,9 @@
 """The ONNX exporters: `onnx` (fp32) and `onnx-int8` (onnxruntime dynamic quantization).
 
-Registered through the `zoo` entry-point group like any third-party format.
+Two `zoo.Exporter`s registered from `zoo_register_exporters`, found through the `zoo`
+entry-point group like any third-party format. Their options (opset, onnx_exporter, optimize,
+int8_ops) are theirs: the zoo core knows none of them. This module is also the one place that
+knows where ONNX artifacts keep their metadata (`read_metadata`), for `zoo.predict`.
 
 Export path. DEFAULT_OPSET is 18. For opset >= 18 the model goes through torch's default,
 torch.export-based ("dynamo") exporter; it cannot target opsets below 18 reliably (it keeps 18
@@ -29,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from zoo import ExporterSpec, hookimpl
+from zoo import Exporter, ExportOption, ExportOptions, ValidationResult, hookimpl
 
 DEFAULT_OPSET = 18
 MIN_DYNAMO_OPSET = 18
@@ -62,6 +65,27 @@ def _export_graph(module, example, opset: int, input_name: str, outputs: list[st
                       input_names=[input_name], output_names=outputs, do_constant_folding=True,
                       dynamic_axes={input_name: in_axes, **{n: {0: "batch"} for n in outputs}})
     return onnx.load_from_string(buf.getvalue())
+
+
+def _export_with_fallback(module, example, opset: int, input_name: str, outputs: list[str], onnx_exporter: str,
+                          dynamic_size: bool = False):
+    """-> (onnx.ModelProto, exporter used, fallback note or None). "auto": dynamo for opset >= 18,
+    and the TorchScript-based exporter when dynamo fails (said in the note)."""
+    import torch
+
+    chosen = "dynamo" if onnx_exporter == "dynamo" or (onnx_exporter == "auto" and opset >= MIN_DYNAMO_OPSET) else "legacy"
+    fallback = None
+    try:
+        with torch.no_grad():
+            proto = _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size)
+    except Exception as exc:
+        if onnx_exporter != "auto" or chosen != "dynamo":
+            raise
+        fallback = f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); used the TorchScript-based one"
+        chosen = "legacy"
+        with torch.no_grad():
+            proto = _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size)
+    return proto, chosen, fallback
 
 
 def graph_opset(model_proto) -> int:
@@ -147,18 +171,9 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     example = example_input(model, preprocess, batch=2)
     input_name = "image" if preprocess == "normalize" else "input"
     outputs = output_names(embedding)
-    chosen = "dynamo" if onnx_exporter == "dynamo" or (onnx_exporter == "auto" and opset >= MIN_DYNAMO_OPSET) else "legacy"
-    fallback = None
     try:
-        with torch.no_grad():
-            proto = _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size)
-    except Exception as exc:
-        if onnx_exporter != "auto" or chosen != "dynamo":
-            raise
-        fallback = f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); used the TorchScript-based one"
-        chosen = "legacy"
-        with torch.no_grad():
-            proto = _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size)
+        proto, chosen, fallback = _export_with_fallback(module, example, opset, input_name, outputs, onnx_exporter,
+                                                        dynamic_size)
     finally:
         model.eval()  # the exporters toggle train/eval on the way
 
@@ -293,13 +308,81 @@ def validate_onnx_int8(model, path, images, **options: Any) -> dict[str, Any]:
     return report
 
 
+def export_module(module, example, path, *, opset: int | None = None, onnx_exporter: str = "auto",
+                  **_: Any) -> dict[str, Any]:
+    """A bare module (float NCHW "input" -> "output", dynamic batch) for `zoo bench`."""
+    import onnx
+
+    opset = int(opset or DEFAULT_OPSET)
+    proto, chosen, fallback = _export_with_fallback(module.eval(), example, opset, "input", ["output"], onnx_exporter)
+    onnx.save(proto, str(path))
+    return {"opset": graph_opset(proto), "exporter": chosen, **({"fallback": fallback} if fallback else {})}
+
+
+# -- the providers -------------------------------------------------------------------------------------
+_GRAPH_OPTIONS = (
+    ExportOption("opset", DEFAULT_OPSET, f"ONNX opset (default {DEFAULT_OPSET}; < {MIN_DYNAMO_OPSET} uses the "
+                 "TorchScript-based exporter)", type=int),
+    ExportOption("onnx_exporter", "auto", "torch exporter: auto (dynamo, TorchScript-based on failure), dynamo, legacy",
+                 choices=("auto", "dynamo", "legacy")),
+    ExportOption("optimize", False, "save ONNX Runtime's basic offline graph optimizations into the file", type=bool),
+    ExportOption("target", "onnxruntime", "runtime the file is for: its graph is fitted to that runtime's profile and "
+                 "validated in it (zoo_onnx.targets)", choices=("onnxruntime", "openvino", "opencv")),
+    ExportOption("validate_target", True, "validate in the target runtime (false: in ONNX Runtime, and the report "
+                 "says the target was not tried)", type=bool),
+    ExportOption("dynamic_size", False, "dynamic input height and width where the backbone allows (verified at a "
+                 "second size)", type=bool),
+)
+
+
+class Onnx(Exporter):
+    name = "onnx"
+    suffix = ".onnx"
+    description = f"ONNX (default opset {DEFAULT_OPSET}, dynamic batch, metadata_props; ONNX Runtime validated)"
+    requires = ("onnx", "onnxruntime")
+    options = _GRAPH_OPTIONS
+    in_all = True
+
+    def export(self, model, path, options: ExportOptions):
+        return export_onnx(model, path, **options.as_kwargs())
+
+    def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
+        report = validate_onnx(model, path, images, reference=reference, tolerance=tolerance, batch_sizes=batch_sizes,
+                               targets=targets, **options.as_kwargs())
+        return ValidationResult.from_report(report)
+
+    def read_metadata(self, artifact):
+        return read_metadata(artifact)
+
+    def export_module(self, module, example, path, options: ExportOptions):
+        return export_module(module, example, path, **options.options)
+
+
+class OnnxInt8(Onnx):
+    name = "onnx-int8"
+    suffix = ".int8.onnx"
+    description = "ONNX with onnxruntime dynamic int8 quantization (validated on top-1 agreement)"
+    options = _GRAPH_OPTIONS + (
+        ExportOption("int8_ops", "all", "quantize Conv+MatMul+Gemm (all) or only MatMul+Gemm (matmul)",
+                     choices=tuple(INT8_OPS)),
+    )
+    in_all = False
+    builds_on = "onnx"
+    quantization = "int8"
+
+    def export(self, model, path, options: ExportOptions):
+        return export_onnx_int8(model, path, **options.as_kwargs())
+
+    def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
+        report = validate_onnx_int8(model, path, images, reference=reference, tolerance=tolerance,
+                                    batch_sizes=batch_sizes, targets=targets, **options.as_kwargs())
+        return ValidationResult.from_report(report)
+
+    def export_module(self, module, example, path, options):
+        raise NotImplementedError("onnx-int8 exports whole zoo models only")
+
+
 @hookimpl
-def register_exporters(register):
-    register(ExporterSpec(
-        name="onnx", suffix=".onnx", export=export_onnx, validate=validate_onnx,
-        description=f"ONNX (default opset {DEFAULT_OPSET}, dynamic batch, metadata_props; ONNX Runtime validated)",
-    ))
-    register(ExporterSpec(
-        name="onnx-int8", suffix=".int8.onnx", export=export_onnx_int8, validate=validate_onnx_int8,
-        description="ONNX with onnxruntime dynamic int8 quantization (validated on top-1 agreement)",
-    ))
+def zoo_register_exporters(register):
+    register(Onnx())
+    register(OnnxInt8())

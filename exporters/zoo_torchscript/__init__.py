@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zoo import ExporterSpec, hookimpl
+from zoo import Exporter, ExportOptions, ValidationResult, hookimpl
 
 METADATA_FILE = "zoo_metadata.json"
 LABELS_FILE = "labels.txt"
@@ -85,9 +85,25 @@ def validate_torchscript(model, path, images, *, reference=None, tolerance=None,
     return report
 
 
+class TorchScript(Exporter):
+    name = "torchscript"
+    suffix = ".torchscript.pt"
+    description = "TorchScript (traced, torch.jit.freeze'd; metadata as extra files)"
+    requires = ("torch",)
+    in_all = True
+
+    def export(self, model, path, options: ExportOptions):
+        return export_torchscript(model, path, **options.as_kwargs())
+
+    def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
+        report = validate_torchscript(model, path, images, reference=reference, tolerance=tolerance,
+                                      batch_sizes=batch_sizes, targets=targets, **options.as_kwargs())
+        return ValidationResult.from_report(report)
+
+    def read_metadata(self, artifact):
+        return load(artifact)[1]
+
+
 @hookimpl
-def register_exporters(register):
-    register(ExporterSpec(
-        name="torchscript", suffix=".torchscript.pt", export=export_torchscript, validate=validate_torchscript,
-        description="TorchScript (traced, torch.jit.freeze'd; metadata as extra files)",
-    ))
+def zoo_register_exporters(register):
+    register(TorchScript())

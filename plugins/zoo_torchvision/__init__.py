@@ -1,7 +1,7 @@
 """Built-in plugin: torchvision's classification models as headless backbones.
 
-Written exactly as a third-party plugin would be: hook implementations, found through the
-`zoo` entry-point group. Stats come from torchvision's own weights enums (`weights.transforms()`),
+Written exactly as a third-party plugin would be: a `zoo.BackboneProvider` registered from the
+`zoo_register_backbones` hook, found through the `zoo` entry-point group. Stats come from torchvision's own weights enums (`weights.transforms()`),
 never typed here. Pretrained files go through torchvision's own download/cache/hash-check path
 (`$TORCH_HOME/hub/checkpoints`), but are read with `weights_only=True`: torchvision itself would
 unpickle them.
@@ -21,7 +21,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-from zoo import BackboneSpec, Normalization, WeightsInfo, hookimpl
+from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, Normalization, WeightsInfo, hookimpl
 
 PROVIDER = "torchvision"
 _FAMILIES = (
@@ -52,50 +52,6 @@ def _weights_enum(model: str):
     from torchvision.models import get_model_weights
 
     return get_model_weights(model)
-
-
-@hookimpl
-def register_backbones(register):
-    import torchvision.models as tvm
-    from torchvision.models import list_models
-
-    for model in list_models(module=tvm):  # classification models only, not detection/video
-        enum = _weights_enum(model)
-        weights = tuple(
-            WeightsInfo(
-                tag=w.name,
-                source=w.url,
-                file_name=w.url.rsplit("/", 1)[-1],
-                num_classes=len(w.meta.get("categories") or []) or None,
-                metrics={k: float(v) for k, v in (w.meta.get("_metrics", {}).get("ImageNet-1K", {})).items()},
-                license="BSD-3-Clause (torchvision); trained on ImageNet-1k, see the recipe " + w.meta.get("recipe", ""),
-            )
-            for w in enum
-        )
-        register(BackboneSpec(
-            provider=PROVIDER,
-            model=model,
-            family=family(model),
-            weights=weights,
-            default_weights=enum.DEFAULT.name,
-            description=f"torchvision.models.{model}",
-        ))
-
-
-@hookimpl
-def backbone_normalization(spec, weights):
-    enum = _weights_enum(spec.model)
-    member = enum[weights] if weights is not None else enum.DEFAULT  # random init: what the model is built for
-    t = member.transforms()
-    crop = int(t.crop_size[0])
-    return Normalization(
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
-        input_size=(3, crop, crop),
-        resize_size=int(t.resize_size[0]),
-        interpolation=_INTERP.get(str(t.interpolation), str(t.interpolation).rsplit(".", 1)[-1].lower()),
-        crop_mode="center",
-    )
 
 
 _HEAD_PATHS = ("fc", "classifier", "heads.head", "head")
@@ -164,12 +120,54 @@ def _build_kwargs(model: str, weights: str | None) -> dict:
     return kwargs
 
 
-@hookimpl
-def create_backbone(spec, weights):
+def _specs():
+    import torchvision.models as tvm
+    from torchvision.models import list_models
+
+    for model in list_models(module=tvm):  # classification models only, not detection/video
+        enum = _weights_enum(model)
+        weights = tuple(
+            WeightsInfo(
+                tag=w.name,
+                source=w.url,
+                file_name=w.url.rsplit("/", 1)[-1],
+                num_classes=len(w.meta.get("categories") or []) or None,
+                metrics={k: float(v) for k, v in (w.meta.get("_metrics", {}).get("ImageNet-1K", {})).items()},
+                license="BSD-3-Clause (torchvision); trained on ImageNet-1k, see the recipe " + w.meta.get("recipe", ""),
+            )
+            for w in enum
+        )
+        yield BackboneSpec(
+            provider=PROVIDER,
+            model=model,
+            family=family(model),
+            weights=weights,
+            default_weights=enum.DEFAULT.name,
+            description=f"torchvision.models.{model}",
+        )
+
+
+def _normalization(spec, weights):
+    enum = _weights_enum(spec.model)
+    member = enum[weights] if weights is not None else enum.DEFAULT  # random init: what the model is built for
+    t = member.transforms()
+    crop = int(t.crop_size[0])
+    return Normalization(
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        input_size=(3, crop, crop),
+        resize_size=int(t.resize_size[0]),
+        interpolation=_INTERP.get(str(t.interpolation), str(t.interpolation).rsplit(".", 1)[-1].lower()),
+        crop_mode="center",
+    )
+
+
+def _build(spec, weights):
     import torch.hub
     from torchvision.models import get_model
 
     from zoo.backbones import offline_weights_error
+    from zoo.layers import auto_layer_groups
 
     kwargs = _build_kwargs(spec.model, weights)
     if weights is None:
@@ -186,20 +184,29 @@ def create_backbone(spec, weights):
                     f"{spec.name}.{weights}", file_name, Path(torch.hub.get_dir()) / "checkpoints", member.url, exc
                 ) from exc
             raise
-    model._zoo_feature_dim = strip_classifier(model)
-    return model
+    # The width is discovered where the classifier is stripped: the removed Linear's in_features.
+    width = strip_classifier(model)
+    return BuiltBackbone(model, feature_dim=width, layer_groups=auto_layer_groups(model))
 
 
-@hookimpl
-def backbone_feature_dim(spec, model):
-    if model is None:
+class TorchvisionBackbones(BackboneProvider):
+    """Every torchvision classification model, headless."""
+
+    name = PROVIDER
+
+    def specs(self):
+        return _specs()
+
+    def normalization(self, spec, weights):
+        return _normalization(spec, weights)
+
+    def build(self, spec, weights):
+        return _build(spec, weights)
+
+    def feature_dim(self, spec):
         return _feature_dims().get(spec.model)
-    # Discovered when the classifier was stripped: the removed Linear's in_features.
-    return getattr(model, "_zoo_feature_dim", None)
 
 
 @hookimpl
-def backbone_layer_groups(spec, model):
-    from zoo.layers import auto_layer_groups
-
-    return auto_layer_groups(model)
+def zoo_register_backbones(register):
+    register(TorchvisionBackbones())

@@ -165,34 +165,22 @@ class OnnxRuntime(Runtime):
 
 
 def export_onnx(module, example, path: str) -> str:
-    """Export with a dynamic batch axis. The dynamo exporter (torch's default) first, the
-    TorchScript-based one if that fails. Returns which one wrote the file."""
-    import torch
+    """Export through the ONNX exporter plugin (the same graph path `zoo export` uses: dynamic
+    batch, dynamo first, the TorchScript-based exporter if it fails). Returns which one wrote it."""
+    from zoo import registry
+    from zoo.api import ExportOptions
+    from zoo.errors import UnknownExporterError
 
-    errors = []
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), path, dynamo=True, input_names=["input"],
-                              output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},))
-        return "dynamo"
-    except Exception as exc:  # noqa: BLE001 - fall back, report both if both fail
-        errors.append(f"dynamo: {type(exc).__name__}: {_first_line(exc)}")
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), path, dynamo=False, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                              opset_version=17)
-        return "torchscript-based"
-    except Exception as exc:  # noqa: BLE001
-        errors.append(f"legacy: {type(exc).__name__}: {_first_line(exc)}")
-    raise RuntimeError("ONNX export failed; " + " | ".join(errors))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
+        exporter = registry.exporters().get("onnx")
+    except UnknownExporterError as exc:
+        raise Unsupported(f"no 'onnx' exporter plugin is loaded ({exc})") from exc
+    defaults = {o.name: o.default for o in exporter.options}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        report = exporter.export_module(module, example, path, ExportOptions(options=defaults))
+    chosen = str(report.get("exporter", "?"))
+    return f"{chosen} (fallback: {report['fallback']})" if report.get("fallback") else chosen
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (Eager(), ChannelsLast(), Compile(), TorchScript(), OnnxRuntime())}

@@ -14,24 +14,29 @@ def add_parser(sub):
     p.add_argument("--format", "-f", action="append", default=None, metavar="FORMAT",
                    help="onnx | torchscript | all (= both) | any registered exporter; repeatable (default: all)")
     p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; < 18 uses the TorchScript-based exporter)")
+    p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                   help="an exporter's own option, repeatable (`zoo plugins --json` lists them), "
+                        "e.g. -O opset=17 -O onnx_exporter=legacy for ONNX")
+    p.add_argument("--opset", type=int, default=None, help="shorthand for -O opset=N (ONNX; default 18)")
     p.add_argument("--preprocess", choices=("normalize", "none"), default="normalize",
                    help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
                         "inside; none: float32 NCHW, already normalized")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="also write model.int8.onnx (onnxruntime dynamic int8), validated on top-1 agreement")
-    p.add_argument("--int8-ops", choices=("all", "matmul"), default="all",
-                   help="with --quantize int8: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
-    p.add_argument("--target", choices=("onnxruntime", "openvino", "opencv"), default="onnxruntime",
-                   help="runtime the ONNX file is for (default onnxruntime): the graph is fitted to its profile "
-                        "(shape arithmetic folded at the fixed input size) and validated in that runtime")
+    p.add_argument("--quantize", default=None, metavar="KIND",
+                   help="also write each format's quantized variant, e.g. int8: model.int8.onnx (onnxruntime "
+                        "dynamic int8), validated on top-1 agreement")
+    p.add_argument("--int8-ops", choices=("all", "matmul"), default=None,
+                   help="shorthand for -O int8_ops=...: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
+    p.add_argument("--optimize", action="store_true", help="shorthand for -O optimize=true (ONNX Runtime's basic "
+                   "offline graph optimizations saved into the .onnx)")
+    p.add_argument("--target", choices=("onnxruntime", "openvino", "opencv"), default=None,
+                   help="shorthand for -O target=...: the runtime the ONNX file is for (default onnxruntime); its graph "
+                        "is fitted to that runtime's profile and validated in it")
     p.add_argument("--no-validate-target", action="store_true",
-                   help="validate in ONNX Runtime instead of the target runtime (e.g. where it is not installed); "
-                        "the report says the target was not tried")
+                   help="shorthand for -O validate_target=false: validate in ONNX Runtime instead of the target "
+                        "runtime (e.g. where it is not installed); the report says the target was not tried")
     p.add_argument("--dynamic-size", action="store_true",
-                   help="dynamic input height and width where the backbone allows (verified at a second size)")
-    p.add_argument("--optimize", action="store_true",
-                   help="save ONNX Runtime's basic offline graph optimizations into the .onnx")
+                   help="shorthand for -O dynamic_size=true: dynamic input height and width where the backbone "
+                        "allows (verified at a second size)")
     p.add_argument("--tolerance", type=float, default=None, metavar="TOL",
                    help="max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4)")
     p.add_argument("--int8-agreement", type=float, default=None, metavar="FRAC",
@@ -67,6 +72,24 @@ def _print_table(report) -> None:
             print(f"  {name}: {problem}")
 
 
+def _options(args) -> dict:
+    """-O KEY=VALUE pairs (strings; each exporter parses its own) plus the shorthand flags."""
+    from zoo.errors import ZooError
+
+    out: dict = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ZooError(f"--option expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    for key, value in (("opset", args.opset), ("int8_ops", args.int8_ops), ("optimize", args.optimize or None),
+                       ("target", args.target), ("validate_target", False if args.no_validate_target else None),
+                       ("dynamic_size", args.dynamic_size or None)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def run(args) -> int:
     import sys
 
@@ -79,12 +102,10 @@ def run(args) -> int:
             print(msg, file=sys.stderr)
 
     try:
-        report = export(args.run, formats=args.format or "all", out=args.out, opset=args.opset,
-                        preprocess=args.preprocess, quantize=args.quantize, tolerance=args.tolerance,
-                        images=args.images, optimize=args.optimize, embedding=not args.no_embedding,
-                        int8_agreement=args.int8_agreement, int8_ops=args.int8_ops, target=args.target,
-                        validate_target=not args.no_validate_target, dynamic_size=args.dynamic_size,
-                        progress=progress)
+        report = export(args.run, formats=args.format or "all", out=args.out, preprocess=args.preprocess,
+                        quantize=args.quantize, tolerance=args.tolerance, images=args.images,
+                        embedding=not args.no_embedding, int8_agreement=args.int8_agreement, progress=progress,
+                        options=_options(args))
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)
         if report and "artifacts" in report:

@@ -7,7 +7,8 @@ def add_parser(sub):
     p = sub.add_parser("info", help="describe one backbone (builds it with random init to count parameters)")
     p.add_argument("name", help="provider/model[.tag], e.g. torchvision/vgg16 or timm/resnet18.a1_in1k")
     p.add_argument("--weights", default=None, help="weights tag to describe (default: the name's tag or the default)")
-    p.add_argument("--no-build", action="store_true", help="skip building the model (no params / layer groups)")
+    p.add_argument("--no-build", action="store_true",
+                   help="skip building the model (no params / layer groups; answered from the listing index)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -15,11 +16,14 @@ def add_parser(sub):
 def run(args) -> int:
     import warnings
 
+    from zoo import index
     from zoo.backbones import DEFAULT, create_backbone, get_info
     from zoo.cli.table import fmt_count, fmt_stats, print_json, render
 
     weights = args.weights or DEFAULT
-    info = get_info(args.name, weights)
+    if weights.lower() == "none":
+        weights = None
+    info = get_info(args.name, weights, catalog=index.catalog() if args.no_build else None)
     data = info.to_dict()
     if not args.no_build:
         with warnings.catch_warnings():

@@ -1,4 +1,6 @@
-"""zoo list: registered backbones with their stats and feature dimensions (no model is built)."""
+"""zoo list: registered backbones with their stats and feature dimensions (no model is built).
+
+Answers from the listing index (zoo.index) when it is current: no plugin and no torch imported."""
 
 from __future__ import annotations
 
@@ -11,14 +13,21 @@ def add_parser(sub):
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
     p.add_argument("--pretrained-only", action="store_true", help="only backbones with pretrained weights")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--refresh", action="store_true", help="rebuild the cached listing index first")
     return p
 
 
 def run(args) -> int:
-    from zoo import registry
+    import sys
+
+    from zoo import index
     from zoo.cli.table import fmt_stats, print_json, render
 
-    reg = registry.backbones()
+    reg = index.catalog(refresh=args.refresh)
+    for st in index.plugin_statuses(reg):
+        if st.status == "broken":
+            print(f"zoo list: note: plugin {st.name!r} is broken and not listed ({st.error.splitlines()[0][:200]}); "
+                  "see `zoo plugins`", file=sys.stderr)
     names = reg.list_models(args.patterns or None, args.exclude or None, args.provider, args.pretrained_only)
     rows = []
     for name in names:

@@ -83,7 +83,12 @@ def run(args) -> int:
             opts["num_workers"] = args.workers
         run = T.train(out=args.out, resume=True, **opts)
     else:
-        backbone = args.backbone or T.DEFAULT_BACKBONE
+        if args.backbone is None:
+            from zoo.registry import default_backbone
+
+            backbone = default_backbone(with_tag=args.weights is None)
+        else:
+            backbone = args.backbone
         weights = args.weights
         if weights is None:
             weights = "default"

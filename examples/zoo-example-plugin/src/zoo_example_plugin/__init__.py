@@ -1,21 +1,22 @@
 """An example third-party backbone-zoo plugin.
 
-It registers one backbone, `example/tinynet`, with normalization stats of its own (the zoo
-never assumes ImageNet numbers), and one export format, `example-npz` (tensors and metadata in one .npz).
+Written on the plugin API v2 alone (docs/plugins.md): one `zoo.BackboneProvider` with one
+backbone, `example/tinynet`, whose normalization stats are its own (the zoo never assumes
+ImageNet numbers), and one `zoo.Exporter`, `example-npz` (tensors and metadata in one .npz,
+validated by reloading every tensor).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from zoo import BackboneSpec, ExporterSpec, Normalization, WeightsInfo, hookimpl
+import zoo
 
 PROVIDER = "example"
 FEATURE_DIM = 32
 
 # Stats of the (imaginary) dataset tinynet was trained on. Plugins own these numbers.
-TINYNET_NORMALIZATION = Normalization(
+TINYNET_NORMALIZATION = zoo.Normalization(
     mean=(0.5, 0.4, 0.3),
     std=(0.25, 0.25, 0.25),
     input_size=(3, 64, 64),
@@ -40,63 +41,89 @@ def _tinynet():
     return model
 
 
-@hookimpl
-def register_backbones(register):
-    register(BackboneSpec(
-        provider=PROVIDER,
-        model="tinynet",
-        family="tinynet",
-        weights=(WeightsInfo(tag="seed0", source="generated: torch.manual_seed(0)", num_classes=None),),
-        default_weights="seed0",
-        description="A 2-block CNN for examples and tests",
-    ))
+class ExampleBackbones(zoo.BackboneProvider):
+    """Backbones named example/...; the specs below must carry provider="example"."""
+
+    name = PROVIDER
+
+    def specs(self):
+        yield zoo.BackboneSpec(
+            provider=PROVIDER,
+            model="tinynet",
+            family="tinynet",
+            weights=(zoo.WeightsInfo(tag="seed0", source="generated: torch.manual_seed(0)", num_classes=None),),
+            default_weights="seed0",
+            description="A 2-block CNN for examples and tests",
+        )
+
+    def normalization(self, spec, weights):
+        return TINYNET_NORMALIZATION
+
+    def build(self, spec, weights):
+        import torch
+
+        if weights == "seed0":  # "pretrained" weights a real plugin would load from a file
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = _tinynet()
+        else:
+            model = _tinynet()
+        groups = [zoo.LayerGroup(name, tuple(n for n, _ in model.named_parameters() if n.startswith(name + ".")))
+                  for name in ("stem", "stage1")]
+        return zoo.BuiltBackbone(model, feature_dim=FEATURE_DIM, layer_groups=groups)
+
+    def feature_dim(self, spec):
+        return FEATURE_DIM  # known without building it, so `zoo list` shows it
 
 
-@hookimpl
-def backbone_normalization(spec, weights):
-    return TINYNET_NORMALIZATION
-
-
-@hookimpl
-def create_backbone(spec, weights):
-    import torch
-
-    if weights == "seed0":  # "pretrained" weights a real plugin would load from a file
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return _tinynet()
-    return _tinynet()
-
-
-@hookimpl
-def backbone_feature_dim(spec, model):
-    return FEATURE_DIM  # known without building it
-
-
-@hookimpl
-def backbone_layer_groups(spec, model):
-    from zoo import LayerGroup
-
-    return [
-        LayerGroup(name, tuple(n for n, _ in model.named_parameters() if n.startswith(name + ".")))
-        for name in ("stem", "stage1")
-    ]
-
-
-def export_npz(model, path, **options):
-    """Write every tensor of the model, plus its metadata as JSON, into one .npz (self-describing;
+class NpzExporter(zoo.Exporter):
+    """All tensors of the model, plus its metadata as JSON, in one .npz (self-describing;
     `zoo export` adds its own `<artifact>.json` sidecar beside it)."""
-    import numpy as np
 
-    path = Path(path)
-    tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    meta = model.meta.to_dict() if hasattr(model, "meta") else {}
-    with open(path, "wb") as fh:  # a file handle: np.savez would append ".npz" to a staging name
-        np.savez(fh, __zoo_metadata__=np.array(json.dumps(meta)), **tensors)
-    return {"path": str(path), "tensors": len(tensors)}
+    name = "example-npz"
+    suffix = ".npz"
+    description = "all tensors as a NumPy .npz, metadata inside"
+    requires = ("numpy",)
+    options = (zoo.ExportOption("compress", False, "write a compressed .npz", type=bool),)
+
+    def export(self, model, path, options):
+        import numpy as np
+
+        tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        meta = model.meta.to_dict()
+        save = np.savez_compressed if options["compress"] else np.savez
+        with open(path, "wb") as fh:  # a file handle: np.savez would append ".npz" to a staging name
+            save(fh, __zoo_metadata__=np.array(json.dumps(meta)), **tensors)
+        return {"path": str(path), "tensors": len(tensors), "metadata": meta}
+
+    def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
+        """Reload every tensor and compare it with the model's own: the format is lossless."""
+        import numpy as np
+
+        problems = []
+        with np.load(path) as data:
+            meta = json.loads(str(data["__zoo_metadata__"]))
+            for key, value in model.state_dict().items():
+                if key not in data.files:
+                    problems.append(f"tensor {key!r} is missing")
+                elif not np.array_equal(data[key], value.detach().cpu().numpy()):
+                    problems.append(f"tensor {key!r} differs")
+        if meta.get("labels") != list(model.meta.labels):
+            problems.append("the labels in the file are not the model's")
+        return zoo.ValidationResult(passed=not problems, problems=problems, runtime=f"numpy {np.__version__}")
+
+    def read_metadata(self, artifact):
+        import numpy as np
+
+        with np.load(artifact) as data:
+            return json.loads(str(data["__zoo_metadata__"]))
 
 
-@hookimpl
-def register_exporters(register):
-    register(ExporterSpec(name="example-npz", suffix=".npz", export=export_npz,
-                          description="all tensors as a NumPy .npz plus a JSON sidecar"))
+@zoo.hookimpl
+def zoo_register_backbones(register):
+    register(ExampleBackbones())
+
+
+@zoo.hookimpl
+def zoo_register_exporters(register):
+    register(NpzExporter())
