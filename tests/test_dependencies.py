@@ -18,7 +18,7 @@ RUNTIME_DIRS = ("zoo", "plugins", "exporters")
 TEST_DIRS = ("tests",)
 # Import name -> distribution, where they differ. Spelled out (not read from the installed
 # environment) so the audit means the same thing whatever is installed.
-DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn"}
 # Declared but never imported by name: why each is still needed.
 USED_INDIRECTLY = {
     "onnxscript": "torch.onnx.export(dynamo=True) imports it; without it every export falls back",
@@ -81,9 +81,12 @@ def audit(root: Path = ROOT, pyproject: Path | None = None) -> list[str]:
     test_extra = extras.get("test", set())
     problems = []
     used_at_runtime = third_party_imports(root, RUNTIME_DIRS)
+    # Optional runtimes (e.g. `openvino`, `opencv` for export targets) live in extras other than test.
+    optional = set().union(*(v for k, v in extras.items() if k != "test"))
     for dist, files in sorted(used_at_runtime.items()):
-        if dist not in runtime:
-            problems.append(f"{dist} is imported by {sorted(files)[0]} but is not a runtime dependency in pyproject.toml")
+        if dist not in runtime and dist not in optional:
+            problems.append(f"{dist} is imported by {sorted(files)[0]} but is neither a runtime dependency nor in "
+                            "an optional extra in pyproject.toml")
     used_by_tests = third_party_imports(root, TEST_DIRS)
     for dist, files in sorted(used_by_tests.items()):
         if dist not in runtime and dist not in test_extra:
@@ -91,7 +94,10 @@ def audit(root: Path = ROOT, pyproject: Path | None = None) -> list[str]:
     indirect = {_norm(k) for k in USED_INDIRECTLY}
     for dist in sorted(runtime - set(used_at_runtime) - indirect):
         problems.append(f"runtime dependency {dist} is never imported by zoo/, plugins/ or exporters/")
-    for dist in sorted(test_extra - set(used_by_tests) - indirect):
+    for dist in sorted(optional - set(used_at_runtime)):
+        problems.append(f"optional extra {dist} is never imported by zoo/, plugins/ or exporters/")
+    # The test extra installs the optional runtimes so the tests exercise the code that imports them.
+    for dist in sorted(test_extra - set(used_by_tests) - indirect - optional):
         problems.append(f"test extra {dist} is never imported by the tests")
     return problems
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,23 +44,29 @@ METADATA_PREFIX = "zoo."
 
 
 # -- export -------------------------------------------------------------------------------------------
-def _export_graph(module, example, opset: int, input_name: str, outputs: list[str], exporter: str):
-    """-> onnx.ModelProto, in memory (written once, after the metadata is in)."""
+def _export_graph(module, example, opset: int, input_name: str, outputs: list[str], exporter: str,
+                  dynamic_size: bool = False):
+    """-> onnx.ModelProto, in memory (written once, after the metadata is in). The batch axis is
+    dynamic; with dynamic_size, height and width too."""
     import io
 
     import onnx
     import torch
 
+    hw = (1, 2) if example.dtype == torch.uint8 else (2, 3)  # NHWC uint8 image, or NCHW float
     if exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        axes = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+        if dynamic_size:
+            axes.update({hw[0]: torch.export.Dim("height", min=32, max=4096), hw[1]: torch.export.Dim("width", min=32, max=4096)})
         program = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset,
-                                     input_names=[input_name], output_names=outputs, dynamic_shapes=({0: batch},),
+                                     input_names=[input_name], output_names=outputs, dynamic_shapes=(axes,),
                                      verbose=False)
         return program.model_proto
     buf = io.BytesIO()
+    in_axes = {0: "batch", **({hw[0]: "height", hw[1]: "width"} if dynamic_size else {})}
     torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=opset,
                       input_names=[input_name], output_names=outputs, do_constant_folding=True,
-                      dynamic_axes={n: {0: "batch"} for n in [input_name, *outputs]})
+                      dynamic_axes={input_name: in_axes, **{n: {0: "batch"} for n in outputs}})
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -79,7 +86,8 @@ def _fallback_notice(reason: str) -> str:
             "makes this an error)")
 
 
-def _export_with_fallback(module, example, opset: int, input_name: str, outputs: list[str], onnx_exporter: str):
+def _export_with_fallback(module, example, opset: int, input_name: str, outputs: list[str], onnx_exporter: str,
+                          dynamic_size: bool = False):
     """-> (onnx.ModelProto, exporter used, fallback record or None).
 
     "auto": dynamo for opset >= 18; when it is missing (no onnxscript) or fails, the
@@ -97,7 +105,7 @@ def _export_with_fallback(module, example, opset: int, input_name: str, outputs:
     if reason is None:
         try:
             with torch.no_grad():
-                return _export_graph(module, example, opset, input_name, outputs, chosen), chosen, None
+                return _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size), chosen, None
         except Exception as exc:
             if chosen != "dynamo":
                 raise
@@ -108,7 +116,7 @@ def _export_with_fallback(module, example, opset: int, input_name: str, outputs:
                        "exporter) or legacy")
     print(_fallback_notice(reason), file=sys.stderr, flush=True)
     with torch.no_grad():
-        proto = _export_graph(module, example, opset, input_name, outputs, "legacy")
+        proto = _export_graph(module, example, opset, input_name, outputs, "legacy", dynamic_size)
     return proto, "legacy", {"from": "dynamo", "to": "legacy", "reason": reason}
 
 
@@ -170,15 +178,21 @@ def _ort_optimize(path: Path) -> None:
 
 
 def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "normalize", embedding: bool = True,
-                optimize: bool = False, onnx_exporter: str = "auto", **_: Any) -> dict[str, Any]:
-    """Write the whole model (preprocessing if baked, backbone, head, softmax) to `path`."""
+                optimize: bool = False, onnx_exporter: str = "auto", target: str | None = None,
+                dynamic_size: bool = False, **_: Any) -> dict[str, Any]:
+    """Write the whole model (preprocessing if baked, backbone, head, softmax) to `path`, fitted
+    to the deployment target's profile (see targets.py): at a fixed input size every
+    shape-dependent subgraph is folded to constants; the result must pass the target's checks."""
     import onnx
     import torch
 
     from zoo.errors import ZooError
     from zoo.export import artifact_metadata, deploy_module, example_input, output_names
 
+    from . import targets as tg
+
     path = Path(path)
+    target = tg.profile(target).name
     opset = int(opset or DEFAULT_OPSET)
     if onnx_exporter not in ("auto", "dynamo", "legacy"):
         raise ZooError(f"onnx_exporter must be 'auto', 'dynamo' or 'legacy', got {onnx_exporter!r}")
@@ -190,15 +204,33 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     input_name = "image" if preprocess == "normalize" else "input"
     outputs = output_names(embedding)
     try:
-        proto, chosen, fallback = _export_with_fallback(module, example, opset, input_name, outputs, onnx_exporter)
+        proto, chosen, fallback = _export_with_fallback(module, example, opset, input_name, outputs, onnx_exporter,
+                                                        dynamic_size)
     finally:
         model.eval()  # the exporters toggle train/eval on the way
 
     written = graph_opset(proto)
     if written != opset:
         raise ZooError(f"asked for ONNX opset {opset} but the {chosen} exporter wrote opset {written}")
+    if not dynamic_size:
+        proto = tg.fold_static_shapes(proto, opset)
+    problems = tg.profile_problems(proto, target)
+    if problems and onnx_exporter == "auto" and chosen == "dynamo":
+        # the dynamo graph keeps some batch-size arithmetic (Shape/Range) static-shape runtimes reject
+        reason = f"its graph does not fit the {target} target ({problems[0]})"
+        fallback = {"from": "dynamo", "to": "legacy", "reason": reason}
+        print(_fallback_notice(reason), file=sys.stderr, flush=True)
+        chosen = "legacy"
+        with torch.no_grad():
+            proto = _export_graph(module, example, opset, input_name, outputs, chosen, dynamic_size)
+        model.eval()
+        if not dynamic_size:
+            proto = tg.fold_static_shapes(proto, opset)
+    tg.check_profile(proto, target, f"the {chosen} exporter's graph")
     meta = artifact_metadata(model, "onnx", preprocess, embedding, opset=opset, onnx_exporter=chosen,
-                             ort_offline_optimization="basic" if optimize else "none")
+                             ort_offline_optimization="basic" if optimize else "none", target=target,
+                             runtimes=[t for t in tg.TARGETS if not tg.profile_problems(proto, t)],
+                             dynamic_size=bool(dynamic_size))
     set_metadata(proto, meta)
     onnx.save(proto, str(path))
     if optimize:
@@ -215,6 +247,9 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
         "initializers": len(proto.graph.initializer),
         "input": input_name,
         "outputs": outputs,
+        "target": target,
+        "runtimes": meta["runtimes"],
+        "static_shapes_folded": not dynamic_size,
     }
     if fallback:
         report["fallback"] = fallback
@@ -252,7 +287,7 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
             fp32_report = export_onnx(model, source, **options)
         quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS[int8_ops])
         meta = dict(read_metadata(source))
-    meta.update(format="onnx-int8", int8_ops=int8_ops,
+    meta.update(format="onnx-int8", int8_ops=int8_ops, runtimes=["onnxruntime"],  # dynamic int8 ops: ORT only
                 quantization=f"onnxruntime dynamic int8 (QInt8 weights; {'/'.join(INT8_OPS[int8_ops])})",
                 quantized_from=os.path.basename(str(source)) if fp32_report is None else "fresh fp32 export")
     proto = onnx.load(str(path))
@@ -274,33 +309,26 @@ def session(path, optimize: bool = True):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def validate_onnx(model, path, images, *, reference=None, tolerance=None, batch_sizes=(1, 3, 8),
-                  preprocess: str = "normalize", targets=None, kind: str = "fp32", **_: Any) -> dict[str, Any]:
-    """Run the file with ONNX Runtime (all graph optimizations on, as deployed) on the
-    validation images at each batch size and compare with eager PyTorch."""
-    import onnxruntime as ort
+def validate_onnx(model, path, images, *, target: str | None = None, validate_target: bool = True,
+                  **options: Any) -> dict[str, Any]:
+    """Run the file in its target's runtime (ONNX Runtime with all graph optimizations on, as
+    deployed, by default) on the validation images at each batch size and compare with eager
+    PyTorch. validate_target=False (--no-validate-target) checks it in ONNX Runtime instead and
+    says that the target itself was not tried."""
+    from . import targets as tg
 
-    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
-
-    sess = session(path)
-    reference = reference if reference is not None else eager_outputs(model, images)
-    inp = sess.get_inputs()[0]
-    names = [o.name for o in sess.get_outputs()]
-    x = model_inputs(images, model.meta.normalization, preprocess)
-    runs = run_in_batches(lambda b: dict(zip(names, sess.run(None, {inp.name: b}))), x, batch_sizes)
-    report = compare(reference, runs, tolerance, kind=kind, targets=targets)
-    meta = read_metadata(sess)
-    problems = metadata_problems(meta, model, preprocess)
+    target = tg.profile(target).name
+    ran_in = target if validate_target else "onnxruntime"
+    report = tg.validate_in_target(model, path, images, target=ran_in, **options)
+    if ran_in != target:
+        report["target_validation"] = f"skipped (--no-validate-target): validated in onnxruntime, not in {target}"
+    names = [o.name for o in __import__("onnx").load(str(path), load_external_data=False).graph.output]
+    meta = read_metadata(path)
     if "embedding" in meta.get("outputs", []) and "embedding" not in names:
-        problems.append("metadata lists an embedding output the graph does not have")
-    report["dynamic_batch"] = isinstance(inp.shape[0], str) or inp.shape[0] is None
-    if not report["dynamic_batch"]:
-        problems.append(f"input batch axis is fixed at {inp.shape[0]}")
-    if problems:
-        report["problems"] = list(report["problems"]) + problems
+        report["problems"] = list(report["problems"]) + ["metadata lists an embedding output the graph does not have"]
         report["passed"] = False
-    report["runtime"] = f"onnxruntime {ort.__version__} CPUExecutionProvider"
-    report["agreement_delta"] = 1.0 - report["top1_agreement"]
+    if "top1_agreement" in report:
+        report["agreement_delta"] = 1.0 - report["top1_agreement"]
     return report
 
 
@@ -334,6 +362,12 @@ _GRAPH_OPTIONS = (
                  "dynamo is missing or fails), dynamo (that fallback is an error), legacy",
                  choices=("auto", "dynamo", "legacy")),
     ExportOption("optimize", False, "save ONNX Runtime's basic offline graph optimizations into the file", type=bool),
+    ExportOption("target", "onnxruntime", "runtime the file is for: its graph is fitted to that runtime's profile and "
+                 "validated in it (zoo_onnx.targets)", choices=("onnxruntime", "openvino", "opencv")),
+    ExportOption("validate_target", True, "validate in the target runtime (false: in ONNX Runtime, and the report "
+                 "says the target was not tried)", type=bool),
+    ExportOption("dynamic_size", False, "dynamic input height and width where the backbone allows (verified at a "
+                 "second size)", type=bool),
 )
 
 

@@ -36,6 +36,15 @@ def add_parser(sub):
                    help="shorthand for -O int8_ops=...: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
     p.add_argument("--optimize", action="store_true", help="shorthand for -O optimize=true (ONNX Runtime's basic "
                    "offline graph optimizations saved into the .onnx)")
+    p.add_argument("--target", choices=("onnxruntime", "openvino", "opencv"), default=None,
+                   help="shorthand for -O target=...: the runtime the ONNX file is for (default onnxruntime); its graph "
+                        "is fitted to that runtime's profile and validated in it")
+    p.add_argument("--no-validate-target", action="store_true",
+                   help="shorthand for -O validate_target=false: validate in ONNX Runtime instead of the target "
+                        "runtime (e.g. where it is not installed); the report says the target was not tried")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="shorthand for -O dynamic_size=true: dynamic input height and width where the backbone "
+                        "allows (verified at a second size)")
     p.add_argument("--tolerance", type=float, default=d["tolerance"], metavar="TOL",
                    help="max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4)")
     p.add_argument("--int8-agreement", type=float, default=d["int8_agreement"], metavar="FRAC",
@@ -82,7 +91,9 @@ def _options(args) -> dict:
             raise ZooError(f"--option expects KEY=VALUE, got {item!r}")
         out[key.strip()] = value
     for key, value in (("opset", args.opset), ("onnx_exporter", args.onnx_exporter), ("int8_ops", args.int8_ops),
-                       ("optimize", args.optimize or None)):
+                       ("optimize", args.optimize or None), ("target", args.target),
+                       ("validate_target", False if args.no_validate_target else None),
+                       ("dynamic_size", args.dynamic_size or None)):
         if value is not None:
             out[key] = value
     return out
