@@ -171,32 +171,22 @@ def _prepare_ort(backbone, example, device, onnx_dir, threads) -> Prepared:
 
 
 def _export_onnx(backbone, example, path: Path) -> None:
-    """Dynamic-batch export, dynamo first, the TorchScript-based exporter as fallback; atomic."""
+    """Dynamic-batch export through the ONNX exporter plugin (zoo.export.bare_module_to_onnx: one
+    graph path for every ONNX file the zoo writes), atomically; any failure rejects the engine."""
+    from .export import bare_module_to_onnx
     from .io import atomic_path
 
     module = backbone.to(memory_format=torch.contiguous_format).eval()
-    errors = []
-    with torch.inference_mode(False), atomic_path(path) as tmp:
-        x = example[:2].detach().float().cpu().clone()  # a normal tensor, even if `example` came from inference mode
-        for dynamo in (True, False):
-            try:
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                        contextlib.redirect_stderr(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    cpu = module.to("cpu")
-                    if dynamo:
-                        torch.onnx.export(cpu, (x,), str(tmp), dynamo=True, input_names=["input"],
-                                          output_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch")},))
-                    else:
-                        torch.onnx.export(cpu, (x,), str(tmp), dynamo=False, input_names=["input"],
-                                          output_names=["features"], opset_version=17,
-                                          dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
-                break
-            except Exception as exc:  # noqa: BLE001
-                errors.append(f"{'dynamo' if dynamo else 'legacy'}: {_first_line(exc)}")
-        else:
-            raise EngineRejected("onnxruntime: ONNX export failed; " + " | ".join(errors))
-    backbone.to(example.device)
+    try:
+        with torch.inference_mode(False), atomic_path(path) as tmp, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            x = example[:2].detach().float().cpu().clone()  # a normal tensor, even if `example` came from inference mode
+            bare_module_to_onnx(module.to("cpu"), x, tmp)
+    except Exception as exc:  # noqa: BLE001 - the engine is rejected with the reason; eager etc. remain
+        raise EngineRejected(f"onnxruntime: ONNX export failed; {_first_line(exc)}") from exc
+    finally:
+        backbone.to(example.device)
 
 
 def _module_digest(module: nn.Module) -> str:

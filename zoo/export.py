@@ -173,6 +173,19 @@ def quiet():
 
 
 # -- orchestration -----------------------------------------------------------------------------------
+def bare_module_to_onnx(module, example, path) -> dict[str, Any]:
+    """Export a bare module (float NCHW "input" -> "output", dynamic batch) through the "onnx"
+    exporter plugin with its default options, so every ONNX file the zoo writes (`zoo bench`, the
+    onnxruntime extraction engine) takes one graph path: same opset, same loud dynamo fallback.
+    Returns the exporter's report ("exporter", "opset", "fallback"). Raises UnknownExporterError
+    where no "onnx" exporter is loaded; export failures propagate."""
+    from . import registry
+
+    exporter = registry.exporters().get("onnx")
+    defaults = {o.name: o.default for o in exporter.options}
+    return exporter.export_module(module, example, path, ExportOptions(options=defaults))
+
+
 def resolve_formats(formats: str | Sequence[str], quantize: str | None, reg=None) -> list[str]:
     """Format names in the order they run: "all" expanded to every exporter that declares
     `in_all`, `quantize` adding each chosen format's quantized variant, and a derived format

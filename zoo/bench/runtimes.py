@@ -193,20 +193,17 @@ class OnnxRuntime(Runtime):
 
 
 def export_onnx(module, example, path: str) -> str:
-    """Export through the ONNX exporter plugin (the same graph path `zoo export` uses: dynamic
-    batch, dynamo first, the TorchScript-based exporter if it fails). Returns which one wrote it."""
-    from zoo import registry
-    from zoo.api import ExportOptions
+    """Export through the ONNX exporter plugin (zoo.export.bare_module_to_onnx: the graph path
+    `zoo export` uses). Returns which torch exporter wrote it."""
     from zoo.errors import UnknownExporterError
+    from zoo.export import bare_module_to_onnx
 
     try:
-        exporter = registry.exporters().get("onnx")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            report = bare_module_to_onnx(module, example, path)
     except UnknownExporterError as exc:
         raise Unsupported(f"no 'onnx' exporter plugin is loaded ({exc})") from exc
-    defaults = {o.name: o.default for o in exporter.options}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        report = exporter.export_module(module, example, path, ExportOptions(options=defaults))
     chosen = str(report.get("exporter", "?"))
     return f"{chosen} (fallback: {report['fallback']})" if report.get("fallback") else chosen
 
