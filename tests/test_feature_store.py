@@ -157,3 +157,28 @@ def test_alternative_decoders_are_close_to_the_reference_and_cached_apart(tmp_pa
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
     assert float(row_cosine(ref[0], alt[0]).min()) >= 0.99
     assert not torch.equal(ref, alt)
+
+
+def test_decoding_workers_start_once_per_run_and_not_at_all_when_warm(tmp_path, weights, monkeypatch):
+    import multiprocessing.process
+
+    started = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def counting_start(self):
+        started.append(self.name)
+        return real_start(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counting_start)
+    data = make_image_folder(tmp_path / "colors", per_class=6)
+    # 12 train and 6 val images in batches of 64: the train pass, the val pass, then a second train
+    # view pass (views=2 with augmentation): three passes, one pool of 2 workers.
+    kw = train_kwargs(tmp_path, epochs=1, num_workers=2, augment=True, views=2)
+    cold = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    assert cold.cache["misses"] == 2 * 12 + 6
+    assert len(started) == 2, started
+    started.clear()
+    warm = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    assert warm.cache["misses"] == 0 and started == []
+    for a, b in zip(cold.model.head.state_dict().values(), warm.model.head.state_dict().values()):
+        assert torch.equal(a, b)  # the same features whether extracted by the pool or read back

@@ -443,17 +443,106 @@ class DeviceJpegDecoder:
         return torch.stack(pixels), None, None
 
 
-def _loader(samples: Samples, transform, batches: list, device: torch.device, num_workers: int,
-            draft_target: int | None, device_decode: bool = False):
-    from torch.utils.data import DataLoader
+class _PoolDataset:
+    """Every (source, decoding) the run extracts from, in one dataset: the workers get it once and
+    serve the train and validation passes (and every view) from it. Key: (source, kind, dataset key),
+    kind "plain", "bytes" (device decoding) or ("draft", target size)."""
 
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
-    if device_decode:
-        return DataLoader(JpegBytesDataset(samples, transform), batch_sampler=batches, num_workers=num_workers,
-                          collate_fn=_collate_mixed, generator=torch.Generator().manual_seed(0), **extra)
-    ds = DraftImageDataset(samples, transform, draft_target) if draft_target else ImageDataset(samples, transform)
-    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(0), **extra)
+    def __init__(self, sources: list):
+        self.sources = sources
+        self._made: dict = {}
+
+    def _dataset(self, s: int, kind):
+        ds = self._made.get((s, kind))
+        if ds is None:
+            samples, transform = self.sources[s]
+            ds = (DraftImageDataset(samples, transform, kind[1]) if isinstance(kind, tuple)
+                  else JpegBytesDataset(samples, transform) if kind == "bytes" else ImageDataset(samples, transform))
+            self._made[(s, kind)] = ds
+        return ds
+
+    def __len__(self) -> int:
+        return sum(len(samples) for samples, _ in self.sources)
+
+    def __getitem__(self, key):
+        s, kind, k = key
+        return self._dataset(s, kind)[k]
+
+
+class _Batches:
+    """A persistent loader's batch sampler: the main process iterates it afresh at each pass (workers
+    only ever receive keys), so each pass sets its own batches."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate(items):
+    # device decoding gets (kind, data, label, index) tuples as they are; CPU decoding a uint8 batch
+    if items and isinstance(items[0], tuple) and isinstance(items[0][0], str):
+        return items
+    from torch.utils.data import default_collate
+
+    return default_collate(items)
+
+
+class DecodePool:
+    """One set of DataLoader workers for a whole run's extraction: the sources (Samples and their
+    transform: the train set with its views, the validation set) are known up front, the workers
+    start at the first batch anyone asks for (a warm run, all cached, starts none) and then stay up
+    (persistent_workers) for every later pass, prefetching; pinned memory on CUDA. close() (or the
+    context manager) stops them."""
+
+    def __init__(self, sources, device: torch.device, num_workers: int):
+        self.sources = [(samples, transform) for samples, transform in sources]
+        self.device, self.num_workers = device, int(num_workers)
+        self._loader = None
+        self._sampler = _Batches()
+
+    def source(self, samples: Samples, transform) -> int:
+        for s, (sm, tf) in enumerate(self.sources):
+            if sm is samples and tf is transform:
+                return s
+        if self._loader is not None and self.num_workers > 0:
+            raise ValueError("DecodePool: every source must be named before the workers start")
+        self.sources.append((samples, transform))
+        return len(self.sources) - 1
+
+    def _get_loader(self):
+        if self._loader is None:
+            from torch.utils.data import DataLoader
+
+            extra = {"prefetch_factor": 4, "persistent_workers": True} if self.num_workers > 0 else {}
+            self._loader = DataLoader(_PoolDataset(self.sources), batch_sampler=self._sampler,
+                                      num_workers=self.num_workers, collate_fn=_collate,
+                                      pin_memory=self.device.type == "cuda",
+                                      generator=torch.Generator().manual_seed(0), **extra)
+        return self._loader
+
+    def batches(self, samples: Samples, transform, keys: Sequence, batch_size: int, kind="plain"):
+        """(batches of positions into keys, an iterator of the decoded batches, in that order)."""
+        s = self.source(samples, transform)
+        positions = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
+        self._sampler.batches = [[(s, kind, keys[j]) for j in b] for b in positions]
+        return positions, iter(self._get_loader())
+
+    def close(self) -> None:
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 _SELECTIONS: dict = {}  # (id(backbone), ...) -> Selection: train and val extraction share one choice
@@ -502,17 +591,24 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                  device: torch.device, out, positions: Sequence[int], *, batch_size: int = 64,
                  num_workers: int = 0, engine: str = "auto", allow_reduced: bool = False, total: int | None = None,
                  cache_dir=None, on_batch=None, progress: bool = False, desc: str = "features",
-                 draft_target: int | None = None, device_decode: bool = False, say=None):
+                 draft_target: int | None = None, device_decode: bool = False, say=None,
+                 pool: DecodePool | None = None):
     """Extract keys[j] into out[positions[j]] (out: a (rows, D) tensor, or a callable(D) -> tensor
     allocating it once D is known); on_batch(js, feats) sees every batch (for streaming shards).
+    pool: the run's DecodePool (its workers, persistent); None: one for this call (num_workers).
     Returns (out, engine Selection or None)."""
     keys = list(keys)
     if not keys:
         return out, None
+    if pool is None:
+        with DecodePool([(samples, transform)], device, num_workers) as pool:
+            return extract_into(backbone, samples, keys, transform, norm, device, out, positions,
+                                batch_size=batch_size, engine=engine, allow_reduced=allow_reduced, total=total,
+                                cache_dir=cache_dir, on_batch=on_batch, progress=progress, desc=desc,
+                                draft_target=draft_target, device_decode=device_decode, say=say, pool=pool)
     backbone.eval()
-    batches = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
-    loader = _loader(samples, transform, [[keys[j] for j in b] for b in batches], device, num_workers, draft_target,
-                     device_decode)
+    kind = "bytes" if device_decode else ("draft", int(draft_target)) if draft_target else "plain"
+    batches, loader = pool.batches(samples, transform, keys, batch_size, kind)
     if device_decode:
         decoder = DeviceJpegDecoder(samples, transform, norm, device)
         loader = map(decoder, loader)
@@ -580,7 +676,8 @@ def cached_features(backbone: nn.Module, samples: Samples, transform, norm: Norm
                     view_seed: int = 0, cache: bool = True, cache_dir=None, batch_size: int = 64,
                     num_workers: int | None = None, engine: str = "auto", allow_reduced: bool = False,
                     amp_dtype=None, channels_last: bool = True, jpeg_draft: bool = False, gpu_decode: bool = False,
-                    progress: bool = False, desc: str = "features") -> tuple[torch.Tensor, CacheStats]:
+                    progress: bool = False, desc: str = "features",
+                    pool: DecodePool | None = None) -> tuple[torch.Tensor, CacheStats]:
     """(len(views), N, D) features, from the cache where possible; extraction sharded over ranks.
 
     views: None = the deterministic (eval) transform; an int v = augmented view v, seeded by
@@ -588,16 +685,21 @@ def cached_features(backbone: nn.Module, samples: Samples, transform, norm: Norm
     view decoded in batches by torchvision on a CUDA device (DeviceJpegDecoder); elsewhere the CPU
     path is used and said so ("any": torchvision's decoder on whatever device, for tests). engine: zoo.engines name
     or "auto" (amp_dtype not None also allows reduced precision). The cache key gets the engine's
-    numerics and the decoding; key_fields' own "precision" is replaced by them.
+    numerics and the decoding; key_fields' own "precision" is replaced by them. pool: the run's
+    DecodePool, whose workers also serve its other passes; None: one for this call (num_workers,
+    default_workers when None), closed at the end.
     """
-    with _rng_untouched():
+    with _rng_untouched(), contextlib.ExitStack() as stack:
+        if pool is None:
+            workers = default_workers(samples, device) if num_workers is None else num_workers
+            pool = stack.enter_context(DecodePool([(samples, transform)], device, workers))
         return _cached_features(backbone, samples, transform, norm, key_fields, device, list(views), view_seed,
-                                cache, cache_dir, batch_size, num_workers, engine,
+                                cache, cache_dir, batch_size, pool, engine,
                                 allow_reduced or amp_dtype is not None, jpeg_draft, gpu_decode, progress, desc)
 
 
 def _cached_features(backbone, samples, transform, norm, key_fields, device, views, view_seed, cache, cache_dir,
-                     batch_size, num_workers, engine, allow_reduced, jpeg_draft, gpu_decode, progress, desc):
+                     batch_size, pool, engine, allow_reduced, jpeg_draft, gpu_decode, progress, desc):
     t0 = time.perf_counter()
     ctx = D.context()
     n = len(samples)
@@ -615,7 +717,6 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
     elif draft_target:
         key["decode"] = "jpeg-draft-2x"
     fc = FeatureCache(cache_root(cache_dir), key) if cache else None
-    workers = default_workers(samples, device) if num_workers is None else num_workers
     mine = D.shard_indices(n, ctx)
     single = not ctx.enabled
     stats = CacheStats()
@@ -675,7 +776,7 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
             te = time.perf_counter()
             target = (lambda d, vi=vi: allocate(d)[vi]) if out is None else out[vi]
             _, s = extract_into(backbone, samples, [key_of(mine[j]) for j in miss], transform, norm, device,
-                                target, miss, batch_size=batch_size, num_workers=workers, engine=asked,
+                                target, miss, batch_size=batch_size, pool=pool, engine=asked,
                                 allow_reduced=False, total=missing_total,
                                 cache_dir=cache_dir if cache else False,  # False: write nothing (no choice memo)
                                 on_batch=on_batch, progress=progress and ctx.is_main,
