@@ -182,3 +182,18 @@ def test_decoding_workers_start_once_per_run_and_not_at_all_when_warm(tmp_path, 
     assert warm.cache["misses"] == 0 and started == []
     for a, b in zip(cold.model.head.state_dict().values(), warm.model.head.state_dict().values()):
         assert torch.equal(a, b)  # the same features whether extracted by the pool or read back
+
+
+def test_the_cache_key_follows_an_in_place_weight_change(tmp_path):
+    backbone = tiny_backbone()
+    key_a = F.state_digest(backbone)
+    assert F.state_digest(backbone) == key_a  # asked again (the run asks several times): the same
+    with torch.no_grad():
+        backbone[0].weight[0, 0, 0, 0] += 1.0  # written in place, same tensor, same address
+    key_b = F.state_digest(backbone)
+    backbone[1].running_mean.add_(0.5)  # a buffer too
+    key_c = F.state_digest(backbone)
+    assert len({key_a, key_b, key_c}) == 3
+    fresh = tiny_backbone()
+    fresh.load_state_dict(backbone.state_dict())
+    assert F.state_digest(fresh) == key_c  # the digest is of the contents, not of the object

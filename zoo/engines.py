@@ -149,6 +149,9 @@ def _prepare_ort(backbone, example, device, onnx_dir, threads) -> Prepared:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())
     opts.inter_op_num_threads = 1
+    # Idle intra-op threads sleep instead of spinning: during extraction the decoding workers share
+    # the cores, and a spinning ORT thread takes a core from the worker feeding it its next batch.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
