@@ -197,3 +197,31 @@ def test_the_cache_key_follows_an_in_place_weight_change(tmp_path):
     fresh = tiny_backbone()
     fresh.load_state_dict(backbone.state_dict())
     assert F.state_digest(fresh) == key_c  # the digest is of the contents, not of the object
+
+
+class _NanFor(torch.nn.Module):
+    """A backbone that gives NaN features for all-white images (a stand-in for weights that
+    overflow on some inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_backbone()
+
+    def forward(self, x):
+        f = self.inner(x)
+        white = (x.flatten(1).amin(1) >= x.max() - 1e-6)
+        return torch.where(white[:, None], torch.full_like(f, float("nan")), f)
+
+
+@pytest.mark.parametrize("bad", [1, 6])  # in the first batch's reference rows, in a later batch
+def test_non_finite_features_are_an_error_naming_the_file_not_a_cache_entry(tmp_path, bad):
+    import numpy as np
+
+    samples = tiny_samples(8)
+    samples.items[bad] = np.full((24, 24, 3), 255, np.uint8)
+    with pytest.raises(F.NonFiniteFeaturesError, match=rf"backbone tiny \(engine eager\).*1 image\(s\): <array #{bad}>"):
+        _run(tmp_path, samples=samples, backbone=_NanFor())
+    fc = F.FeatureCache(tmp_path / "cache", {"backbone": "tiny"})
+    for d in (tmp_path / "cache" / "features").glob("*"):
+        fc.dir = d
+        assert fc.locate([samples.content_hash(bad)]) == [None]

@@ -44,6 +44,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .errors import ZooError
+
 ENGINES = ("eager", "channels_last", "bf16", "onnxruntime", "compile")
 ENGINE_CHOICES = ("auto",) + ENGINES
 FP32_COSINE = 0.9999
@@ -51,6 +53,15 @@ BF16_COSINE = 0.99
 COMPILE_MIN_IMAGES = 20000  # below this, compilation costs more than it saves (CPU: minutes)
 CHECK_ROWS = 16  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
 PROBE_MIN_IMAGES = 500  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
+
+
+class NonFiniteFeatures(ZooError):
+    """The backbone gave NaN/inf features for some rows of a batch (the caller names their files)."""
+
+    def __init__(self, engine: str, rows: list[int]):
+        self.engine, self.rows = engine, list(rows)
+        super().__init__(f"the backbone's {engine} features contain NaN/inf for {len(self.rows)} image(s) of the "
+                         "batch: the weights or those images are broken; check the weights file and the images")
 
 
 class EngineRejected(RuntimeError):
@@ -333,10 +344,7 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
     with torch.inference_mode():
         reference = eager.run(x[:CHECK_ROWS]).float().cpu()
     if not torch.isfinite(reference).all():
-        from .errors import ZooError
-
-        raise ZooError("the backbone's eager fp32 features of the first batch contain NaN/inf: the weights or "
-                       "the input are broken; check the weights file (or try --weights default)")
+        raise NonFiniteFeatures("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
     store = ChoiceStore(cache_root)
     rejected: dict[str, str] = {}
     rates: dict[str, float] = {}

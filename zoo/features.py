@@ -59,6 +59,8 @@ import torch.nn as nn
 
 from . import distributed as D
 from .data import ImageDataset, Samples, count_decode, normalize_batch, sample_seed
+from .engines import NonFiniteFeatures
+from .errors import ZooError
 from .io import save_safetensors, write_json
 from .records import Normalization
 
@@ -629,6 +631,19 @@ def _has_device_decoder() -> bool:
         return False
 
 
+class NonFiniteFeaturesError(ZooError):
+    """The backbone gave NaN/inf features for some images: nothing of them was cached."""
+
+
+def _non_finite(backbone: str, engine: str, samples: Samples, keys: Sequence, rows: Sequence[int]):
+    files = [samples.describe(k[0] if isinstance(k, tuple) else int(k)) for k in (keys[r] for r in rows)]
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return NonFiniteFeaturesError(
+        f"backbone {backbone} (engine {engine}) gave NaN/inf features for {len(files)} image(s): {shown}; nothing "
+        "of them was cached. Check those files (remove or re-save them) and the backbone's weights "
+        "(--weights default), then run again")
+
+
 def engine_numerics(engine: str, device: torch.device, allow_reduced: bool) -> str:
     """The numerics an extraction will have, known before any image is read (for the cache key):
     `auto` chooses among fp32 engines unless reduced precision is allowed (--amp bf16, or CUDA's
@@ -645,10 +660,12 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                  num_workers: int = 0, engine: str = "auto", allow_reduced: bool = False, total: int | None = None,
                  cache_dir=None, on_batch=None, progress: bool = False, desc: str = "features",
                  draft_target: int | None = None, device_decode: bool = False, say=None,
-                 pool: DecodePool | None = None):
+                 pool: DecodePool | None = None, name: str | None = None):
     """Extract keys[j] into out[positions[j]] (out: a (rows, D) tensor, or a callable(D) -> tensor
     allocating it once D is known); on_batch(js, feats) sees every batch (for streaming shards).
     pool: the run's DecodePool (its workers, persistent); None: one for this call (num_workers).
+    name: the backbone's name, for errors. A batch with NaN/inf features raises NonFiniteFeaturesError
+    naming the files (earlier batches' rows stay valid; the bad batch reaches neither out nor on_batch)
     Returns (out, engine Selection or None)."""
     keys = list(keys)
     if not keys:
@@ -658,7 +675,8 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
             return extract_into(backbone, samples, keys, transform, norm, device, out, positions,
                                 batch_size=batch_size, engine=engine, allow_reduced=allow_reduced, total=total,
                                 cache_dir=cache_dir, on_batch=on_batch, progress=progress, desc=desc,
-                                draft_target=draft_target, device_decode=device_decode, say=say, pool=pool)
+                                draft_target=draft_target, device_decode=device_decode, say=say, pool=pool,
+                                name=name)
     bound_heap_growth()
     backbone.eval()
     kind = "bytes" if device_decode else ("draft", int(draft_target)) if draft_target else "plain"
@@ -672,13 +690,20 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
             x = normalize_batch(images, norm, device, channels_last=False)
             fresh = False
             if sel is None:
-                sel, fresh = _engine_for(backbone, x, device, engine, allow_reduced, total or len(keys), cache_dir,
-                                         batch_size, say)
+                try:
+                    sel, fresh = _engine_for(backbone, x, device, engine, allow_reduced, total or len(keys),
+                                             cache_dir, batch_size, say)
+                except NonFiniteFeatures as exc:  # in the eager reference rows of the first batch
+                    raise _non_finite(name or type(backbone).__name__, exc.engine, samples,
+                                      [keys[j] for j in js], exc.rows) from None
             if fresh:
                 f = sel.features  # the check batch, already computed by the chosen engine
             else:
                 with torch.inference_mode():
                     f = sel.engine.run(x).float().cpu()
+            if not bool(torch.isfinite(f).all()):  # never into the cache, never into a head
+                raise _non_finite(name or type(backbone).__name__, sel.engine.name, samples,
+                                  [keys[j] for j in js], torch.nonzero(~torch.isfinite(f).all(1)).flatten().tolist())
             if callable(out):
                 out = out(f.shape[1])
             out[torch.as_tensor([positions[j] for j in js])] = f
@@ -835,7 +860,8 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
                                 cache_dir=cache_dir if cache else False,  # False: write nothing (no choice memo)
                                 on_batch=on_batch, progress=progress and ctx.is_main,
                                 desc=desc if v is None else f"{desc} (view {v})", draft_target=draft_target,
-                                device_decode=device_decode and v is None, say=say)
+                                device_decode=device_decode and v is None, say=say,
+                                name=key_fields.get("backbone"))
             flush()
             stats.extract_seconds += time.perf_counter() - te
             sel = sel or s
