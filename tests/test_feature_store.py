@@ -14,6 +14,7 @@ import zoo.features as F
 from test_engines import NORM, tiny_backbone, tiny_samples
 from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
 from zoo.data import EvalTransform, decode_count
+from zoo.errors import DataError
 
 
 def _run(tmp_path, samples=None, backbone=None, **kw):
@@ -225,3 +226,15 @@ def test_non_finite_features_are_an_error_naming_the_file_not_a_cache_entry(tmp_
     for d in (tmp_path / "cache" / "features").glob("*"):
         fc.dir = d
         assert fc.locate([samples.content_hash(bad)]) == [None]
+
+
+def test_a_lower_max_image_pixels_applies_to_images_the_warm_path_trusts(tmp_path, weights):
+    data = make_image_folder(tmp_path / "colors", per_class=6)  # 40x40 = 1600 pixels each
+    kw = train_kwargs(tmp_path, epochs=1)
+    zoo.train(BACKBONE, data, weights=str(weights), **kw)  # every image decoded once, and remembered
+    # a lower limit: the remembered images are checked again (their header) and refused, not trusted
+    with pytest.raises(DataError, match="no readable images left(.|\n)*1600 pixels, over the limit of 1000"):
+        zoo.train(BACKBONE, data, weights=str(weights), max_image_pixels=1000, **kw)
+    before = decode_count()
+    warm = zoo.train(BACKBONE, data, weights=str(weights), max_image_pixels=1600, **kw)  # within it: trusted
+    assert warm.cache["misses"] == 0 and decode_count() == before

@@ -305,31 +305,49 @@ class FeatureCache:
 # --------------------------------------------------------------------------------- readable images
 class ReadableSet:
     """Content hashes of image files that decoded successfully (decoding the same bytes again
-    cannot fail), so a warm run need not decode to verify. ``<cache>/readable/hashes.txt``."""
+    cannot fail), with their pixel counts, so a warm run need not decode to verify and a later,
+    lower --max-image-pixels still applies. ``<cache>/readable/hashes.txt``: lines "<sha256> <pixels>"
+    ("<sha256>" alone: decoded, size not recorded; such an entry is verified again once)."""
 
     def __init__(self, root: str | os.PathLike):
         self.path = Path(root) / "readable" / "hashes.txt"
-        self._known: set[str] | None = None
+        self._known: dict[str, int | None] | None = None
 
-    def known(self) -> set[str]:
+    def known(self) -> dict[str, int | None]:
+        """sha256 -> pixel count (None: not recorded); a later line for a hash wins."""
         if self._known is None:
-            self._known = set()
+            self._known = {}
             with contextlib.suppress(OSError):
                 with open(self.path, encoding="ascii", errors="replace") as f:
-                    self._known = {ln.strip() for ln in f if len(ln.strip()) == 64}
+                    for ln in f:
+                        h, _, px = ln.strip().partition(" ")
+                        if len(h) == 64:
+                            self._known[h] = int(px) if px.isdigit() else None
         return self._known
 
-    def add(self, hashes) -> None:
-        new = sorted(set(hashes) - self.known())
+    def trusted(self, h: str, max_pixels: int) -> bool:
+        """Decoded before, and within `max_pixels`: need not be decoded again."""
+        px = self.known().get(h)
+        return px is not None and px <= max_pixels
+
+    def add(self, entries) -> None:
+        """entries: sha256 strings, or (sha256, pixel count) pairs."""
+        known = self.known()
+        new: dict[str, int | None] = {}
+        for e in entries:
+            h, px = (e, None) if isinstance(e, str) else (e[0], int(e[1]))
+            if h not in known or (known[h] is None and px is not None):
+                new[h] = px
         if not new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            os.write(fd, ("\n".join(new) + "\n").encode())
+            os.write(fd, "".join(f"{h} {px}\n" if px is not None else f"{h}\n" for h, px in sorted(new.items())
+                                 ).encode())
         finally:
             os.close(fd)
-        self._known |= set(new)
+        known.update(new)
 
 
 def readable_hashes(cache_dir=None) -> ReadableSet:
