@@ -332,8 +332,11 @@ def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor) -> tuple[t
 
 def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.device, *, allow_reduced: bool,
            total: int, cache_root: str | os.PathLike | None, choice_key: str, threads: int | None = None,
-           say: Callable[[str], None] | None = None, _prepare=prepare) -> Selection:
-    """Pick and check the engine for this job; x is the first normalized batch on `device`."""
+           say: Callable[[str], None] | None = None, may_probe: bool = True, _prepare=prepare) -> Selection:
+    """Pick and check the engine for this job; x is the first normalized batch on `device`.
+    may_probe=False (every DDP rank but 0): `auto` uses the remembered choice, else channels_last;
+    it neither probes nor writes the choice, so ranks do not time each other's load or race on the
+    file, and need no collective (a rank whose rows are all cached never gets here)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if asked not in ENGINE_CHOICES:
         from .errors import ZooError
@@ -355,6 +358,8 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
             order, how = [remembered], "remembered"
         elif total < PROBE_MIN_IMAGES:
             order, how = ["channels_last"], f"auto, small job (< {PROBE_MIN_IMAGES} images, no probe)"
+        elif not may_probe:
+            order, how = ["channels_last"], "auto, not the probing rank (rank 0 probes; no choice remembered yet)"
         else:
             order, how = candidates(device, allow_reduced, total), "probe"
     else:

@@ -634,7 +634,8 @@ def _engine_for(backbone, x, device, engine: str, allow_reduced: bool, total: in
     choice_key = f"{E.machine_id(device)}|{state_digest(backbone)[:16]}|{type(backbone).__qualname__}|" \
                  f"b{batch_size}|{tuple(x.shape[1:])}|{'reduced' if allow_reduced else 'fp32'}"
     s = E.select(engine, backbone, x, device, allow_reduced=allow_reduced, total=total,
-                 cache_root=None if cache_dir is False else cache_root(cache_dir), choice_key=choice_key, say=say)
+                 cache_root=None if cache_dir is False else cache_root(cache_dir), choice_key=choice_key, say=say,
+                 may_probe=D.context().is_main)
     _SELECTIONS.clear()
     _SELECTIONS[key] = (weakref.ref(backbone), s)
     return s, True
