@@ -21,14 +21,23 @@ class HeadConfig:
     activation: str = "gelu"  # gelu | relu | silu
 
     def to_dict(self) -> dict[str, Any]:
+        """The head that exists, and only it: a linear head has no hidden layers, activation or
+        norm, so it is not described with the MLP defaults (`hidden: [512], activation: gelu`)
+        that this dataclass carries for when kind becomes "mlp"."""
+        if self.kind == "linear":
+            return {"kind": "linear", "hidden": [], "dropout": self.dropout}
+        if self.kind == "pretrained":  # a provider's own classifier module, described by its source
+            return {"kind": "pretrained"}
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "HeadConfig":
-        return cls(kind=d.get("kind", "linear"), hidden=tuple(d.get("hidden", (512,))),
-                   dropout=float(d.get("dropout", 0.0)), norm=d.get("norm"), activation=d.get("activation", "gelu"))
+        kind = d.get("kind", "linear")
+        hidden = tuple(d.get("hidden") or (512,)) if kind == "mlp" else (512,)
+        return cls(kind=kind, hidden=hidden, dropout=float(d.get("dropout", 0.0)),
+                   norm=d.get("norm") if kind == "mlp" else None, activation=d.get("activation") or "gelu")
 
 
 _ACT = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -42,6 +51,9 @@ def build_head(in_features: int, num_classes: int, config: HeadConfig | None = N
     if cfg.kind == "linear":
         layers: list[nn.Module] = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
         return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
+    if cfg.kind == "pretrained":
+        raise ZooError("a pretrained classifier that is not a plain Linear layer cannot be rebuilt from model.json; "
+                       "export it directly (zoo export BACKBONE --head pretrained) instead of saving it as a run")
     if cfg.kind != "mlp":
         raise ZooError(f"unknown head kind {cfg.kind!r}: expected 'linear' or 'mlp'")
     if cfg.activation not in _ACT or (cfg.norm is not None and cfg.norm not in _NORM):

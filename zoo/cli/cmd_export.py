@@ -13,7 +13,14 @@ def add_parser(sub):
         "validated against eager PyTorch on real images at batch sizes 1, 3 and 8 before it is moved into "
         "place; over tolerance, nothing is left behind, the numbers go to OUT/export-report.json, and the "
         "exit code is 3.")
-    p.add_argument("run", metavar="RUN", help="run directory (model.json + head.safetensors), e.g. from `zoo train`")
+    p.add_argument("run", metavar="RUN|BACKBONE",
+                   help="run directory (model.json + head.safetensors), e.g. from `zoo train`; or, with "
+                   "--head pretrained, a backbone name such as torchvision/mobilenet_v2")
+    p.add_argument("--head", choices=("run", "pretrained"), default="run",
+                   help="run: the head trained in RUN (default); pretrained: BACKBONE with the classifier and "
+                   "labels its pretrained weights came with, no training")
+    p.add_argument("--weights", default=None, metavar="TAG",
+                   help="with --head pretrained: the weights tag (default: the backbone's default weights)")
     p.add_argument("--format", "-f", action="append", default=None, metavar="FORMAT",
                    help="onnx | torchscript | all (= both) | any registered exporter; repeatable (default: all)")
     p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
@@ -99,6 +106,42 @@ def _options(args) -> dict:
     return out
 
 
+def _source(args):
+    """What to export: the run directory, or (--head pretrained) a backbone with its own classifier.
+    Each misreading of the positional is an error naming both readings."""
+    from pathlib import Path
+
+    from zoo.errors import ZooError
+
+    given = args.run
+    is_run = Path(given).is_dir()
+    if args.head == "pretrained":
+        if is_run:
+            raise ZooError(f"--head pretrained exports a backbone's own classifier, but {given!r} is a run directory; "
+                           f"drop --head pretrained to export the run, or pass a backbone name (zoo list)")
+        from zoo.model import pretrained_classifier
+
+        weights = None if str(args.weights).lower() == "none" else (args.weights or "default")
+        model = pretrained_classifier(given, weights=weights)
+        out = args.out or f"{model.meta.backbone.replace('/', '-')}-pretrained"
+        return model, out
+    if args.weights is not None:
+        raise ZooError("--weights applies to --head pretrained only; a run's backbone weights are recorded in the run")
+    if not is_run:
+        from zoo import registry
+
+        try:
+            name = registry.backbones().resolve(given)[0].name
+        except ZooError:
+            name = None
+        if name is not None:
+            raise ZooError(f"{given!r} is a backbone, not a run directory: export it with its pretrained classifier "
+                           f"(zoo export {given} --head pretrained), or train a head first (zoo train --backbone {given})")
+        raise ZooError(f"{given!r} is neither a run directory (written by `zoo train`) nor a registered backbone "
+                       "(`zoo list`); check the path or the name")
+    return given, args.out
+
+
 def run(args) -> int:
     import sys
 
@@ -110,8 +153,9 @@ def run(args) -> int:
         if not args.json:
             print(msg, file=sys.stderr)
 
+    source, out = _source(args)
     try:
-        report = export(args.run, formats=args.format or "all", out=args.out, preprocess=args.preprocess,
+        report = export(source, formats=args.format or "all", out=out, preprocess=args.preprocess,
                         quantize=args.quantize, tolerance=args.tolerance, images=args.images,
                         embedding=not args.no_embedding, int8_agreement=args.int8_agreement, progress=progress,
                         options=_options(args))
