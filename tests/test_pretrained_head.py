@@ -102,3 +102,46 @@ def test_unknown_source_names_both_readings(capsys, tmp_path):
 def test_random_init_has_no_pretrained_classifier():
     with pytest.raises(ZooError, match="no pretrained classifier"):
         zoo.pretrained_classifier("timm/mobilenetv3_small_050", weights=None)
+
+
+@pytest.fixture(scope="module")
+def lite0_weights():
+    from zoo_timm import lite0_package
+
+    if not lite0_package.available():
+        pytest.skip(f"{lite0_package.PACKAGE} (EfficientNet-Lite0 ImageNet weights) is not installed")
+    return lite0_package
+
+
+def test_timm_pretrained_model_is_the_library_model(lite0_weights):
+    """timm's own classifier on the zoo's pooled features: the whole timm model's logits."""
+    import timm
+
+    model = zoo.pretrained_classifier("timm/tf_efficientnet_lite0", weights="in1k")
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    ref.load_state_dict(lite0_weights.load_state_dict(), strict=True)
+    ref.eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    assert len(model.meta.labels) == 1000 and model.meta.labels[:2] == ("tench", "goldfish")
+    assert "timm" in model.meta.extra["head_source"]
+
+
+def test_conformance_kit_checks_pretrained_heads(lite0_weights, monkeypatch):
+    from zoo import PretrainedHead
+    from zoo.testing import ConformanceError, check_pretrained_head
+    from zoo_timm import TimmBackbones
+
+    got = check_pretrained_head("timm/tf_efficientnet_lite0", "in1k")
+    assert got["labels"] == 1000 and got["head"]["kind"] == "linear"
+    # a provider whose classifier and labels disagree is caught, naming the backbone
+    three = PretrainedHead(labels=("a", "b", "c"), module=torch.nn.Linear(1280, 4))
+    monkeypatch.setattr(TimmBackbones, "pretrained_head", lambda self, spec, weights: three)
+    with pytest.raises(ConformanceError, match="tf_efficientnet_lite0.*4.*3 labels"):
+        check_pretrained_head("timm/tf_efficientnet_lite0", "in1k")
+    # and so is one that offers a classifier for random-init weights
+    from zoo.testing import check_backbone
+
+    with pytest.raises(ConformanceError, match="random-init"):
+        check_backbone("timm/mobilenetv3_small_050")

@@ -95,3 +95,45 @@ def test_head_metadata_describes_the_head_that_exists(tmp_path):
     assert report["status"] == "passed"
     # and the network built from it matches that description
     assert [type(m).__name__ for m in build_head(8, 3, linear)] == ["Linear"]
+
+
+def test_torchscript_export_and_load_do_not_warn_deprecation(tmp_path):
+    """torch 2.14 deprecates torch.jit; the TorchScript exporter mutes exactly that notice."""
+    import warnings
+
+    from zoo_torchscript import export_torchscript, load
+
+    path = tmp_path / "m.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        export_torchscript(tiny_model(), path)
+        module, meta = load(path)
+    assert meta["format"] == "torchscript"
+
+
+@pytest.mark.parametrize("head", [HeadConfig(kind="linear"),
+                                  HeadConfig(kind="mlp", hidden=(24,), activation="relu", norm="layernorm",
+                                             dropout=0.1)], ids=["linear", "mlp"])
+def test_run_head_metadata_in_the_export(head, tmp_path):
+    """A saved run, loaded back as `zoo export RUN` loads it: model.json and the artifact metadata
+    every exporter writes (zoo.export.artifact_metadata) describe the head the run has."""
+    import dataclasses
+
+    from zoo.export import artifact_metadata
+    from zoo.model import build_model, load_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model("torchvision/resnet18", ["a", "b", "c"], weights=None, head=head)
+    norm = dataclasses.replace(model.meta.normalization, input_size=(3, 32, 32), resize_size=40)
+    model.meta = dataclasses.replace(model.meta, normalization=norm)
+    run = save_model(model.eval(), tmp_path / "run")
+    loaded = load_model(run)
+    got = artifact_metadata(loaded, "pt2")["head"]
+    if head.kind == "linear":
+        assert got == {"kind": "linear", "hidden": [], "dropout": 0.0, "in_features": 512, "out_features": 3}
+        assert [type(m).__name__ for m in loaded.head] == ["Linear"]
+    else:
+        assert got == {"kind": "mlp", "hidden": [24], "activation": "relu", "norm": "layernorm", "dropout": 0.1,
+                       "in_features": 512, "out_features": 3}
+        assert any(type(m).__name__ == "LayerNorm" for m in loaded.head.modules())
+    assert json.loads((run / "model.json").read_text())["head"] == head.to_dict()

@@ -99,7 +99,8 @@ class BackboneProvider(ABC):
         return None
 
     def pretrained_head(self, spec: BackboneSpec, weights: str | None) -> PretrainedHead | None:
-        """The classifier that came with weights `weights`, if you can provide it. Default: not available."""
+        """The classifier that came with weights `weights`, if you can provide it; None for
+        `weights=None` (random init). Default: not available."""
         return None
 
 

@@ -22,7 +22,8 @@ def add_parser(sub):
     p.add_argument("--weights", default=None, metavar="TAG",
                    help="with --head pretrained: the weights tag (default: the backbone's default weights)")
     p.add_argument("--format", "-f", action="append", default=None, metavar="FORMAT",
-                   help="onnx | torchscript | all (= both) | any registered exporter; repeatable (default: all)")
+                   help="onnx | pt2 | torchscript | all (every exporter marked for it: onnx, pt2, torchscript) | any "
+                   "registered exporter; repeatable (default: all)")
     p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="an exporter's own option, repeatable (`zoo plugins --json` lists them), "
