@@ -9,7 +9,8 @@ runs fastest here, provided the answer stays the same. Engines:
   onnxruntime    the backbone exported to ONNX, run by ONNX Runtime (CUDA provider where installed)
   compile        torch.compile (inductor): minutes of compilation, so `auto` tries it on large jobs only
 
-The check (first batch; eager fp32 computes its first CHECK_ROWS rows): each row's cosine similarity to eager fp32 must be >= 0.9999 for fp32
+The check (first batch; eager fp32 computes its first CHECK_ROWS rows, FP32_CHECK_ROWS when one
+fp32 engine is remembered or asked): each row's cosine similarity to eager fp32 must be >= 0.9999 for fp32
 engines, >= 0.99 for bf16 (BF16_COSINE, the documented bound for reduced precision; the trainer
 also reports whether the trained head's predictions on the check batch are unchanged). An engine
 that fails its check, or cannot be prepared, is rejected with a one-line reason and the next one
@@ -52,6 +53,7 @@ FP32_COSINE = 0.9999
 BF16_COSINE = 0.99
 COMPILE_MIN_IMAGES = 20000  # below this, compilation costs more than it saves (CPU: minutes)
 CHECK_ROWS = 16  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
+FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken engine disagrees on every image
 PROBE_MIN_IMAGES = 500  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
 
 
@@ -343,11 +345,6 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
 
         raise ZooError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {asked!r}")
     onnx_dir = Path(cache_root) / "engines" / "onnx" if cache_root is not None else None
-    eager = _prepare("eager", backbone, x, device)
-    with torch.inference_mode():
-        reference = eager.run(x[:CHECK_ROWS]).float().cpu()
-    if not torch.isfinite(reference).all():
-        raise NonFiniteFeatures("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
     store = ChoiceStore(cache_root)
     rejected: dict[str, str] = {}
     rates: dict[str, float] = {}
@@ -364,6 +361,15 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
             order, how = candidates(device, allow_reduced, total), "probe"
     else:
         order = [asked]
+    # The reference: eager is the slowest engine (lite0: 1/9 of ONNX Runtime's rate), and 16 eager rows
+    # cost a 320-image job a third of its time. A probe, or a reduced-precision engine (whose head
+    # predictions are compared on these rows), gets CHECK_ROWS; one known fp32 engine FP32_CHECK_ROWS.
+    rows = CHECK_ROWS if how == "probe" or any(numerics_of(n) != "fp32" for n in order) else FP32_CHECK_ROWS
+    eager = _prepare("eager", backbone, x, device)
+    with torch.inference_mode():
+        reference = eager.run(x[:rows]).float().cpu()
+    if not torch.isfinite(reference).all():
+        raise NonFiniteFeatures("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
     best: tuple[float, Prepared, torch.Tensor, float] | None = None
     for name in order:
         try:
