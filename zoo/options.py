@@ -233,7 +233,7 @@ class ExportConfig:
 
     formats: Any = opt("all")
     out: str | None = opt(None, text())
-    preprocess: str = opt("normalize", choice("normalize", "none"))
+    preprocess: str = opt("normalize", choice("normalize", "none", "full"))
     quantize: str | None = opt(None, text())
     tolerance: float | None = opt(None, number(0, lo_open=True, optional=True))
     int8_agreement: float | None = opt(None, number(0, 1, lo_open=True, optional=True))

@@ -168,6 +168,26 @@ _SIZE_RULES = {
 }
 
 
+# What `--preprocess full` resizes with inside a graph: the filters ONNX Resize and torch's
+# interpolate can antialias the way Pillow does (triangle, and cubic with a = -0.5).
+IN_GRAPH_FILTERS = ("bilinear", "bicubic")
+
+
+def in_graph_problem(norm) -> str | None:
+    """Why this eval preprocessing cannot run inside a graph exactly as `resize_crop` does it
+    (then `--preprocess full` is refused), or None."""
+    _, _, (_, out_h, out_w), resize, interp, mode = _norm_fields(norm)
+    if interp not in IN_GRAPH_FILTERS:
+        return (f"its interpolation is {interp!r}, and only {' and '.join(IN_GRAPH_FILTERS)} resize inside a graph the "
+                "way Pillow does")
+    if mode not in ("center", "squash"):
+        return f"its crop mode is {mode!r} (padding to the crop), and only 'center' and 'squash' run inside a graph"
+    if resize < max(out_h, out_w):
+        return (f"its resize_size {resize} is smaller than the crop {out_h}x{out_w} (the crop would pad), which does "
+                "not run inside a graph")
+    return None
+
+
 def resize_recipe(norm, in_graph: bool = False) -> dict:
     """The exact eval resize and crop as data, for an artifact's metadata: what a consumer must do
     to give a "normalize" or "none" artifact the pixels it was validated on (`in_graph`: the

@@ -199,8 +199,19 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     if onnx_exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
         raise ZooError(f"the dynamo ONNX exporter writes opset >= {MIN_DYNAMO_OPSET}; for opset {opset} use "
                        "onnx_exporter='legacy' or 'auto'")
-    module = deploy_module(model, preprocess, embedding)
-    example = example_input(model, preprocess, batch=2)
+    full = preprocess == "full"
+    if full:  # the model graph takes float NCHW; the preprocessing graph goes in front of it below
+        from .preprocess_graph import MIN_OPSET
+
+        tg.check_full_preprocess(target)
+        if dynamic_size:
+            raise ZooError("--dynamic-size does not apply with --preprocess full: that graph already takes images of "
+                           "any size (and resizes them to the model's input size)")
+        if opset < MIN_OPSET:
+            raise ZooError(f"--preprocess full needs ONNX opset >= {MIN_OPSET} (Resize with antialias), got {opset}")
+    graph_preprocess = "none" if full else preprocess
+    module = deploy_module(model, graph_preprocess, embedding)
+    example = example_input(model, graph_preprocess, batch=2)
     input_name = "image" if preprocess == "normalize" else "input"
     outputs = output_names(embedding)
     try:
@@ -226,10 +237,16 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
         model.eval()
         if not dynamic_size:
             proto = tg.fold_static_shapes(proto, opset)
+    if full:
+        from .preprocess_graph import prepend
+
+        proto = prepend(proto, model.meta.normalization, input_name="image")
+        input_name = "image"
     tg.check_profile(proto, target, f"the {chosen} exporter's graph")
     meta = artifact_metadata(model, "onnx", preprocess, embedding, opset=opset, onnx_exporter=chosen,
                              ort_offline_optimization="basic" if optimize else "none", target=target,
-                             runtimes=[t for t in tg.TARGETS if not tg.profile_problems(proto, t)],
+                             runtimes=[t for t in tg.TARGETS if not tg.profile_problems(proto, t)
+                                       and not (full and tg.profile(t).full_preprocess)],
                              dynamic_size=bool(dynamic_size))
     set_metadata(proto, meta)
     onnx.save(proto, str(path))
@@ -378,6 +395,7 @@ class Onnx(Exporter):
     requires = ("onnx", "onnxruntime")
     options = _GRAPH_OPTIONS
     in_all = True
+    preprocess_modes = ("normalize", "none", "full")
 
     def export(self, model, path, options: ExportOptions):
         return export_onnx(model, path, **options.as_kwargs())
@@ -405,6 +423,8 @@ class OnnxInt8(Onnx):
     in_all = False
     builds_on = "onnx"
     quantization = "int8"
+    # quantizing the in-graph resize (and judging int8 on the full criteria) is not built yet
+    preprocess_modes = ("normalize", "none")
 
     def export(self, model, path, options: ExportOptions):
         return export_onnx_int8(model, path, **options.as_kwargs())
