@@ -79,14 +79,20 @@ def softmax(z):
     return z / z.sum(1, keepdims=True)
 
 
-def agreement(name, ref, logits, names):
+def cosine(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def agreement(name, ref, logits, names, emb=None):
     probs = softmax(logits.astype(np.float64))
     photo = np.array([not n.startswith("synthetic:") for n in names])
     top5 = np.array([set(np.argsort(-a)[:5]) == set(np.argsort(-b)[:5]) for a, b in zip(logits, ref["logits"])])
     top1 = logits.argmax(1) == ref["logits"].argmax(1)
     print(f"  {name:34s} max|dprob| {np.abs(probs - ref['probabilities']).max():.2e}  max|dlogit| "
           f"{np.abs(logits - ref['logits']).max():.2e}  top-1 {top1.mean():.3f} ({top1[photo].mean():.3f} photos)  "
-          f"top-5 sets {top5.mean():.3f} ({top5[photo].mean():.3f} photos)")
+          f"top-5 sets {top5.mean():.3f} ({top5[photo].mean():.3f} photos)"
+          + ("" if emb is None else f"  min embedding cosine {cosine(emb, ref['embedding']).min():.6f}"))
 
 
 def opencv_resize_crop(raw, norm, flag):
@@ -122,12 +128,14 @@ def run_model(label, model, out: Path):
     print(" part 1: --preprocess full vs eager PyTorch on the reference (Pillow) preprocessing, one image at a time")
     for target in ("onnxruntime", "openvino"):
         run, _ = tg.runner(target, out / "full" / "model.onnx")
-        logits = np.concatenate([run(r[None])["logits"] for r in raw])
-        agreement(f"ONNX full in {target}" + (" (refused)" if target == "openvino" else ""), ref, logits, names)
+        res = [run(r[None]) for r in raw]
+        agreement(f"ONNX full in {target}" + (" (refused)" if target == "openvino" else ""), ref,
+                  np.concatenate([r["logits"] for r in res]), names, np.concatenate([r["embedding"] for r in res]))
     module, _ = load(out / "full" / "model.torchscript.pt")
     with torch.inference_mode():
-        logits = np.concatenate([module(torch.from_numpy(r[None].copy()))[0].numpy() for r in raw])
-    agreement("TorchScript full", ref, logits, names)
+        res = [module(torch.from_numpy(r[None].copy())) for r in raw]
+    agreement("TorchScript full", ref, np.concatenate([r[0].numpy() for r in res]), names,
+              np.concatenate([r[2].numpy() for r in res]))
     print(" part 2: the normalize artifact (ONNX Runtime) fed each consumer resize; reference top-1 prob")
     run, _ = tg.runner("onnxruntime", out / "normalize" / "model.onnx")
     feeds = {"Pillow (metadata)": pixels,
@@ -142,6 +150,8 @@ def run_model(label, model, out: Path):
                                                                else f" (top-1 -> {model.meta.labels[outs[k][i].argmax()]})")
                           for k in feeds)
         print(f"  {n:28s} {model.meta.labels[top[i]][:18]:18s} {cells}")
+    shuttle, rocket = model.meta.labels.index("space shuttle"), names.index("skimage:rocket")
+    print("  skimage:rocket, P(space shuttle): " + "  ".join(f"{k} {outs[k][rocket, shuttle]:.3f}" for k in feeds))
     for k in feeds:
         p = outs[k]
         same1 = (p.argmax(1) == top)

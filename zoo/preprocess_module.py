@@ -5,13 +5,14 @@ It is TorchScript-scripted (not traced), so the size arithmetic stays arithmetic
 shape: any height and width work in the saved file. The rules are `zoo.preprocess`'s, restated
 on integers:
 
-* size: "center" sets the shorter side to resize_size and the longer to
-  int(resize_size * longer / shorter) (truncated); "squash" both sides to resize_size.
+* size (crop_mode "center", the only one accepted): the shorter side to resize_size, the
+  longer to int(resize_size * longer / shorter) (truncated).
 * resampling: Pillow resizes 8-bit images horizontally, rounds to uint8, then vertically and
   rounds again; here the same two passes of `interpolate(..., antialias=True)` (Pillow's
   antialiased triangle filter; bicubic with a = -0.5 like Pillow), each followed by
   floor(x + 0.5) and a clamp to 0..255 (Pillow rounds halves up). An image already at the size
-  is not resampled, as in the reference.
+  is not resampled, as in the reference. (Both axes scale alike here; Pillow's pass order is
+  not fixed when they do not, which is why "squash" is refused.)
 * crop offsets: round((size - crop) / 2) with halves to even, computed on integers:
   q + (d % 2) * (q % 2) for d = size - crop, q = d // 2.
 
@@ -39,7 +40,6 @@ class ReferencePreprocess(nn.Module):
         self.resize = int(norm.resize_size)
         self.out_h = int(norm.input_size[1])
         self.out_w = int(norm.input_size[2])
-        self.squash = norm.crop_mode == "squash"
         self.mode = norm.interpolation  # "bilinear" or "bicubic", interpolate's names too
         self.register_buffer("mean", torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -56,13 +56,11 @@ class ReferencePreprocess(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).to(torch.float32)
         h, w = x.shape[2], x.shape[3]
-        if self.squash:
-            new_h, new_w = self.resize, self.resize
-        elif w <= h:
+        if w <= h:
             new_h, new_w = int(self.resize * h / w), self.resize
         else:
             new_h, new_w = self.resize, int(self.resize * w / h)
-        if self.squash or new_h != h or new_w != w:
+        if new_h != h or new_w != w:
             x = self._pass(x, h, new_w)  # horizontal first, like Pillow
             x = self._pass(x, new_h, new_w)
         top = self._offset(new_h, self.out_h)

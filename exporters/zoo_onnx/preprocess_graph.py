@@ -4,8 +4,9 @@
 Written node by node, not traced, so every rounding rule is the reference's, on integers
 (`zoo.preprocess_module` states the same rules for TorchScript):
 
-  size      "center": shorter side -> R, longer -> (R * longer) div shorter (int64 division,
-            truncation, = Python's int(R * longer / shorter) at image sizes); "squash": R x R
+  size      crop_mode "center" (the only one `zoo.preprocess.in_graph_problem` accepts): shorter
+            side -> R, longer -> (R * longer) div shorter (int64 division, truncation, = Python's
+            int(R * longer / shorter) at image sizes)
   resample  Resize (opset 18) with antialias=1, half_pixel coordinates and exclude_outside=1
             (Pillow's renormalized, scale-widened filter; cubic_coeff_a -0.5 like Pillow's
             bicubic): first the width, then the height, each rounded half up (Floor(x + 0.5))
@@ -54,12 +55,9 @@ def preprocess_graph(norm, opset: int, input_name: str = "image", output_name: s
 
     # -- the resized size ------------------------------------------------------------------------------
     r = const("resize", [resize])
-    if norm.crop_mode == "squash":
-        new_h = new_w = r
-    else:
-        portrait = node("LessOrEqual", [w, h], "w_le_h")
-        new_h = node("Where", [portrait, node("Div", [node("Mul", [r, h], "r_h"), w], "r_h_div_w"), r], "new_h")
-        new_w = node("Where", [portrait, r, node("Div", [node("Mul", [r, w], "r_w"), h], "r_w_div_h")], "new_w")
+    portrait = node("LessOrEqual", [w, h], "w_le_h")
+    new_h = node("Where", [portrait, node("Div", [node("Mul", [r, h], "r_h"), w], "r_h_div_w"), r], "new_h")
+    new_w = node("Where", [portrait, r, node("Div", [node("Mul", [r, w], "r_w"), h], "r_w_div_h")], "new_w")
 
     # -- two resampling passes, width then height, each rounded like Pillow's 8-bit result -------------
     attrs = dict(mode="cubic" if norm.interpolation == "bicubic" else "linear", antialias=1,
