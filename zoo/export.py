@@ -313,7 +313,10 @@ def export(
         the built-ins), a name, or a list of names of registered exporters (`zoo plugins` lists
         them; third-party formats work the same way).
     out: destination folder (default: RUN/export for a run directory; required for a model).
-    preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't.
+    preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't;
+        "full" also bakes the resize and center crop (uint8 NHWC at any size; formats that
+        declare it in `preprocess_modes`: ONNX for onnxruntime, TorchScript), validated on images
+        of different sizes (`zoo.validation.compare_full`).
     quantize: e.g. "int8": adds each chosen format's quantized variant (`onnx` -> `onnx-int8`,
         onnxruntime dynamic quantization), validated with the int8 tolerance (top-1 agreement
         >= int8_agreement, default 0.9).
