@@ -99,7 +99,8 @@ class BackboneProvider(ABC):
         return None
 
     def pretrained_head(self, spec: BackboneSpec, weights: str | None) -> PretrainedHead | None:
-        """The classifier that came with weights `weights`, if you can provide it. Default: not available."""
+        """The classifier that came with weights `weights`, if you can provide it; None for
+        `weights=None` (random init). Default: not available."""
         return None
 
 
@@ -138,12 +139,16 @@ class ExportOptions:
     artifacts: format name -> path of the artifacts already exported and validated in this run
         (e.g. an int8 exporter quantizes the fp32 file when its `builds_on` format is there).
     options: your own options, by name: exactly those in `Exporter.options`, defaults filled in.
+    calibration: for exporters that declare `quantization`: the user's images, uint8 (N, H, W, 3)
+        at the input size after the reference resize/crop (a sample of the run's training images
+        when the export comes from a run, else the validation images); None otherwise.
     """
 
     preprocess: str = "normalize"
     embedding: bool = True
     artifacts: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return self.options[name]
@@ -154,7 +159,7 @@ class ExportOptions:
     def as_kwargs(self) -> dict[str, Any]:
         """Everything as keyword arguments (for exporters written as plain functions)."""
         return {"preprocess": self.preprocess, "embedding": self.embedding, "artifacts": dict(self.artifacts),
-                **self.options}
+                "calibration": self.calibration, **self.options}
 
 
 @dataclass

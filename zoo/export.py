@@ -34,6 +34,7 @@ features; embedding=False leaves it out).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -164,7 +165,8 @@ def artifact_metadata(model, fmt: str, preprocess: str = "normalize", embedding:
         "backbone": meta.backbone,
         "weights": meta.weights,
         "feature_dim": meta.feature_dim,
-        "head": meta.head.to_dict(),
+        "head": {**meta.head.to_dict(), "in_features": meta.feature_dim, "out_features": len(meta.labels),
+                 **({"source": meta.extra["head_source"]} if meta.extra.get("head_source") else {})},
         "normalization": norm.to_dict(),
         "mean": list(norm.mean),
         "std": list(norm.std),
@@ -350,7 +352,7 @@ def export(
 def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
             batch_sizes, int8_agreement, validate, progress, given) -> dict[str, Any]:
     from . import registry
-    from .validation import Tolerance, eager_outputs, full_validation_images, load_validation_images
+    from .validation import Tolerance, eager_outputs, full_validation_images
 
     # -- everything checked before anything is written -------------------------------------------------
     say = progress or (lambda msg: None)
@@ -375,10 +377,12 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
     tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
     full = preprocess == "full"
-    vimages = load_validation_images(images, model.meta.normalization, model.meta.labels, raw=full)
+    vimages = _validation_images(images, model, run_dir, say, raw=full)
     if full:  # the artifact gets the images at their own sizes; the reference, Pillow's resize of them
         vimages = full_validation_images(vimages, model.meta.normalization)
     reference = eager_outputs(model, vimages.pixels) if validate else None
+    calibration = (_calibration_images(model, run_dir, vimages, say)
+                   if any(getattr(spec, "quantization", None) for spec in specs.values()) else None)
     report: dict[str, Any] = {
         "status": "running",
         "model": {"backbone": model.meta.backbone, "weights": model.meta.weights,
@@ -388,6 +392,7 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
                     "batch_sizes": list(batch_sizes), "validate": validate, "exporters": own_options},
         "tolerance": tol.to_dict(),
         "images": vimages.to_dict(),
+        **({"calibration": {"source": calibration[1], "count": int(len(calibration[0]))}} if calibration else {}),
         "versions": versions(),
         "artifacts": {},
     }
@@ -406,7 +411,8 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
         staging = Path(tempfile.mkdtemp(prefix=f".{ARTIFACT_STEM}.{name}.", suffix=".staging", dir=out))
         staged = staging / final.name
         options = ExportOptions(preprocess=preprocess, embedding=embedding, artifacts=dict(validated),
-                                options=own_options[name])
+                                options=own_options[name],
+                                calibration=calibration[0] if calibration and spec.quantization else None)
         t0 = time.perf_counter()
         try:
             say(f"{name}: exporting")
@@ -479,6 +485,91 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
         err.report = report
         raise err
     return report
+
+
+RUN_VALIDATION_IMAGES = 64  # enough to see accuracy move, few enough to export in seconds
+CALIBRATION_IMAGES = 128
+
+
+def _spread(n: int, limit: int) -> list[int]:
+    """`limit` indices spread evenly over range(n) (every class of a sorted split gets some)."""
+    return list(range(n)) if n <= limit else [int(i * n / limit) for i in range(limit)]
+
+
+def _pixels(samples, indices, norm, raw: list | None = None):
+    """Reference-preprocessed uint8 NHWC pixels of `samples` at `indices`; with a `raw` list, the
+    decoded images at their own sizes are appended to it too (decoded once)."""
+    import numpy as np
+
+    from .preprocess import resize_crop, to_uint8_hwc
+
+    out = []
+    for i in indices:
+        img = samples.load(i)
+        if raw is not None:
+            raw.append(to_uint8_hwc(img))
+        out.append(to_uint8_hwc(resize_crop(img, norm)))
+    return np.stack(out)
+
+
+def _validation_images(images, model, run_dir, say, raw: bool = False):
+    """The images every artifact is checked on: those given; else the run's own validation split
+    (labelled, so the report has accuracy); else scikit-image's photos. A run whose split cannot
+    be read is said, never passed over quietly. raw=True keeps them at their own sizes too
+    (`ValidationImages.raw`, for --preprocess full)."""
+    from .errors import DataError
+    from .runs import RunDirError, recorded_validation
+    from .validation import ValidationImages, load_validation_images
+
+    norm, labels = model.meta.normalization, model.meta.labels
+    if images is not None or run_dir is None:
+        return load_validation_images(images, norm, labels, raw=raw)
+    decoded: list | None = [] if raw else None
+    try:
+        samples, described = recorded_validation(run_dir, labels)
+        picked = _spread(len(samples), RUN_VALIDATION_IMAGES)
+        if not picked:
+            raise RunDirError("its validation split is empty")
+        pixels = _pixels(samples, picked, norm, decoded)
+    except (RunDirError, DataError, OSError) as exc:
+        fallback = load_validation_images(None, norm, labels, raw=raw)
+        reason = str(exc).split(";")[0]
+        say(f"validation images: the run's own split is not usable ({reason}); using {fallback.source}")
+        return dataclasses.replace(fallback, source=f"{fallback.source} (the run's validation split is not usable: {reason})")
+    return ValidationImages(pixels, [samples.describe(i) for i in picked],
+                            f"{len(picked)} of {len(samples)} images of {described}",
+                            [int(samples.labels[i]) for i in picked], decoded)
+
+
+def _calibration_images(model, run_dir, vimages, say):
+    """(uint8 NHWC pixels, source) for static quantization: a spread of the run's training images
+    (its data folder, less the validation files; the embedded sample's training half), else the
+    validation images. Only pixels are used, never labels."""
+    from .data import embedded_samples
+    from .runs import read_config
+
+    norm = model.meta.normalization
+    if run_dir is not None:
+        try:
+            cfg = read_config(run_dir)
+        except Exception:  # noqa: BLE001 - an older run without config.json: calibrate on validation images
+            cfg = {}
+        data = cfg.get("data")
+        if data and os.path.isdir(data):
+            from .data import Samples
+            from .preprocess import list_images
+
+            held_out = set(vimages.names)
+            files = [p for p in list_images(data) if p not in held_out and os.path.abspath(p) not in held_out]
+            if files:
+                samples = Samples(files, [0] * len(files), ("?",))
+                picked = _spread(len(files), CALIBRATION_IMAGES)
+                return _pixels(samples, picked, norm), f"{len(picked)} training images from {data}"
+        elif not data and not cfg.get("csv") and cfg:
+            train = embedded_samples()[0]
+            picked = _spread(len(train), CALIBRATION_IMAGES)
+            return _pixels(train, picked, norm), f"{len(picked)} images of the embedded sample's training half"
+    return vimages.pixels, f"the {len(vimages.pixels)} validation images ({vimages.source})"
 
 
 def _output_folder(out: Path) -> Path:

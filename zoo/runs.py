@@ -248,6 +248,14 @@ class Run:
                          f"{len(self.history)}, {self.final.get('count', 0)} images)")
         else:
             lines.append(f"no validation set; trained {len(self.history)} epochs")
+        sel = (self.model.meta.extra.get("training") or {}).get("selection") if self.model is not None else None
+        if sel:
+            how = (f"chosen on {sel['holdout_images']} held-out training images "
+                   f"(top-1 {100 * sel['holdout_top1']:.1f}%), then refit on all {sel['refit']['images']}"
+                   if sel["on"] == "holdout" and sel.get("refit") else sel["on"])
+            lines.append(f"epoch {self.best_epoch}: {how}; weight decay {sel['weight_decay']:g}"
+                         + (" (tuned)" if sel.get("tune") else "")
+                         + ("; features standardized" if sel.get("standardized") else ""))
         lines.append(f"time: {self.seconds:.1f}s on {self.device}"
                      + (f"; features cached: {self.cache.get('hits', 0)} hits, {self.cache.get('misses', 0)} "
                         f"extracted" if self.cache else ""))

@@ -22,9 +22,12 @@ Pass criteria:
   fp32 (the default): max |logit diff| <= tolerance.logits (1e-4), embedding cosine >=
     tolerance.cosine (0.9999), and every top-1 disagreement is a near-tie (the reference's top-2
     margin <= 2 x tolerance.logits).
-  int8 (dynamic quantization is lossy by design): top-1 agreement >= tolerance.int8_agreement
-    (0.9) and embedding cosine >= tolerance.int8_cosine (0.9); logit differences are reported,
-    not bounded.
+  int8 (lossy by design): with labelled validation images (the run's own validation split),
+    accuracy may drop by at most tolerance.int8_accuracy_drop (0.01, one point); without labels,
+    top-1 agreement >= tolerance.int8_agreement (0.9). Agreement, logit differences and the
+    embedding cosine are always reported; a mean embedding cosine under tolerance.int8_cosine
+    (0.9) adds a note that the embedding output is approximate. (With labels, agreement does not
+    gate: on a 70%-accurate head, int8 flips near-ties both ways at unchanged accuracy.)
 
 `--preprocess full` artifacts take the decoded images as they are, so they are validated on
 `full_validation_images`: the validation photos at their own, different sizes plus synthetic
@@ -69,6 +72,7 @@ class Tolerance:
     cosine: float = 0.9999
     int8_agreement: float = 0.9
     int8_cosine: float = 0.9
+    int8_accuracy_drop: float = 0.01
     full_probabilities: float = 0.01
     full_cosine: float = 0.999
 
@@ -367,7 +371,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
     margin = top2[:, 1] - top2[:, 0]
     per_batch: dict[str, Any] = {}
     worst = {"max_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
-             "min_embedding_cosine": None, "unexplained_top1_flips": 0}
+             "min_embedding_cosine": None, "mean_embedding_cosine": None, "unexplained_top1_flips": 0}
     problems: list[str] = []
     for bs, out in sorted(runs.items()):
         logits = np.asarray(out["logits"], dtype=np.float32)
@@ -388,7 +392,11 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
             if emb.shape != reference["embedding"].shape:
                 problems.append(f"batch {bs}: embedding shape {emb.shape} != eager {reference['embedding'].shape}")
             else:
-                cos = float(_cosine(emb, reference["embedding"]).min())
+                cosines = _cosine(emb, reference["embedding"])
+                cos = float(cosines.min())
+                mean_cos = float(cosines.mean())
+                worst["mean_embedding_cosine"] = (mean_cos if worst["mean_embedding_cosine"] is None
+                                                  else min(worst["mean_embedding_cosine"], mean_cos))
         per_batch[str(bs)] = {"max_abs_logit_diff": diff, "max_abs_prob_diff": pdiff, "top1_agreement": agree,
                               "min_embedding_cosine": cos, "unexplained_top1_flips": flips}
         worst["max_abs_logit_diff"] = max(worst["max_abs_logit_diff"], diff)
@@ -403,11 +411,15 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
     if not runs:
         problems.append("the artifact was not run at any batch size")
     cos = worst["min_embedding_cosine"]
+    notes: list[str] = []
+    labelled = targets is not None and any(t is not None for t in targets)
     if kind == "int8":
-        if worst["top1_agreement"] < tol.int8_agreement:
-            problems.append(f"top-1 agreement {worst['top1_agreement']:.3f} < {tol.int8_agreement} (int8 tolerance)")
-        if cos is not None and cos < tol.int8_cosine:
-            problems.append(f"embedding cosine {cos:.4f} < {tol.int8_cosine} (int8 tolerance)")
+        if not labelled and worst["top1_agreement"] < tol.int8_agreement:
+            problems.append(f"top-1 agreement {worst['top1_agreement']:.3f} < {tol.int8_agreement} (int8 tolerance; "
+                            "unlabelled validation images)")
+        mean_cos = worst["mean_embedding_cosine"]
+        if mean_cos is not None and mean_cos < tol.int8_cosine:
+            notes.append(f"the embedding output is approximate in int8 (mean cosine {mean_cos:.3f} to fp32)")
     else:
         d = worst["max_abs_logit_diff"]
         if not d <= tol.logits:  # NaN fails too
@@ -424,14 +436,19 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
         "per_batch_size": per_batch,
         "tolerance": tol.to_dict(),
         "problems": problems,
+        "notes": notes,
     }
-    if targets is not None and any(t is not None for t in targets):
+    if labelled:
         idx = np.array([i for i, t in enumerate(targets) if t is not None])
         y = np.array([targets[i] for i in idx])
         first = runs[min(runs)]["logits"]
         acc_ref = float((ref_top1[idx] == y).mean())
         acc_art = float((np.asarray(first).argmax(1)[idx] == y).mean())
         report["accuracy"] = {"eager": acc_ref, "artifact": acc_art, "delta": acc_art - acc_ref, "images": int(len(idx))}
+        if kind == "int8" and acc_art - acc_ref < -tol.int8_accuracy_drop:
+            problems.append(f"int8 accuracy {acc_art:.3f} is {acc_ref - acc_art:.3f} below fp32's {acc_ref:.3f} on "
+                            f"{len(idx)} labelled validation images (allowed drop {tol.int8_accuracy_drop})")
+            report["passed"] = False
     return report
 
 

@@ -1,0 +1,115 @@
+"""int8 worth shipping: static QDQ int8 (the default) calibrated on the user's images, outputs
+independent of batch composition, its value (accuracy, agreement, size, speed) reported, and
+validation on the run's own validation split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import zoo
+from zoo.cli.main import main
+
+from test_export_support import tiny_model
+from trainhelpers import make_image_folder, train_kwargs
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A trained run on a folder of images, with a recorded validation split."""
+    root = tmp_path_factory.mktemp("int8")
+    data = make_image_folder(root / "data", per_class=12, size=40)
+    run = zoo.train(backbone="timm/mobilenetv3_small_050", data=str(data), weights=None, out=str(root / "run"),
+                    **train_kwargs(root, image_size=64, epochs=2))
+    return root, run.dir
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    root, run = run_dir
+    report = zoo.export(run, formats="onnx", quantize="int8", out=root / "export")
+    return root / "export", report
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _alone_and_in_a_batch(path, meta):
+    """The logits of one image run alone, and run first in a batch of 8 with very different images."""
+    _, h, w, c = meta["input_shape"]
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 120, (1, h, w, c), dtype=np.uint8)
+    others = rng.integers(0, 256, (7, h, w, c), dtype=np.uint8)
+    others[::2] = 255  # bright companions: a per-batch activation scale would move with them
+    sess = _session(path)
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: image})[0][0], sess.run(None, {name: np.concatenate([image, others])})[0][0]
+
+
+def _relative(a, b) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def test_static_int8_is_the_default_and_batch_independent(exported):
+    out, report = exported
+    meta = json.loads((out / "model.int8.onnx.json").read_text())
+    assert meta["int8_mode"] == "static" and "QDQ" in meta["quantization"]
+    assert set(meta["runtimes"]) >= {"onnxruntime", "openvino"}
+    alone, in_batch = _alone_and_in_a_batch(out / "model.int8.onnx", meta)
+    assert _relative(alone, in_batch) < 1e-4
+
+
+def test_dynamic_int8_is_opt_in_and_batch_dependent(run_dir, tmp_path):
+    """The control: dynamic int8 (on request) computes activation scales per batch, so the same
+    image's output moves with its companions; the test above could fail."""
+    _, run = run_dir
+    zoo.export(run, formats="onnx-int8", out=tmp_path, int8_mode="dynamic")
+    meta = json.loads((tmp_path / "model.int8.onnx.json").read_text())
+    assert meta["int8_mode"] == "dynamic" and meta["runtimes"] == ["onnxruntime"]
+    alone, in_batch = _alone_and_in_a_batch(tmp_path / "model.int8.onnx", meta)
+    assert _relative(alone, in_batch) > 1e-3
+
+
+def test_report_gives_accuracy_on_the_run_validation_split_size_and_speed(exported, run_dir):
+    out, report = exported
+    on_disk = json.loads((out / "export-report.json").read_text())
+    images = on_disk["images"]
+    assert "validation split" in images["source"] and images["labelled"] == images["count"] > 0
+    recorded = json.loads((run_dir[1] / "validation.json").read_text())["items"]
+    assert images["count"] == min(len(recorded), 64)
+    assert "training images" in on_disk["calibration"]["source"]
+    int8 = on_disk["artifacts"]["onnx-int8"]
+    acc = int8["validation"]["accuracy"]
+    assert 0 <= acc["artifact"] <= 1 and acc["images"] == images["count"]
+    assert abs(acc["delta"]) <= 0.01 + 1e-9  # the gate: at most one point lost
+    value = int8["export"]["value"]
+    assert value["size_ratio"] == pytest.approx(value["int8_bytes"] / value["fp32_bytes"], abs=1e-3)
+    assert value["size_ratio"] < 1 and value["smaller"] is True
+    assert value["fp32_ms"] > 0 and value["int8_ms"] > 0
+    assert value["faster"] == (value["speedup"] > 1)
+    assert bool(value["notes"]) == (not value["smaller"] or not value["faster"])
+
+
+def test_accuracy_drop_beyond_one_point_fails_closed():
+    from zoo.validation import Tolerance, compare
+
+    ref = {"logits": np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]], np.float32)}
+    ref["probabilities"] = ref["logits"]
+    worse = {"logits": np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]], np.float32)}
+    worse["probabilities"] = worse["logits"]
+    report = compare(ref, {1: worse}, Tolerance(), kind="int8", targets=[0, 1, 0, 1])
+    assert not report["passed"] and "below fp32" in " ".join(report["problems"])
+    unlabelled = compare(ref, {1: worse}, Tolerance(int8_agreement=0.9), kind="int8")
+    assert not unlabelled["passed"] and "agreement" in " ".join(unlabelled["problems"])
+
+
+def test_cli_int8_prints_its_value(run_dir, tmp_path, capsys):
+    _, run = run_dir
+    code = main(["export", str(run), "-f", "onnx-int8", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "the fp32 file's size" in printed and "labelled images" in printed
