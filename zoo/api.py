@@ -136,12 +136,16 @@ class ExportOptions:
     artifacts: format name -> path of the artifacts already exported and validated in this run
         (e.g. an int8 exporter quantizes the fp32 file when its `builds_on` format is there).
     options: your own options, by name: exactly those in `Exporter.options`, defaults filled in.
+    calibration: for exporters that set `calibrates`: the user's images as a uint8 (N, H, W, 3)
+        RGB array, resized/cropped by the reference preprocessing like `validate`'s images (the
+        run's training sample for an export from a run, else the validation images); None otherwise.
     """
 
     preprocess: str = "normalize"
     embedding: bool = True
     artifacts: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return self.options[name]
@@ -206,6 +210,9 @@ class Exporter(ABC):
     #: `zoo export --quantize Q` adds, for each chosen format F, the exporter with
     #: builds_on=F and quantization=Q.
     quantization: ClassVar[str | None] = None
+    #: the export needs the user's images (e.g. static int8 calibrates activation ranges on
+    #: them): `zoo.export` then loads a bounded sample into `ExportOptions.calibration`.
+    calibrates: ClassVar[bool] = False
 
     @abstractmethod
     def export(self, model: "ZooModel", path: str, options: ExportOptions) -> Mapping[str, Any]:
