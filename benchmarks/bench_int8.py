@@ -1,5 +1,5 @@
 """Is int8 worth shipping? fp32 vs static int8 (the default, `--quantize int8`) vs dynamic int8
-(`--quantize int8-dynamic`) on real weights and a real task, in one run.
+(`--quantize int8 --int8-mode dynamic`) on real weights and a real task, in one run.
 
     python benchmarks/bench_int8.py [--backbones timm/tf_efficientnet_lite0 torchvision/mobilenet_v2]
                                     [--train 500] [--val 200] [--epochs 10] [--json out.json]
@@ -81,7 +81,7 @@ def summarize(report: dict, name: str) -> dict:
            "max_abs_logit_diff": v.get("max_abs_logit_diff"), "mean_abs_logit_diff": v.get("mean_abs_logit_diff"),
            "max_batch_size_diff": v.get("max_batch_size_diff"), "accuracy": v.get("accuracy"),
            "problems": v.get("problems")}
-    value = v.get("int8") or {}
+    value = (art.get("export") or {}).get("value") or {}
     out.update({k: value.get(k) for k in ("size_ratio", "speedup", "fp32_ms", "int8_ms", "speed_threads", "notes")})
     return out
 
@@ -97,15 +97,15 @@ def run_one(backbone: str, train_dir: Path, val_dir: Path, work: Path, epochs: i
     result: dict = {"backbone": backbone, "train_seconds": round(time.perf_counter() - t0, 1),
                     "val_top1_train_report": run.val_top1}
     for label, kwargs in (("run_validation_sample", {}), ("whole_val_folder", {"images": str(val_dir)})):
-        for quantize in ("int8", "int8-dynamic"):
-            out = work / f"{run_dir.name}-{label}-{quantize}"
+        for mode in ("static", "dynamic"):
+            out = work / f"{run_dir.name}-{label}-{mode}"
             t0 = time.perf_counter()
             try:
-                report = zoo.export(run_dir, formats="onnx", out=out, quantize=quantize, **kwargs)
+                report = zoo.export(run_dir, formats="onnx", out=out, quantize="int8", int8_mode=mode, **kwargs)
             except ExportValidationError as exc:
                 report = exc.report
-            name = "onnx-int8" if quantize == "int8" else "onnx-int8-dynamic"
-            result[f"{label}/{quantize}"] = {"images": report["images"]["source"], "count": report["images"]["count"],
+            name = "onnx-int8"
+            result[f"{label}/{mode}"] = {"images": report["images"]["source"], "count": report["images"]["count"],
                                              "calibration": (report.get("calibration") or {}).get("source"),
                                              "seconds": round(time.perf_counter() - t0, 1),
                                              "fp32": summarize(report, "onnx"), "int8": summarize(report, name)}

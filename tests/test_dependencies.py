@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_DIRS = ("zoo", "plugins", "exporters")
 TEST_DIRS = ("tests",)
+BENCH_DIRS = ("benchmarks",)  # their own extra, `bench` (e.g. scikit-learn for the probe reference)
 # Import name -> distribution, where they differ. Spelled out (not read from the installed
 # environment) so the audit means the same thing whatever is installed.
 DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn"}
@@ -57,7 +58,7 @@ def local_modules(root: Path, dirs) -> set[str]:
 
 def third_party_imports(root: Path, dirs) -> dict[str, set[str]]:
     """distribution -> files importing it (absolute imports not in the stdlib nor this project)."""
-    own = local_modules(root, RUNTIME_DIRS + TEST_DIRS + ("examples",)) | {"zoo"}
+    own = local_modules(root, RUNTIME_DIRS + TEST_DIRS + BENCH_DIRS + ("examples",)) | {"zoo"}
     found: dict[str, set[str]] = {}
     for d in dirs:
         for path in sorted((root / d).rglob("*.py")):
@@ -82,7 +83,7 @@ def audit(root: Path = ROOT, pyproject: Path | None = None) -> list[str]:
     problems = []
     used_at_runtime = third_party_imports(root, RUNTIME_DIRS)
     # Optional runtimes (e.g. `openvino`, `opencv` for export targets) live in extras other than test.
-    optional = set().union(*(v for k, v in extras.items() if k != "test"))
+    optional = set().union(*(v for k, v in extras.items() if k not in ("test", "bench")))
     for dist, files in sorted(used_at_runtime.items()):
         if dist not in runtime and dist not in optional:
             problems.append(f"{dist} is imported by {sorted(files)[0]} but is neither a runtime dependency nor in "
@@ -91,6 +92,14 @@ def audit(root: Path = ROOT, pyproject: Path | None = None) -> list[str]:
     for dist, files in sorted(used_by_tests.items()):
         if dist not in runtime and dist not in test_extra:
             problems.append(f"{dist} is imported by {sorted(files)[0]} but is neither a runtime dependency nor in the test extra")
+    bench_extra = extras.get("bench", set())
+    used_by_bench = third_party_imports(root, BENCH_DIRS) if (root / "benchmarks").is_dir() else {}
+    for dist, files in sorted(used_by_bench.items()):
+        if dist not in runtime and dist not in bench_extra and dist not in optional:
+            problems.append(f"{dist} is imported by {sorted(files)[0]} but is neither a runtime dependency nor in the "
+                            "bench extra")
+    for dist in sorted(bench_extra - set(used_by_bench)):
+        problems.append(f"bench extra {dist} is never imported by benchmarks/")
     indirect = {_norm(k) for k in USED_INDIRECTLY}
     for dist in sorted(runtime - set(used_at_runtime) - indirect):
         problems.append(f"runtime dependency {dist} is never imported by zoo/, plugins/ or exporters/")

@@ -34,7 +34,7 @@ def _round_trip(tmp_path, model, formats):
     run = save_model(model, tmp_path / "run")
     reloaded = load_model(run)  # what `zoo export RUN` sees
     report = zoo.export(run, formats=formats)
-    expected = ["onnx", "torchscript"] if formats == "all" else [formats]
+    expected = ["onnx", "pt2", "torchscript"] if formats == "all" else [formats]
     _check_report(report, expected)
     out = run / "export"
     assert json.loads((out / "export-report.json").read_text())["status"] == "passed"

@@ -38,7 +38,8 @@ def _train(tmp_path, data, weights, **kw):
 
 def test_learns_far_above_chance_and_frozen_backbone_is_bit_identical(tmp_path, data, weights):
     run = _train(tmp_path, data, weights, epochs=8, out=tmp_path / "run")
-    assert run.val_top1 >= 0.9, run.history  # chance is 1/3
+    # chance is 1/3; the reported number is honest (the epoch is not chosen on val), so 8 of 9 may show
+    assert run.val_top1 >= 0.85, run.history
     assert run.cache["misses"] > 0 and run.freeze_report.trainable == 512 * 3 + 3
     reference = load_file(str(weights))
     for k, v in run.model.backbone.state_dict().items():  # parameters and BN running stats
@@ -104,11 +105,55 @@ def test_run_directory_contents_and_reload(tmp_path, data, weights):
         _train(tmp_path, data, weights, out=out)
 
 
-def test_early_stopping_keeps_best_epoch(tmp_path, data, weights):
-    run = _train(tmp_path, data, weights, epochs=30, patience=2, lr=1e-2)
+def test_early_stopping_chooses_the_epoch_on_the_holdout(tmp_path, data, weights):
+    run = _train(tmp_path, data, weights, epochs=30, patience=2, lr=1e-2, holdout=0.4)
     assert len(run.history) < 30
-    best = max(h["val_top1"] for h in run.history)
-    assert run.best_val_top1 == best and run.val_top1 == best
+    scores = [(h["holdout_top1"], -h["holdout_loss"]) for h in run.history]
+    assert run.best_epoch == 1 + scores.index(max(scores))
+    selection = run.model.meta.extra["training"]["selection"]
+    assert selection["on"] == "holdout" and selection["holdout_images"] >= 10
+    assert selection["refit"] == {"epochs": run.best_epoch, "images": 27}
+
+
+def test_the_validation_split_never_takes_part_in_a_choice(tmp_path, data, weights):
+    """Same training images, two validation folders with opposite labels: if val chose the epoch
+    or the weight decay, the heads would differ. They are identical; only the reported numbers move."""
+    import shutil
+
+    val = make_image_folder(tmp_path / "val", per_class=4, seed=5)
+    flipped = tmp_path / "flipped"
+    for a, b in (("red", "green"), ("green", "blue"), ("blue", "red")):
+        shutil.copytree(val / a, flipped / b)
+    heads = []
+    for v in (val, flipped):
+        run = _train(tmp_path / v.name, data, weights, epochs=6, val_data=str(v), holdout=0.4, tune=True)
+        heads.append((run.best_epoch, run.model.meta.extra["training"]["selection"]["weight_decay"],
+                      {k: t.clone() for k, t in run.model.head.state_dict().items()}, run.val_top1))
+    (e1, wd1, h1, acc1), (e2, wd2, h2, acc2) = heads
+    assert (e1, wd1) == (e2, wd2) and all(torch.equal(h1[k], h2[k]) for k in h1)
+    assert acc1 > 0.8 > acc2  # the val labels really were opposite
+
+
+def test_standardization_is_folded_into_the_saved_head(tmp_path, data, weights):
+    """Features with a large offset and scale are standardized for training; the saved head is a
+    plain Linear computing the same logits, so exports and predict need nothing extra."""
+    run = _train(tmp_path, data, weights, epochs=3, out=tmp_path / "run")
+    head = load_model(tmp_path / "run").head
+    assert [type(m).__name__ for m in head] == ["Linear"]
+    assert run.model.meta.extra["training"]["selection"]["standardized"] is True
+    feats = torch.randn(5, head[0].in_features) * 30 + 7
+    from zoo.heads import Standardize, feature_statistics, fold_standardization
+
+    mean, std = feature_statistics(feats)
+    lin = torch.nn.Linear(head[0].in_features, 3)
+    wrapped = torch.nn.Sequential(Standardize(mean, std), lin)
+    with torch.no_grad():
+        expected = wrapped(feats)
+        bias = lin.bias.clone()  # the standardized mean maps to the bias
+        folded = fold_standardization(wrapped)
+        assert [type(m).__name__ for m in folded] == ["Linear"]
+        assert torch.allclose(folded(feats), expected, atol=1e-4)
+        assert torch.allclose(folded[0](mean.unsqueeze(0)), bias.unsqueeze(0), atol=1e-4)
 
 
 class Interrupt(Exception):
@@ -210,7 +255,7 @@ def test_mixed_precision_extraction_matches_fp32(tmp_path, data, weights, amp):
     fp32 on the same task, and the features really were computed in reduced precision."""
     runs = {p: _train(tmp_path / p, data, weights, epochs=8, amp=p, cache_dir=str(tmp_path / "cache"))
             for p in ("off", amp)}
-    assert runs["off"].val_top1 >= 0.9, runs["off"].history
+    assert runs["off"].val_top1 >= 0.85, runs["off"].history  # 8 of 9, honestly reported
     assert abs(runs[amp].val_top1 - runs["off"].val_top1) <= 0.01, (runs[amp].history, runs["off"].history)
     if amp == "bf16":  # the extraction engines have a bf16 engine (zoo.engines), none for fp16
         feats = _cached_features(tmp_path / "cache")

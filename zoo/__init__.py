@@ -32,6 +32,7 @@ _EXPORTS = {
     "auto_layer_groups": "zoo.layers",
     "ZooModel": "zoo.model",
     "build_model": "zoo.model",
+    "pretrained_classifier": "zoo.model",
     "train": "zoo.training",
     "export": "zoo.export",
 }

@@ -99,7 +99,8 @@ class BackboneProvider(ABC):
         return None
 
     def pretrained_head(self, spec: BackboneSpec, weights: str | None) -> PretrainedHead | None:
-        """The classifier that came with weights `weights`, if you can provide it. Default: not available."""
+        """The classifier that came with weights `weights`, if you can provide it; None for
+        `weights=None` (random init). Default: not available."""
         return None
 
 
@@ -136,9 +137,9 @@ class ExportOptions:
     artifacts: format name -> path of the artifacts already exported and validated in this run
         (e.g. an int8 exporter quantizes the fp32 file when its `builds_on` format is there).
     options: your own options, by name: exactly those in `Exporter.options`, defaults filled in.
-    calibration: for exporters that set `calibrates`: the user's images as a uint8 (N, H, W, 3)
-        RGB array, resized/cropped by the reference preprocessing like `validate`'s images (the
-        run's training sample for an export from a run, else the validation images); None otherwise.
+    calibration: for exporters that declare `quantization`: the user's images, uint8 (N, H, W, 3)
+        at the input size after the reference resize/crop (a sample of the run's training images
+        when the export comes from a run, else the validation images); None otherwise.
     """
 
     preprocess: str = "normalize"
@@ -156,7 +157,7 @@ class ExportOptions:
     def as_kwargs(self) -> dict[str, Any]:
         """Everything as keyword arguments (for exporters written as plain functions)."""
         return {"preprocess": self.preprocess, "embedding": self.embedding, "artifacts": dict(self.artifacts),
-                **self.options}
+                "calibration": self.calibration, **self.options}
 
 
 @dataclass
@@ -210,9 +211,6 @@ class Exporter(ABC):
     #: `zoo export --quantize Q` adds, for each chosen format F, the exporter with
     #: builds_on=F and quantization=Q.
     quantization: ClassVar[str | None] = None
-    #: the export needs the user's images (e.g. static int8 calibrates activation ranges on
-    #: them): `zoo.export` then loads a bounded sample into `ExportOptions.calibration`.
-    calibrates: ClassVar[bool] = False
 
     @abstractmethod
     def export(self, model: "ZooModel", path: str, options: ExportOptions) -> Mapping[str, Any]:

@@ -2,7 +2,7 @@
 validated artifacts, through the exporter plugins.
 
     zoo.export("runs/flowers", formats="all")                     # ONNX + TorchScript, validated
-    zoo.export(model, formats="onnx", out="dist", quantize="int8")  # + static int8 ONNX (QDQ)
+    zoo.export(model, formats="onnx", out="dist", quantize="int8")  # + dynamic-int8 ONNX
 
 Every artifact is written into a staging folder inside `out`, validated fail-closed against eager
 PyTorch (`zoo.validation`), and only then moved into place. An artifact that fails is deleted,
@@ -12,17 +12,9 @@ together with any earlier file of that name in `out` (so nothing stale looks goo
 
 Artifact layout in `out` (stem "model"):
   model.onnx + model.onnx.json              ONNX, fp32
-  model.int8.onnx + model.int8.onnx.json    ONNX, static int8, QDQ (quantize="int8"): per-channel
-                                            weights, activation ranges calibrated on the user's images
-  model.int8-dynamic.onnx + .json           ONNX, dynamic int8 (quantize="int8-dynamic", opt-in)
+  model.int8.onnx + model.int8.onnx.json    ONNX, dynamic int8 (quantize="int8")
   model.torchscript.pt + .json              TorchScript, frozen (metadata also inside, extra files)
   export-report.json                        what was exported, and every validation number
-
-Validation images: `images` when given; for an export from a run directory, a class-balanced
-sample of the run's own validation split (labelled: the report gets accuracy); else
-scikit-image's sample photos and synthetic images. Static int8 calibrates on the run's recorded
-training sample (else the same validation images). The report says which images were used
-("images", "calibration").
 
 Inputs (`preprocess`):
   "normalize" (default): the graph takes RGB uint8 (N, H, W, 3), i.e. `np.asarray(pil_image)`
@@ -36,6 +28,7 @@ features; embedding=False leaves it out).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -140,7 +133,8 @@ def artifact_metadata(model, fmt: str, preprocess: str = "normalize", embedding:
         "backbone": meta.backbone,
         "weights": meta.weights,
         "feature_dim": meta.feature_dim,
-        "head": meta.head.to_dict(),
+        "head": {**meta.head.to_dict(), "in_features": meta.feature_dim, "out_features": len(meta.labels),
+                 **({"source": meta.extra["head_source"]} if meta.extra.get("head_source") else {})},
         "normalization": norm.to_dict(),
         "mean": list(norm.mean),
         "std": list(norm.std),
@@ -290,14 +284,11 @@ def export(
     out: destination folder (default: RUN/export for a run directory; required for a model).
     preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't.
     quantize: e.g. "int8": adds each chosen format's quantized variant (`onnx` -> `onnx-int8`,
-        static int8 calibrated on the user's images; "int8-dynamic" -> `onnx-int8-dynamic`),
-        validated with the int8 tolerance (top-1 agreement >= int8_agreement, default 0.9;
-        accuracy on labelled images at most 3 points below fp32), its size and speed against
-        fp32 reported.
+        onnxruntime dynamic quantization), validated with the int8 tolerance (top-1 agreement
+        >= int8_agreement, default 0.9).
     tolerance: max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4).
-    images: validation images (a folder, files, or a uint8 NHWC array); default: for a run
-        directory, up to 64 images of its validation split; else scikit-image's sample photos
-        topped up with deterministic synthetic images (8 in all).
+    images: validation images (a folder, files, or a uint8 NHWC array); default: scikit-image's
+        sample photos topped up with deterministic synthetic images (8 in all).
     validate=False skips validation (the report says so; the artifacts are marked unvalidated).
     options / **exporter_options: the exporters' own options by name, e.g. opset=17,
         onnx_exporter="legacy", optimize=True, int8_ops="matmul" for the ONNX exporters
@@ -325,7 +316,7 @@ def export(
 def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
             batch_sizes, int8_agreement, validate, progress, given) -> dict[str, Any]:
     from . import registry
-    from .validation import Tolerance, eager_outputs
+    from .validation import Tolerance, eager_outputs, load_validation_images
 
     # -- everything checked before anything is written -------------------------------------------------
     say = progress or (lambda msg: None)
@@ -344,13 +335,13 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
     own_options = exporter_options(specs, given)
     out = _output_folder(Path(out))
 
-    # -- the reference every artifact is compared with, and the images quantization calibrates on -------
+    # -- the reference every artifact is compared with ---------------------------------------------------
     tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
-    vimages = validation_images(images, model, run_dir, say)
-    calibration = (calibration_images(model, run_dir, vimages, say)
-                   if any(getattr(spec, "calibrates", False) for spec in specs.values()) else None)
+    vimages = _validation_images(images, model, run_dir, say)
     reference = eager_outputs(model, vimages.pixels) if validate else None
+    calibration = (_calibration_images(model, run_dir, vimages, say)
+                   if any(getattr(spec, "quantization", None) for spec in specs.values()) else None)
     report: dict[str, Any] = {
         "status": "running",
         "model": {"backbone": model.meta.backbone, "weights": model.meta.weights,
@@ -360,7 +351,7 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
                     "batch_sizes": list(batch_sizes), "validate": validate, "exporters": own_options},
         "tolerance": tol.to_dict(),
         "images": vimages.to_dict(),
-        **({"calibration": calibration.to_dict()} if calibration is not None else {}),
+        **({"calibration": {"source": calibration[1], "count": int(len(calibration[0]))}} if calibration else {}),
         "versions": versions(),
         "artifacts": {},
     }
@@ -380,7 +371,7 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
         staged = staging / final.name
         options = ExportOptions(preprocess=preprocess, embedding=embedding, artifacts=dict(validated),
                                 options=own_options[name],
-                                calibration=calibration.pixels if calibration is not None and spec.calibrates else None)
+                                calibration=calibration[0] if calibration and spec.quantization else None)
         t0 = time.perf_counter()
         try:
             say(f"{name}: exporting")
@@ -455,39 +446,90 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
     return report
 
 
-def validation_images(images, model, run_dir, say=lambda msg: None):
-    """The images every artifact is validated on: `images` when given (--images); else, for an
-    export from a run directory, a class-balanced sample of the run's own validation split
-    (labelled, so the report has accuracy); else scikit-image's photos and synthetic images.
-    The report's "images" says which was used (and, for a run without a usable split, why)."""
-    from .validation import load_validation_images, run_images
+RUN_VALIDATION_IMAGES = 64  # enough to see accuracy move, few enough to export in seconds
+CALIBRATION_IMAGES = 128
+
+
+def _spread(n: int, limit: int) -> list[int]:
+    """`limit` indices spread evenly over range(n) (every class of a sorted split gets some)."""
+    return list(range(n)) if n <= limit else [int(i * n / limit) for i in range(limit)]
+
+
+def _pixels(samples, indices, norm):
+    import numpy as np
+
+    from .preprocess import resize_crop, to_uint8_hwc
+
+    return np.stack([to_uint8_hwc(resize_crop(samples.load(i), norm)) for i in indices])
+
+
+def _validation_images(images, model, run_dir, say):
+    """The images every artifact is checked on: those given; else the run's own validation split
+    (labelled, so the report has accuracy); else scikit-image's photos. A run whose split cannot
+    be read is said, never passed over quietly."""
+    from .errors import DataError
+    from .runs import RunDirError, recorded_validation
+    from .validation import ValidationImages, load_validation_images
 
     norm, labels = model.meta.normalization, model.meta.labels
-    why = ""
-    if images is None and run_dir is not None:
-        found, why = run_images(run_dir, labels, norm, "validation")
-        if found is not None:
-            return found
-    vimages = load_validation_images(images, norm, labels)
-    if why:
-        vimages.source += f" (the run's validation split is not usable: {why})"
-        say(f"validation images: {vimages.source}")
-    return vimages
+    if images is not None or run_dir is None:
+        return load_validation_images(images, norm, labels)
+    try:
+        samples, described = recorded_validation(run_dir, labels)
+        picked = _spread(len(samples), RUN_VALIDATION_IMAGES)
+        if not picked:
+            raise RunDirError("its validation split is empty")
+        pixels = _pixels(samples, picked, norm)
+    except (RunDirError, DataError, OSError) as exc:
+        fallback = load_validation_images(None, norm, labels)
+        reason = str(exc).split(";")[0]
+        say(f"validation images: the run's own split is not usable ({reason}); using {fallback.source}")
+        return dataclasses.replace(fallback, source=f"{fallback.source} (the run's validation split is not usable: {reason})")
+    return ValidationImages(pixels, [samples.describe(i) for i in picked],
+                            f"{len(picked)} of {len(samples)} images of {described}",
+                            [int(samples.labels[i]) for i in picked])
 
 
-def calibration_images(model, run_dir, vimages, say=lambda msg: None):
-    """The images static quantization calibrates its activation ranges on: the run's recorded
-    training sample (images the reported validation accuracy is not measured on), else the run's
-    validation sample, else the validation images themselves."""
-    from .validation import run_images
+def _calibration_images(model, run_dir, vimages, say):
+    """(uint8 NHWC pixels, source) for static quantization: a spread of the run's training images
+    (the training sample it recorded in validation.json; for older runs its data folder, less the
+    validation files; the embedded sample's training half), else the validation images. Only
+    pixels are used, never labels."""
+    from .data import embedded_samples
+    from .errors import DataError
+    from .preprocess import ImageDecodeError
+    from .runs import RunDirError, read_config, recorded_calibration
 
+    norm = model.meta.normalization
     if run_dir is not None:
-        for which in ("calibration", "validation"):
-            found, _ = run_images(run_dir, model.meta.labels, model.meta.normalization, which)
-            if found is not None:
-                return found
-    say(f"calibration images: the validation images ({vimages.source})")
-    return vimages
+        try:  # the training sample the run recorded (works for --csv runs and moved data folders too)
+            samples, described = recorded_calibration(run_dir, model.meta.labels)
+            picked = _spread(len(samples), CALIBRATION_IMAGES)
+            return _pixels(samples, picked, norm), f"{len(picked)} of {described} ({len(samples)} recorded)"
+        except RunDirError:
+            pass  # recorded by an older zoo, or not at all: the data folder below
+        except (DataError, ImageDecodeError, OSError) as exc:  # files moved or damaged since training
+            say(f"calibration images: the run's recorded training sample is not usable ({str(exc).split(';')[0]})")
+        try:
+            cfg = read_config(run_dir)
+        except Exception:  # noqa: BLE001 - an older run without config.json: calibrate on validation images
+            cfg = {}
+        data = cfg.get("data")
+        if data and os.path.isdir(data):
+            from .data import Samples
+            from .preprocess import list_images
+
+            held_out = set(vimages.names)
+            files = [p for p in list_images(data) if p not in held_out and os.path.abspath(p) not in held_out]
+            if files:
+                samples = Samples(files, [0] * len(files), ("?",))
+                picked = _spread(len(files), CALIBRATION_IMAGES)
+                return _pixels(samples, picked, norm), f"{len(picked)} training images from {data}"
+        elif not data and not cfg.get("csv") and cfg:
+            train = embedded_samples()[0]
+            picked = _spread(len(train), CALIBRATION_IMAGES)
+            return _pixels(train, picked, norm), f"{len(picked)} images of the embedded sample's training half"
+    return vimages.pixels, f"the {len(vimages.pixels)} validation images ({vimages.source})"
 
 
 def _output_folder(out: Path) -> Path:
@@ -530,7 +572,7 @@ def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
     keys = ("passed", "kind", "max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
             "min_embedding_cosine", "max_batch_size_diff", "batch_sizes", "tolerance", "images", "accuracy",
-            "dynamic_batch", "int8")
+            "dynamic_batch")
     return {k: v[k] for k in keys if k in v}
 
 

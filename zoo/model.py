@@ -119,6 +119,55 @@ def build_model(
     return ZooModel(module, build_head(info.feature_dim, len(labels), cfg), meta, info)
 
 
+def pretrained_classifier(backbone: str, weights: Any = "default") -> ZooModel:
+    """The backbone with the classifier its pretrained weights came with, and its class names,
+    as a ZooModel, untrained by us: `zoo.export(pretrained_classifier("torchvision/mobilenet_v2"),
+    out=...)` ships it through the same validated path as a trained run.
+
+    The classifier comes from the backbone's provider (`BackboneProvider.pretrained_head`); a
+    provider without one, or random-init weights, is a ZooError naming the backbone."""
+    from . import registry
+    from .api import PretrainedHead
+
+    # -- the backbone, as for training -------------------------------------------------------------------
+    module, info = create_backbone(backbone, weights=weights)
+    if info.weights is None or str(info.weights).startswith("file:"):
+        raise ZooError(f"{info.name} has no pretrained classifier with weights={info.weights or 'none'}: "
+                       "a pretrained head comes with the provider's own weights; pass a weights tag "
+                       f"({', '.join(w.tag for w in info.available_weights[:4]) or 'none available'}) or train a head with `zoo train`")
+
+    # -- its own classifier, from the provider that owns it -------------------------------------------------
+    reg = registry.backbones()
+    rec, _ = reg.resolve(info.name)
+    head = reg.ask(rec, "pretrained_head", lambda p: p.pretrained_head(rec.spec, info.weights))
+    if head is None:
+        raise ZooError(f"plugin {info.plugin!r} offers no pretrained classifier for {info.name} "
+                       f"(weights {info.weights}); train a head on your data with `zoo train --backbone {info.name}`")
+    if not isinstance(head, PretrainedHead) or not isinstance(head.module, nn.Module):
+        raise ZooError(f"plugin {info.plugin!r}: pretrained_head() for {info.name} must return "
+                       f"zoo.PretrainedHead(labels, module), got {type(head).__name__}")
+
+    # -- checked: the classifier takes the backbone's features and gives one logit per label -------------
+    labels = tuple(str(x) for x in head.labels)
+    classifier = head.module.eval()
+    with torch.no_grad():
+        width = classifier(torch.zeros(2, info.feature_dim)).shape
+    if tuple(width) != (2, len(labels)):
+        raise ZooError(f"plugin {info.plugin!r}: the pretrained classifier of {info.name} maps "
+                       f"{info.feature_dim} features to {tuple(width)[1:]} outputs, but names {len(labels)} labels")
+    source = f"{info.plugin} pretrained classifier ({info.weights})"
+    if isinstance(classifier, nn.Linear):  # a plain Linear is the zoo's linear head: saved, loaded, exported alike
+        cfg = HeadConfig(kind="linear")
+        zoo_head = build_head(info.feature_dim, len(labels), cfg)
+        zoo_head[-1].load_state_dict(classifier.state_dict())
+        zoo_head.eval()
+    else:
+        cfg, zoo_head = HeadConfig(kind="pretrained"), classifier
+    meta = ModelMeta(backbone=info.name, weights=info.weights, normalization=info.normalization, labels=labels,
+                     feature_dim=info.feature_dim, head=cfg, extra={"head_source": source})
+    return ZooModel(module, zoo_head, meta, info)
+
+
 def _backbone_rebuildable(meta: ModelMeta) -> bool:
     w = meta.weights
     trained = meta.frozen_groups is not None
@@ -143,6 +192,8 @@ def save_model(model: ZooModel, directory: str | Path, include_backbone: bool | 
     """Write head.safetensors, backbone.safetensors (when needed) and model.json atomically;
     model.json lists each weights file with its tensor shapes and sha256, so a missing or altered
     file is found when the model is loaded, never replaced by something else."""
+    if model.meta.head.kind == "pretrained":
+        build_head(model.meta.feature_dim, len(model.meta.labels), model.meta.head)  # raises: not rebuildable
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if include_backbone is None:

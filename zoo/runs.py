@@ -117,10 +117,23 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def balanced_sample(labels, count: int) -> list[int]:
+    """Up to `count` indices, deterministically: round-robin over the classes, each class in its
+    order, so a bounded sample keeps every class."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    queues = [list(reversed(v)) for _, v in sorted(by_class.items())]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
 def write_validation(path: str | Path, split) -> None:
     """Record the validation split, so `zoo evaluate RUN` can score the model on it later."""
-    from .validation import balanced_sample
-
     val = split.val
     if val is None:
         doc: dict[str, Any] = {"kind": "none"}
@@ -286,6 +299,14 @@ class Run:
                          f"{len(self.history)}, {self.final.get('count', 0)} images)")
         else:
             lines.append(f"no validation set; trained {len(self.history)} epochs")
+        sel = (self.model.meta.extra.get("training") or {}).get("selection") if self.model is not None else None
+        if sel:
+            how = (f"chosen on {sel['holdout_images']} held-out training images "
+                   f"(top-1 {100 * sel['holdout_top1']:.1f}%), then refit on all {sel['refit']['images']}"
+                   if sel["on"] == "holdout" and sel.get("refit") else sel["on"])
+            lines.append(f"epoch {self.best_epoch}: {how}; weight decay {sel['weight_decay']:g}"
+                         + (" (tuned)" if sel.get("tune") else "")
+                         + ("; features standardized" if sel.get("standardized") else ""))
         lines.append(f"time: {self.seconds:.1f}s on {self.device}"
                      + (f"; features cached: {self.cache.get('hits', 0)} hits, {self.cache.get('misses', 0)} "
                         f"extracted" if self.cache else ""))

@@ -8,6 +8,9 @@
     def test_my_format_round_trips():
         check_exporter("my-format")                # export + validate a tiny model
 
+    def test_my_pretrained_classifier():           # only if the provider implements pretrained_head
+        check_pretrained_head("mine/net", "in1k")  # needs those weights available offline
+
 Each check goes through the zoo exactly as users do (registry, create_backbone, zoo.export) and
 raises ConformanceError (an AssertionError, so pytest shows it as a failure) naming the backbone
 or format, what is wrong and what to fix. The built-in plugins' own tests use the same kit.
@@ -16,7 +19,11 @@ What `check_backbone` asserts: the spec resolves and every weights tag has valid
 backbone builds with random init, in eval mode; a batch of 2 at the record's input size gives
 finite (2, feature_dim) features, equal to the feature dimension the plugin declares at build
 time and in its listing; the layer groups are non-empty, uniquely named, ordered, and cover
-every parameter exactly once. `check_exporter` exports a model (a tiny built-in one, or one on
+every parameter exactly once; random-init weights offer no pretrained classifier
+(`pretrained_head(spec, None)` is None). `check_pretrained_head` builds a backbone with real
+weights and the classifier its provider returns: one finite logit per label (the label count is
+the classifier's output width), non-empty label strings, deterministic in eval mode, and
+exportable (`zoo.pretrained_classifier`). `check_exporter` exports a model (a tiny built-in one, or one on
 your backbone) with your format and requires validation to pass and the metadata to round-trip.
 """
 
@@ -96,6 +103,11 @@ def check_backbone(name: str, input_size: Sequence[int] | None = None) -> dict[s
         check_layer_groups(module, groups)
     except ValueError as exc:
         _fail(name, f"layer groups must cover every parameter exactly once: {exc}")
+
+    # -- random init has no pretrained classifier ----------------------------------------------------------
+    if reg.ask(rec, "pretrained_head", lambda p: p.pretrained_head(rec.spec, None)) is not None:
+        _fail(name, "pretrained_head(spec, None) returned a classifier, but random-init weights have none: "
+                    "return None when weights is None")
     return {"name": name, "feature_dim": built.feature_dim, "listed_feature_dim": static,
             "layer_groups": len(groups), "num_params": built.num_params, "input_size": list(size)}
 
@@ -112,6 +124,55 @@ def check_backbones(provider: str | None = None, names: Iterable[str] | None = N
     if limit is not None and len(chosen) > limit:
         chosen = sorted(chosen, key=lambda n: hashlib.sha1(n.encode()).hexdigest())[:limit]
     return [check_backbone(n, input_size) for n in chosen]
+
+
+def check_pretrained_head(name: str, weights: str = "default") -> dict[str, Any] | None:
+    """Check the classifier a provider ships with `weights` (a tag whose files load offline).
+    Returns None where the provider offers none (pretrained_head is optional), else what was
+    measured. The zoo's own checks in `zoo.pretrained_classifier` (a PretrainedHead, taking the
+    backbone's features, one output per label) run first; then a real forward pass."""
+    import torch
+
+    from . import registry
+    from .backbones import get_info
+    from .model import pretrained_classifier
+
+    # -- what the provider offers (optional: None is a valid answer) ------------------------------------------
+    reg = registry.backbones()
+    try:
+        rec, _ = reg.resolve(name)
+        tag = get_info(name, weights).weights
+        offered = reg.ask(rec, "pretrained_head", lambda p: p.pretrained_head(rec.spec, tag))
+    except ZooError as exc:
+        _fail(name, f"pretrained_head(spec, {weights!r}) fails: {exc}")
+    if offered is None:
+        return None
+
+    # -- the zoo's own checks, as users meet them ---------------------------------------------------------------
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = pretrained_classifier(name, weights=weights)
+    except ZooError as exc:
+        _fail(name, f"its pretrained classifier is not usable: {exc}")
+
+    # -- labels and a real forward pass ---------------------------------------------------------------------
+    labels = model.meta.labels
+    if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        _fail(name, "PretrainedHead.labels must be non-empty strings, one per output of the classifier")
+    size = tuple(model.meta.normalization.input_size)
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        first, second = model(x), model(x)
+    if tuple(first.shape) != (2, len(labels)):
+        _fail(name, f"backbone + pretrained classifier give shape {tuple(first.shape)} for a batch of 2, "
+                    f"expected (2, {len(labels)}) (one logit per label)")
+    if not bool(torch.isfinite(first).all()):
+        _fail(name, "the pretrained classifier's logits on a random batch are not finite")
+    if not torch.equal(first, second):
+        _fail(name, "the pretrained classifier is not deterministic in eval mode (dropout left active?)")
+    return {"name": name, "weights": model.meta.weights, "labels": len(labels),
+            "head": model.meta.head.to_dict(), "source": model.meta.extra.get("head_source")}
 
 
 # -- exporters ----------------------------------------------------------------------------------------

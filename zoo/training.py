@@ -159,6 +159,10 @@ def resumed_config(saved: TrainConfig, given: dict, out) -> TrainConfig:
     return replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
 
 
+TUNE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3)  # --tune's grid (AdamW, decoupled)
+MIN_HOLDOUT_IMAGES = 10
+
+
 @dataclass
 class _FitState:
     """Where the epoch loop stands: what a checkpoint saves and a resume restores."""
@@ -187,9 +191,11 @@ class _Trainer:
         self._open_run_dir()
         try:
             self._prepare_inputs()  # cached features (the extraction phase) or the per-step image pipeline
+            self._tune_weight_decay()  # --tune: the weight decay, chosen on the holdout
             self._build_optimization()
             state = self._restore() if self.resume else self._start()
             state, stopped_early = self._fit(state)
+            self._refit(state)  # the chosen epochs again, on all the training images
         except BaseException:
             self._discard_unstarted_run_dir()
             raise
@@ -288,7 +294,47 @@ class _Trainer:
             self.features, self.cache_info = self._extract_features()
         elif cfg.views:
             warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=3)
+        self._hold_out()
+        if self.cached and cfg.standardize:
+            from .heads import feature_statistics, standardized
+
+            mean, std = feature_statistics(self.features[0][:, self.fit_index])
+            model.head = standardized(model.head, mean, std)
         model.head.to(self.device)
+        self.initial_head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        self.weight_decay, self.tuned = cfg.weight_decay, None
+
+    def _hold_out(self) -> None:
+        """Set aside a stratified part of the training images (features) to choose the best epoch
+        and weight decay on, so the reported validation split never takes part in a choice."""
+        import torch
+
+        cfg, labels = self.cfg, np.asarray(self.split.train.labels)
+        n = len(labels)
+        self.holdout_index, self.holdout_note = None, None
+        held: list[int] = []
+        if cfg.holdout and self.cached:
+            rng = np.random.default_rng(cfg.seed + 7919)  # its own stream: the val split is drawn elsewhere
+            for c in np.unique(labels):
+                idx = np.flatnonzero(labels == c)
+                if len(idx) >= 3:  # at least two left to fit on
+                    held.extend(rng.permutation(idx)[:max(1, round(cfg.holdout * len(idx)))].tolist())
+            if len(held) < MIN_HOLDOUT_IMAGES or len(np.unique(labels[held])) < 2:
+                self.holdout_note = (f"too few training images to hold out {cfg.holdout:g} of them "
+                                     f"({len(held)} would be held out); the last epoch is kept")
+                held = []
+        elif cfg.holdout:
+            self.holdout_note = ("the last epoch is kept: choosing it on a holdout needs cached features (the whole "
+                                 "backbone frozen, and --views with --augment)")
+        if self.holdout_note:
+            if cfg.tune:
+                raise ZooError(f"--tune cannot choose a weight decay: {self.holdout_note.split(';')[0]}")
+            warnings.warn(self.holdout_note, stacklevel=4)
+        mask = np.ones(n, dtype=bool)
+        mask[held] = False
+        self.fit_index = torch.as_tensor(np.flatnonzero(mask))
+        if held:
+            self.holdout_index = torch.as_tensor(np.sort(np.asarray(held)))
 
     def _extract_features(self) -> tuple[tuple, dict]:
         """The extraction phase: (train features (views, N, D), val features (N, D) or None) and the
@@ -335,8 +381,8 @@ class _Trainer:
 
             self.train_module = DDP(trainable_module,
                                     device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        self.total_steps = math.ceil(len(self.split.train) / cfg.batch_size) * cfg.epochs
+        self.optimizer = build_optimizer(model, cfg.lr, self.weight_decay)
+        self.total_steps = math.ceil(len(self.fit_index) / cfg.batch_size) * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine(self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
 
@@ -391,14 +437,16 @@ class _Trainer:
                     raise
                 tr = {"loss": math.inf}
             self._check_finite(epoch, tr["loss"])
-            va = self._evaluate() if self.split.val is not None else None
+            va = self._evaluate() if self.split.val is not None else None  # reported, never chosen on
+            ho = self._evaluate_holdout()
             rec = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
+                   "holdout_loss": ho["loss"] if ho else None, "holdout_top1": ho["top1"] if ho else None,
                    "val_loss": va["loss"] if va else None, "val_top1": va["top1"] if va else None,
                    "val_per_class": va["per_class"] if va else None,
                    "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
             state.history.append(rec)
-            score = va["top1"] if va else tr["top1"]
-            loss = va["loss"] if va else tr["loss"]
+            # the choice: the holdout's top-1 (then loss); without a holdout, simply the last epoch
+            score, loss = (ho["top1"], ho["loss"]) if ho else (float(epoch), 0.0)
             if score > state.best_top1 or (score == state.best_top1 and loss < state.best_loss):
                 state.best_epoch, state.best_top1, state.best_loss = epoch, score, loss
                 state.best_state = self._trainable_state()
@@ -406,7 +454,8 @@ class _Trainer:
             else:
                 state.stale += 1
             state.next_epoch = epoch + 1
-            bar.set_postfix(loss=f"{tr['loss']:.3f}", val=f"{100 * va['top1']:.1f}%" if va else "-")
+            bar.set_postfix(loss=f"{tr['loss']:.3f}", holdout=f"{100 * ho['top1']:.1f}%" if ho else "-",
+                            val=f"{100 * va['top1']:.1f}%" if va else "-")
             self._checkpoint(state)
             D.barrier()
             if self.on_epoch_end is not None:
@@ -476,6 +525,9 @@ class _Trainer:
         cfg, split, model = self.cfg, self.split, self.model
         if state.best_state is not None:
             self._load_trainable(state.best_state)
+        from .heads import fold_standardization
+
+        model.head = fold_standardization(model.head)  # exports, predict and evaluate see a plain head
         if self.cached:
             self._check_engine_predictions()
         final = self._evaluate() if split.val is not None else {}
@@ -484,13 +536,19 @@ class _Trainer:
         extra["training"] = {"val_top1": final.get("top1"), "best_epoch": state.best_epoch,
                              "epochs_run": len(state.history), "stopped_early": stopped_early,
                              "train_images": len(split.train), "val_images": len(split.val) if split.val else 0,
-                             "data": split.source, "seed": cfg.seed, "image_size": self.norm.input_size[-1]}
+                             "data": split.source, "seed": cfg.seed, "image_size": self.norm.input_size[-1],
+                             "selection": {
+                                 "on": "holdout" if self.holdout_index is not None else "last epoch",
+                                 "holdout_images": 0 if self.holdout_index is None else len(self.holdout_index),
+                                 "holdout_top1": state.best_top1 if self.holdout_index is not None else None,
+                                 "note": self.holdout_note, "weight_decay": self.weight_decay, "tune": self.tuned,
+                                 "refit": getattr(self, "refit", None), "standardized": bool(self.cached and cfg.standardize)}}
         model.meta = replace(model.meta, extra=extra)
         model.to("cpu")
         if self.channels_last:
             model.backbone.to(memory_format=torch.contiguous_format)
         run = runs.Run(dir=self.out, model=model, history=state.history, best_epoch=state.best_epoch,
-                       best_val_top1=state.best_top1 if split.val is not None else None, final=final,
+                       best_val_top1=final.get("top1") if split.val is not None else None, final=final,
                        config=cfg.to_dict(), freeze_report=self.report, device=str(self.device),
                        cache=self.cache_info, seconds=time.perf_counter() - t_start)
         if self.out is not None and self.ctx.is_main:
@@ -530,7 +588,7 @@ class _Trainer:
     def _batches(self, epoch: int):
         from . import distributed as D
 
-        for gb in D.global_batches(len(self.split.train), self.cfg.batch_size, self.cfg.seed, epoch):
+        for gb in D.global_batches(len(self.fit_index), self.cfg.batch_size, self.cfg.seed, epoch):
             yield gb, D.rank_slice(gb, self.ctx)
 
     def _train_epoch(self, epoch: int) -> dict:
@@ -547,7 +605,8 @@ class _Trainer:
         if self.cached:
             feats = self.features[0]
             view = feats[(epoch - 1) % feats.shape[0]]
-            source = ((view[torch.as_tensor(mine)], labels_all[torch.as_tensor(mine)], len(gb))
+            fit = self.fit_index  # the training images less the holdout
+            source = ((view[fit[torch.as_tensor(mine)]], labels_all[fit[torch.as_tensor(mine)]], len(gb))
                       for gb, mine in self._batches(epoch))
         else:
             source = self._image_batches(epoch)
@@ -571,8 +630,69 @@ class _Trainer:
             self.scheduler.step()
             loss_sum += torch.tensor([loss.item(), (logits.argmax(1) == y).sum().item()], dtype=torch.float64)
         D.all_reduce_sum(loss_sum)
-        n = len(self.split.train)
+        n = len(self.fit_index)
         return {"loss": float(loss_sum[0]) / n, "top1": float(loss_sum[1]) / n}
+
+    def _evaluate_holdout(self) -> dict | None:
+        import torch
+
+        if self.holdout_index is None:
+            return None
+        feats = self.features[0][0][self.holdout_index]
+        labels = torch.as_tensor(self.split.train.labels)[self.holdout_index]
+        loss_sum, confusion = score(self.model.head, [(feats, labels)], len(self.split.classes), self.device, None,
+                                    self.cfg.label_smoothing)
+        return _metrics(float(loss_sum[0]), confusion.numpy())
+
+    def _reset_head(self) -> None:
+        import torch
+
+        seed_everything(self.cfg.seed)
+        with torch.no_grad():
+            self.model.head.load_state_dict(self.initial_head)
+
+    def _tune_weight_decay(self) -> None:
+        """--tune: train the head once per weight decay in TUNE_WEIGHT_DECAYS on the fit part and
+        keep the one whose best epoch scores highest on the holdout (cached features make each
+        candidate a few seconds). Candidates are not checkpointed; a resumed run tunes again
+        (deterministically) before continuing."""
+        if not self.cfg.tune:
+            return
+        results = []
+        for wd in TUNE_WEIGHT_DECAYS:
+            self._reset_head()
+            self.weight_decay = wd
+            self._build_optimization()
+            best = (-1.0, -math.inf)
+            for epoch in range(1, self.cfg.epochs + 1):
+                self._train_epoch(epoch)
+                ho = self._evaluate_holdout()
+                best = max(best, (ho["top1"], -ho["loss"]))
+            results.append({"weight_decay": wd, "holdout_top1": best[0], "holdout_loss": -best[1]})
+        chosen = max(results, key=lambda r: (r["holdout_top1"], -r["holdout_loss"], r["weight_decay"]))
+        self.weight_decay, self.tuned = chosen["weight_decay"], results
+        self._reset_head()
+        if self.ctx.is_main and self.cfg.progress:
+            print(f"tune: weight decay {self.weight_decay:g} (holdout top-1 {100 * chosen['holdout_top1']:.1f}%; grid "
+                  + ", ".join(f"{r['weight_decay']:g}: {100 * r['holdout_top1']:.1f}%" for r in results) + ")",
+                  file=sys.stderr)
+
+    def _refit(self, state: _FitState) -> None:
+        """With the epoch chosen on the holdout, train again from the same start on every training
+        image (holdout included) for that many epochs, under the same schedule; that head is kept.
+        Only on cached features: a fine-tuned backbone is not retrained twice."""
+        import torch
+
+        if self.holdout_index is None or not state.best_epoch:
+            return
+        self._reset_head()
+        self.fit_index = torch.arange(len(self.split.train))
+        self._build_optimization()
+        for epoch in range(1, state.best_epoch + 1):
+            tr = self._train_epoch(epoch)
+            self._check_finite(epoch, tr["loss"])
+        state.best_state = self._trainable_state()
+        self.refit = {"epochs": state.best_epoch, "images": len(self.split.train)}
 
     def _image_batches(self, epoch: int):
         import torch

@@ -14,7 +14,9 @@ The contract every exporter's `validate(model, path, images, **options)` follows
 * It returns `compare(...)`'s report (a JSON-ready dict whose "passed" is the verdict), with
   anything of its own added. `zoo.export` refuses an artifact whose report did not pass.
 
-Metrics, over every batch size: max absolute logit difference, max absolute probability
+Metrics, over every batch size: max (and mean) absolute logit difference, the largest logit
+difference between the artifact's own outputs at different batch sizes (`max_batch_size_diff`:
+an output must not depend on the rest of its batch), max absolute probability
 difference, top-1 agreement with eager PyTorch, minimum embedding cosine similarity, and, when
 the validation images come with labels (class-named folders), accuracy and its delta.
 
@@ -22,20 +24,12 @@ Pass criteria:
   fp32 (the default): max |logit diff| <= tolerance.logits (1e-4), embedding cosine >=
     tolerance.cosine (0.9999), and every top-1 disagreement is a near-tie (the reference's top-2
     margin <= 2 x tolerance.logits).
-  int8 (quantization is lossy by design): top-1 agreement >= tolerance.int8_agreement (0.9),
-    embedding cosine >= tolerance.int8_cosine (0.9) and, when the images are labelled (the run's
-    validation data), top-1 accuracy at most tolerance.int8_accuracy_drop (0.03, i.e. 3 points)
-    below eager fp32's on the same images; logit differences are reported, not bounded.
-
-Every report also carries the mean |logit diff| and `max_batch_size_diff`: the largest logit
-difference between the artifact's own outputs at different batch sizes (an output that depends
-on what else is in the batch shows up here, e.g. dynamic int8's run-time activation ranges).
-
-Validation images (`load_validation_images`): the user's folder when given; else, for an export
-from a run directory, a class-balanced sample of the run's recorded validation split
-(`run_images`, at most RUN_VALIDATION_IMAGES); else scikit-image's sample photos and synthetic
-images. Static int8 calibrates on `run_images(..., "calibration")`: the run's recorded training
-sample, at most CALIBRATION_IMAGES.
+  int8 (lossy by design): with labelled validation images (the run's own validation split),
+    accuracy may drop by at most tolerance.int8_accuracy_drop (0.01, one point); without labels,
+    top-1 agreement >= tolerance.int8_agreement (0.9). Agreement, logit differences and the
+    embedding cosine are always reported; a mean embedding cosine under tolerance.int8_cosine
+    (0.9) adds a note that the embedding output is approximate. (With labels, agreement does not
+    gate: on a 70%-accurate head, int8 flips near-ties both ways at unchanged accuracy.)
 
 This module imports numpy and Pillow at the top; torch only inside `eager_outputs`.
 """
@@ -56,9 +50,6 @@ from .preprocess import list_images, load_image, normalize_uint8, resize_crop, t
 DEFAULT_BATCH_SIZES = (1, 3, 8)
 NUM_DEFAULT_IMAGES = 8
 MAX_IMAGES = 256
-# Bounds that keep an export quick: every validation image runs at each batch size in each artifact.
-RUN_VALIDATION_IMAGES = 64
-CALIBRATION_IMAGES = 128
 # scikit-image's bundled sample photos (RGB or gray; none needs a download)
 SKIMAGE_SAMPLES = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field",
                    "colorwheel", "camera")
@@ -72,7 +63,7 @@ class Tolerance:
     cosine: float = 0.9999
     int8_agreement: float = 0.9
     int8_cosine: float = 0.9
-    int8_accuracy_drop: float = 0.03
+    int8_accuracy_drop: float = 0.01
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -168,64 +159,6 @@ def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count:
     return ValidationImages(pixels, [str(p) for p in paths], f"{len(paths)} files", targets)
 
 
-def balanced_sample(labels: Sequence[int], count: int) -> list[int]:
-    """Up to `count` indices, deterministically: round-robin over the classes, each class in its
-    recorded order, so a bounded sample keeps every class (and accuracy stays meaningful)."""
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-    queues = [list(reversed(v)) for _, v in sorted(by_class.items())]
-    picked: list[int] = []
-    while len(picked) < count and any(queues):
-        for q in queues:
-            if q and len(picked) < count:
-                picked.append(q.pop())
-    return sorted(picked)
-
-
-def run_images(run_dir, labels: Sequence[str], norm, which: str = "validation",
-               count: int | None = None) -> tuple[ValidationImages | None, str]:
-    """A class-balanced sample of a run's own images, reference-preprocessed and labelled:
-    which="validation" the validation split it recorded (`zoo evaluate RUN` scores the same
-    split), "calibration" the training sample it recorded for calibrating quantization.
-    Returns (images, "") or, when the run records no such images (trained without validation,
-    or by an older zoo), (None, why). A recorded split whose files are gone or unreadable is a DataError naming the file and
-    the way out (--images DIR), never a silent substitute."""
-    from .errors import ZooError
-    from .runs import recorded_calibration, recorded_validation
-
-    count = count or (RUN_VALIDATION_IMAGES if which == "validation" else CALIBRATION_IMAGES)
-    try:
-        if which == "validation":
-            samples, described = recorded_validation(run_dir, labels)
-        else:
-            samples, described = recorded_calibration(run_dir, labels)
-    except ZooError as exc:  # nothing usable recorded: the caller uses its other source and says why
-        return None, str(exc)
-    if not len(samples):
-        return None, f"the run's recorded {which} images are empty"
-    picked = balanced_sample(samples.labels, count)
-    pixels, names, targets, unreadable = [], [], [], 0
-    for i in picked:
-        try:
-            img = samples.load(i)
-        except Exception as exc:  # noqa: BLE001 - moved, deleted or damaged since training
-            if which == "validation":  # the numbers would be on other images than the report says
-                raise DataError(f"the run's validation image {samples.describe(i)!r} cannot be read "
-                                f"({type(exc).__name__}: {exc}); restore it, or pass --images DIR to validate "
-                                "on other images") from None
-            unreadable += 1  # calibration only sets activation ranges: fewer images still calibrate
-            continue
-        pixels.append(to_uint8_hwc(resize_crop(img, norm)))
-        names.append(samples.describe(i))
-        targets.append(int(samples.labels[i]))
-    if not pixels:
-        return None, f"none of the run's {len(picked)} recorded {which} images can be read"
-    source = f"{described}: {len(pixels)} of {len(samples)} images" + (f" ({unreadable} unreadable, skipped)"
-                                                                       if unreadable else "")
-    return ValidationImages(np.stack(pixels), names, source, targets), ""
-
-
 # -- running things --------------------------------------------------------------------------------
 def model_inputs(pixels: np.ndarray, norm, preprocess: str) -> np.ndarray:
     """What an artifact is fed: the uint8 NHWC bytes (baked preprocessing) or normalized NCHW."""
@@ -288,7 +221,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
     margin = top2[:, 1] - top2[:, 0]
     per_batch: dict[str, Any] = {}
     worst = {"max_abs_logit_diff": 0.0, "mean_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
-             "min_embedding_cosine": None, "unexplained_top1_flips": 0}
+             "min_embedding_cosine": None, "mean_embedding_cosine": None, "unexplained_top1_flips": 0}
     problems: list[str] = []
     for bs, out in sorted(runs.items()):
         logits = np.asarray(out["logits"], dtype=np.float32)
@@ -299,7 +232,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
             problems.append(f"batch {bs}: non-finite logits")
         absdiff = np.abs(logits.astype(np.float64) - ref_logits)
         diff = float(absdiff.max()) if logits.size else 0.0
-        mean_diff = float(absdiff.mean()) if logits.size else 0.0
+        worst["mean_abs_logit_diff"] = max(worst["mean_abs_logit_diff"], float(absdiff.mean()) if logits.size else 0.0)
         pdiff = (float(np.abs(np.asarray(out["probabilities"], np.float64) - reference["probabilities"]).max())
                  if "probabilities" in out else None)
         top1 = logits.argmax(1)
@@ -311,11 +244,14 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
             if emb.shape != reference["embedding"].shape:
                 problems.append(f"batch {bs}: embedding shape {emb.shape} != eager {reference['embedding'].shape}")
             else:
-                cos = float(_cosine(emb, reference["embedding"]).min())
-        per_batch[str(bs)] = {"max_abs_logit_diff": diff, "mean_abs_logit_diff": mean_diff, "max_abs_prob_diff": pdiff,
-                              "top1_agreement": agree, "min_embedding_cosine": cos, "unexplained_top1_flips": flips}
+                cosines = _cosine(emb, reference["embedding"])
+                cos = float(cosines.min())
+                mean_cos = float(cosines.mean())
+                worst["mean_embedding_cosine"] = (mean_cos if worst["mean_embedding_cosine"] is None
+                                                  else min(worst["mean_embedding_cosine"], mean_cos))
+        per_batch[str(bs)] = {"max_abs_logit_diff": diff, "max_abs_prob_diff": pdiff, "top1_agreement": agree,
+                              "min_embedding_cosine": cos, "unexplained_top1_flips": flips}
         worst["max_abs_logit_diff"] = max(worst["max_abs_logit_diff"], diff)
-        worst["mean_abs_logit_diff"] = max(worst["mean_abs_logit_diff"], mean_diff)
         if pdiff is not None:
             worst["max_abs_prob_diff"] = max(worst["max_abs_prob_diff"], pdiff)
         worst["top1_agreement"] = min(worst["top1_agreement"], agree)
@@ -326,17 +262,16 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
             worst["max_abs_logit_diff"] = float("nan")
     if not runs:
         problems.append("the artifact was not run at any batch size")
-    accuracy = _accuracy(ref_top1, runs, targets)
     cos = worst["min_embedding_cosine"]
+    notes: list[str] = []
+    labelled = targets is not None and any(t is not None for t in targets)
     if kind == "int8":
-        if worst["top1_agreement"] < tol.int8_agreement:
-            problems.append(f"top-1 agreement {worst['top1_agreement']:.3f} < {tol.int8_agreement} (int8 tolerance)")
-        if cos is not None and cos < tol.int8_cosine:
-            problems.append(f"embedding cosine {cos:.4f} < {tol.int8_cosine} (int8 tolerance)")
-        if accuracy is not None and -accuracy["delta"] > tol.int8_accuracy_drop + 1e-9:
-            problems.append(f"top-1 accuracy on {accuracy['images']} labelled images drops from "
-                            f"{100 * accuracy['eager']:.1f}% (fp32) to {100 * accuracy['artifact']:.1f}% (int8 "
-                            f"tolerance: at most {100 * tol.int8_accuracy_drop:g} points)")
+        if not labelled and worst["top1_agreement"] < tol.int8_agreement:
+            problems.append(f"top-1 agreement {worst['top1_agreement']:.3f} < {tol.int8_agreement} (int8 tolerance; "
+                            "unlabelled validation images)")
+        mean_cos = worst["mean_embedding_cosine"]
+        if mean_cos is not None and mean_cos < tol.int8_cosine:
+            notes.append(f"the embedding output is approximate in int8 (mean cosine {mean_cos:.3f} to fp32)")
     else:
         d = worst["max_abs_logit_diff"]
         if not d <= tol.logits:  # NaN fails too
@@ -354,29 +289,25 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
         "per_batch_size": per_batch,
         "tolerance": tol.to_dict(),
         "problems": problems,
+        "notes": notes,
     }
-    if accuracy is not None:
-        report["accuracy"] = accuracy
+    if labelled:
+        idx = np.array([i for i, t in enumerate(targets) if t is not None])
+        y = np.array([targets[i] for i in idx])
+        first = runs[min(runs)]["logits"]
+        acc_ref = float((ref_top1[idx] == y).mean())
+        acc_art = float((np.asarray(first).argmax(1)[idx] == y).mean())
+        report["accuracy"] = {"eager": acc_ref, "artifact": acc_art, "delta": acc_art - acc_ref, "images": int(len(idx))}
+        if kind == "int8" and acc_art - acc_ref < -tol.int8_accuracy_drop:
+            problems.append(f"int8 accuracy {acc_art:.3f} is {acc_ref - acc_art:.3f} below fp32's {acc_ref:.3f} on "
+                            f"{len(idx)} labelled validation images (allowed drop {tol.int8_accuracy_drop})")
+            report["passed"] = False
     return report
-
-
-def _accuracy(ref_top1: np.ndarray, runs: Mapping[int, Mapping[str, np.ndarray]],
-              targets: Sequence[int | None] | None) -> dict[str, Any] | None:
-    """Top-1 accuracy of eager PyTorch and of the artifact (its smallest batch size) on the
-    labelled images; None when none is labelled."""
-    if not runs or targets is None or not any(t is not None for t in targets):
-        return None
-    idx = np.array([i for i, t in enumerate(targets) if t is not None])
-    y = np.array([targets[i] for i in idx])
-    first = runs[min(runs)]["logits"]
-    acc_ref = float((ref_top1[idx] == y).mean())
-    acc_art = float((np.asarray(first).argmax(1)[idx] == y).mean())
-    return {"eager": acc_ref, "artifact": acc_art, "delta": acc_art - acc_ref, "images": int(len(idx))}
 
 
 def _batch_size_diff(runs: Mapping[int, Mapping[str, np.ndarray]]) -> float | None:
     """Largest |logit| difference between the artifact's own outputs at its batch sizes: the same
-    image must give the same answer whatever else is in its batch."""
+    image must give the same answer whatever else is in its batch (dynamic int8 does not)."""
     shapes = {np.asarray(out["logits"]).shape for out in runs.values()}
     if len(runs) < 2 or len(shapes) != 1:
         return None

@@ -11,11 +11,18 @@ Load it anywhere torch is installed, without the zoo:
 Extra files: "zoo_metadata.json" (everything `zoo.export.artifact_metadata` gives: labels,
 mean/std, input size, resize/crop, interpolation, backbone and weights, versions, preprocessing
 mode, input layout) and "labels.txt" (one class per line).
+
+torch 2.14 deprecates TorchScript (`torch.jit.trace/freeze/save/load` warn FutureWarning "Please switch
+to `torch.export`"): for current PyTorch prefer the `.pt2` format (`zoo export -f pt2`). This
+exporter keeps working for consumers that need TorchScript (C++ libtorch, older torch), and
+silences exactly that deprecation notice around its own calls (`_jit_deprecation_muted`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,18 @@ from zoo import Exporter, ExportOptions, ValidationResult, hookimpl
 
 METADATA_FILE = "zoo_metadata.json"
 LABELS_FILE = "labels.txt"
+
+
+@contextlib.contextmanager
+def _jit_deprecation_muted():
+    """Mute torch's "`torch.jit.X` is deprecated / not supported in Python 3.14+" FutureWarning, and
+    only it: the user asked for TorchScript by name, the docs already point to `.pt2`, and a warning
+    per trace/save/load on every export, validation and `zoo predict` tells them nothing new. Any
+    other warning (tracer warnings included) still reaches the caller's filters."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is (deprecated|not supported)",
+                                category=FutureWarning)
+        yield
 
 
 def export_torchscript(model, path, *, preprocess: str = "normalize", embedding: bool = True,
@@ -35,15 +54,17 @@ def export_torchscript(model, path, *, preprocess: str = "normalize", embedding:
     module = deploy_module(model, preprocess, embedding)
     example = example_input(model, preprocess, batch=2)
     try:
-        with torch.no_grad():
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-        frozen = torch.jit.freeze(traced.eval())
+        with _jit_deprecation_muted():
+            with torch.no_grad():
+                traced = torch.jit.trace(module, (example,), check_trace=False)
+            frozen = torch.jit.freeze(traced.eval())
     finally:
         model.eval()
     meta = artifact_metadata(model, "torchscript", preprocess, embedding, method="torch.jit.trace + torch.jit.freeze",
                              extra_files=[METADATA_FILE, LABELS_FILE])
     extra = {METADATA_FILE: json.dumps(meta, indent=2), LABELS_FILE: "\n".join(model.meta.labels) + "\n"}
-    torch.jit.save(frozen, str(path), _extra_files=extra)
+    with _jit_deprecation_muted():
+        torch.jit.save(frozen, str(path), _extra_files=extra)
     return {"metadata": meta, "method": meta["method"], "extra_files": sorted(extra)}
 
 
@@ -52,7 +73,8 @@ def load(path):
     import torch
 
     extra = {METADATA_FILE: "", LABELS_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with _jit_deprecation_muted():
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     raw = extra[METADATA_FILE]
     raw = raw.decode() if isinstance(raw, bytes) else raw  # torch hands extra files back as bytes
     return module, (json.loads(raw) if raw else {})

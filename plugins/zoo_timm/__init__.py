@@ -19,7 +19,7 @@ import json
 import os
 from importlib import resources
 
-from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, LayerGroup, Normalization, WeightsInfo, hookimpl
+from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, LayerGroup, Normalization, PretrainedHead, WeightsInfo, hookimpl
 
 PROVIDER = "timm"
 
@@ -94,23 +94,27 @@ def _hf_cache_dir() -> str:
         return os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
 
 
-def _create(spec, weights):
+def _create(spec, weights, num_classes: int | None = 0):
+    """The model headless (num_classes=0), or with its pretrained classifier (None)."""
     import timm
 
     from zoo.backbones import offline_weights_error
 
+    head = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
-        return timm.create_model(spec.model, pretrained=False, num_classes=0)
+        return timm.create_model(spec.model, pretrained=False, **head)
     if spec.model == "tf_efficientnet_lite0" and weights == "in1k":
         from . import lite0_package
 
         if lite0_package.available():
-            model = timm.create_model(spec.model, pretrained=False, num_classes=0)
+            model = timm.create_model(spec.model, pretrained=False, **head)
             sd = lite0_package.load_state_dict()
-            model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("classifier.")}, strict=True)
+            if num_classes == 0:
+                sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+            model.load_state_dict(sd, strict=True)
             return model
     try:
-        return timm.create_model(f"{spec.model}.{weights}", pretrained=True, num_classes=0)
+        return timm.create_model(f"{spec.model}.{weights}", pretrained=True, **head)
     except Exception as exc:  # noqa: BLE001 - timm raises many kinds when the hub is unreachable
         info = spec.weights_info(weights)
         source = info.source if info else "the Hugging Face hub"
@@ -119,6 +123,33 @@ def _create(spec, weights):
             f"{_hf_cache_dir()} (as {source.removeprefix('hf-hub:')}, or set pretrained_file in timm)",
             source, exc,
         ) from exc
+
+
+def _pretrained_head(spec, weights):
+    """The classifier the weights were trained with (`get_classifier()` of the whole model) and the
+    ImageNet class names timm ships offline (`timm.data.ImageNetInfo`). Only a plain Linear on
+    the pooled (pre-logits) features qualifies: that is exactly what num_classes=0 outputs."""
+    import torch.nn as nn
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+    from timm.models import get_pretrained_cfg
+
+    if weights is None:
+        return None
+    cfg = get_pretrained_cfg(f"{spec.model}.{weights}")
+    subset = infer_imagenet_subset(cfg) if cfg is not None else None
+    if not subset:
+        return None  # not an ImageNet classifier: no class names to ship with it
+    info = ImageNetInfo(subset)
+    model = _create(spec, weights, num_classes=None)
+    classifier = model.get_classifier()
+    if not isinstance(classifier, nn.Linear) or classifier.out_features != info.num_classes():
+        return None
+    # label_descriptions are unique ("crane" alone names two ImageNet classes); keep the first synonym
+    # unless that repeats, so labels read like torchvision's.
+    full = info.label_descriptions()
+    short = [d.split(",")[0].strip() for d in full]
+    labels = [s if short.count(s) == 1 else d for s, d in zip(short, full)]
+    return PretrainedHead(labels=tuple(labels), module=classifier.eval())
 
 
 def _feature_dim(model) -> int:
@@ -160,6 +191,9 @@ class TimmBackbones(BackboneProvider):
 
     def feature_dim(self, spec):
         return _feature_dims().get(spec.model)
+
+    def pretrained_head(self, spec, weights):
+        return _pretrained_head(spec, weights)
 
 
 @hookimpl

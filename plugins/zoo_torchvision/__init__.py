@@ -21,7 +21,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, Normalization, WeightsInfo, hookimpl
+from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, Normalization, PretrainedHead, WeightsInfo, hookimpl
 
 PROVIDER = "torchvision"
 _FAMILIES = (
@@ -57,19 +57,15 @@ def _weights_enum(model: str):
 _HEAD_PATHS = ("fc", "classifier", "heads.head", "head")
 
 
-def strip_classifier(model):
-    """Replace the final Linear with Identity; return the pooled feature width.
+def find_classifier(model):
+    """(parent module, attribute name, the final Linear) of a torchvision classifier, or None.
 
     torchvision's layouts: `fc` (ResNet, RegNet, GoogLeNet, Inception, ShuffleNet),
     `classifier[-1]` (VGG, AlexNet, MobileNet, EfficientNet, MNASNet, ConvNeXt, MaxViT),
-    `classifier` (DenseNet), `heads.head` (ViT), `head` (Swin), and SqueezeNet's conv classifier.
+    `classifier` (DenseNet), `heads.head` (ViT), `head` (Swin). SqueezeNet's is a conv: None.
     """
     import torch.nn as nn
 
-    if model.__class__.__name__ == "SqueezeNet":
-        width = model.classifier[1].in_channels
-        model.classifier = nn.AdaptiveAvgPool2d(1)  # its forward flattens afterwards
-        return width
     for path in _HEAD_PATHS:
         try:
             head = model.get_submodule(path)
@@ -79,10 +75,24 @@ def strip_classifier(model):
             path, head = f"{path}.{len(head) - 1}", head[-1]
         if isinstance(head, nn.Linear):
             parent_path, _, leaf = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, leaf, nn.Identity())
-            return head.in_features
-    raise ValueError(f"no classifier found in {type(model).__name__} at {_HEAD_PATHS}")
+            return (model.get_submodule(parent_path) if parent_path else model), leaf, head
+    return None
+
+
+def strip_classifier(model):
+    """Replace the final Linear with Identity; return the pooled feature width."""
+    import torch.nn as nn
+
+    if model.__class__.__name__ == "SqueezeNet":
+        width = model.classifier[1].in_channels
+        model.classifier = nn.AdaptiveAvgPool2d(1)  # its forward flattens afterwards
+        return width
+    found = find_classifier(model)
+    if found is None:
+        raise ValueError(f"no classifier found in {type(model).__name__} at {_HEAD_PATHS}")
+    parent, leaf, head = found
+    setattr(parent, leaf, nn.Identity())
+    return head.in_features
 
 
 _safe_lock = threading.Lock()
@@ -168,12 +178,12 @@ def _normalization(spec, weights):
     )
 
 
-def _build(spec, weights):
+def _load(spec, weights):
+    """The whole torchvision model (classifier included) with weights `weights` (None: random)."""
     import torch.hub
     from torchvision.models import get_model
 
     from zoo.backbones import offline_weights_error
-    from zoo.layers import auto_layer_groups
 
     kwargs = _build_kwargs(spec.model, weights)
     if weights is None:
@@ -190,9 +200,28 @@ def _build(spec, weights):
                     f"{spec.name}.{weights}", file_name, Path(torch.hub.get_dir()) / "checkpoints", member.url, exc
                 ) from exc
             raise
+    return model
+
+
+def _build(spec, weights):
+    from zoo.layers import auto_layer_groups
+
+    model = _load(spec, weights)
     # The width is discovered where the classifier is stripped: the removed Linear's in_features.
     width = strip_classifier(model)
     return BuiltBackbone(model, feature_dim=width, layer_groups=auto_layer_groups(model))
+
+
+def _pretrained_head(spec, weights):
+    """The Linear the weights were trained with, and the weights' own category names. The
+    stripped backbone ends where this Linear began (dropout before it is identity in eval)."""
+    if weights is None:
+        return None
+    categories = _weights_enum(spec.model)[weights].meta.get("categories")
+    found = find_classifier(_load(spec, weights))
+    if not categories or found is None:
+        return None  # e.g. SqueezeNet's convolutional classifier, or weights without category names
+    return PretrainedHead(labels=tuple(categories), module=found[2].eval())
 
 
 class TorchvisionBackbones(BackboneProvider):
@@ -211,6 +240,9 @@ class TorchvisionBackbones(BackboneProvider):
 
     def feature_dim(self, spec):
         return _feature_dims().get(spec.model)
+
+    def pretrained_head(self, spec, weights):
+        return _pretrained_head(spec, weights)
 
 
 @hookimpl

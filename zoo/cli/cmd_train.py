@@ -58,7 +58,15 @@ def add_parser(sub):
     p.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
     p.add_argument("--label-smoothing", type=float, help=f"0 <= S < 1 (default {d['label_smoothing']})")
     p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without val improvement (default 0: off)")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without holdout improvement (default 0: off)")
+    p.add_argument("--holdout", type=float, help=f"fraction of the training images held out to choose the best epoch "
+                   f"(and, with --tune, the weight decay), never the validation split (default {d['holdout']}; 0: "
+                   "keep the last epoch)")
+    p.add_argument("--tune", action="store_true",
+                   help="choose the weight decay from a small grid on the holdout (cached features only)")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   help="do not standardize the features for the head (default: per-feature mean/std of the "
+                   "training features, folded into the head's first layer when saved)")
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision: auto (bf16, or fp16 without bf16 support, on CUDA; off elsewhere), bf16 or fp16 (CPU autocast too), off")
     p.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes (default: auto)")
