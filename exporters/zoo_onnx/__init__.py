@@ -270,17 +270,26 @@ INT8_RUNTIMES = {"static": ["onnxruntime", "openvino", "opencv"], "dynamic": ["o
 
 
 class _Calibration:
-    """onnxruntime's CalibrationDataReader over the user's images, a few at a time."""
+    """onnxruntime's CalibrationDataReader over the user's images, a few at a time. It has a
+    length and a range (onnxruntime's "CalibStridedMinMax" protocol, used with stride 1), so the
+    calibrator reduces each batch to ranges before the next runs: memory stays at one batch of
+    activations however many images calibrate (collecting all 128 at once holds every
+    activation of every image: gigabytes for a 224 px model). onnxruntime's own bound,
+    CalibMaxIntermediateOutputs, discards the batches it drops in 1.32 instead of reducing them."""
 
     def __init__(self, input_name: str, batches):
-        self.input_name, self.batches = input_name, iter(batches)
+        self.input_name, self.batches = input_name, list(batches)
+        self.set_range(0, len(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.pending = iter(self.batches[start_index:end_index])
 
     def get_next(self):
-        batch = next(self.batches, None)
+        batch = next(self.pending, None)
         return None if batch is None else {self.input_name: batch}
-
-    def rewind(self):  # not needed for one MinMax pass
-        pass
 
 
 def _calibration_batches(model, calibration, preprocess: str, batch: int = 8):
@@ -322,7 +331,7 @@ def _quantize_static(model, source: str, path: Path, calibration, preprocess: st
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=INT8_OPS[int8_ops], calibrate_method=CalibrationMethod.MinMax,
                     nodes_to_exclude=[first_conv] if first_conv else [],
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibStridedMinMax": 1})
     return (f"QDQ static int8 (per-channel QInt8 weights, QUInt8 activations, MinMax calibration on {len(calibration)} "
             f"images; {'/'.join(INT8_OPS[int8_ops])}; first convolution fp32)")
 
