@@ -543,13 +543,24 @@ def _validation_images(images, model, run_dir, say, raw: bool = False):
 
 def _calibration_images(model, run_dir, vimages, say):
     """(uint8 NHWC pixels, source) for static quantization: a spread of the run's training images
-    (its data folder, less the validation files; the embedded sample's training half), else the
-    validation images. Only pixels are used, never labels."""
+    (the training sample it recorded in validation.json; for older runs its data folder, less the
+    validation files; the embedded sample's training half), else the validation images. Only
+    pixels are used, never labels."""
     from .data import embedded_samples
-    from .runs import read_config
+    from .errors import DataError
+    from .preprocess import ImageDecodeError
+    from .runs import RunDirError, read_config, recorded_calibration
 
     norm = model.meta.normalization
     if run_dir is not None:
+        try:  # the training sample the run recorded (works for --csv runs and moved data folders too)
+            samples, described = recorded_calibration(run_dir, model.meta.labels)
+            picked = _spread(len(samples), CALIBRATION_IMAGES)
+            return _pixels(samples, picked, norm), f"{len(picked)} of {described} ({len(samples)} recorded)"
+        except RunDirError:
+            pass  # recorded by an older zoo, or not at all: the data folder below
+        except (DataError, ImageDecodeError, OSError) as exc:  # files moved or damaged since training
+            say(f"calibration images: the run's recorded training sample is not usable ({str(exc).split(';')[0]})")
         try:
             cfg = read_config(run_dir)
         except Exception:  # noqa: BLE001 - an older run without config.json: calibrate on validation images
@@ -610,8 +621,9 @@ def verdict(name: str, result: Any):
 def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not v:
         return None
-    keys = ("passed", "kind", "max_abs_logit_diff", "max_abs_prob_diff", "top1_agreement", "min_embedding_cosine",
-            "batch_sizes", "tolerance", "images", "accuracy", "dynamic_batch")
+    keys = ("passed", "kind", "max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
+            "min_embedding_cosine", "max_batch_size_diff", "batch_sizes", "tolerance", "images", "accuracy",
+            "dynamic_batch")
     return {k: v[k] for k in keys if k in v}
 
 

@@ -14,7 +14,9 @@ The contract every exporter's `validate(model, path, images, **options)` follows
 * It returns `compare(...)`'s report (a JSON-ready dict whose "passed" is the verdict), with
   anything of its own added. `zoo.export` refuses an artifact whose report did not pass.
 
-Metrics, over every batch size: max absolute logit difference, max absolute probability
+Metrics, over every batch size: max (and mean) absolute logit difference, the largest logit
+difference between the artifact's own outputs at different batch sizes (`max_batch_size_diff`:
+an output must not depend on the rest of its batch), max absolute probability
 difference, top-1 agreement with eager PyTorch, minimum embedding cosine similarity, and, when
 the validation images come with labels (class-named folders), accuracy and its delta.
 
@@ -370,7 +372,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
     top2 = np.sort(ref_logits, axis=1)[:, -2:] if ref_logits.shape[1] > 1 else np.zeros((len(ref_logits), 2))
     margin = top2[:, 1] - top2[:, 0]
     per_batch: dict[str, Any] = {}
-    worst = {"max_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
+    worst = {"max_abs_logit_diff": 0.0, "mean_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
              "min_embedding_cosine": None, "mean_embedding_cosine": None, "unexplained_top1_flips": 0}
     problems: list[str] = []
     for bs, out in sorted(runs.items()):
@@ -380,7 +382,9 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
             continue
         if not np.all(np.isfinite(logits)):
             problems.append(f"batch {bs}: non-finite logits")
-        diff = float(np.abs(logits.astype(np.float64) - ref_logits).max()) if logits.size else 0.0
+        absdiff = np.abs(logits.astype(np.float64) - ref_logits)
+        diff = float(absdiff.max()) if logits.size else 0.0
+        worst["mean_abs_logit_diff"] = max(worst["mean_abs_logit_diff"], float(absdiff.mean()) if logits.size else 0.0)
         pdiff = (float(np.abs(np.asarray(out["probabilities"], np.float64) - reference["probabilities"]).max())
                  if "probabilities" in out else None)
         top1 = logits.argmax(1)
@@ -433,6 +437,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
         "kind": kind,
         **{k: _f(v) if k != "unexplained_top1_flips" else v for k, v in worst.items()},
         "batch_sizes": sorted(int(b) for b in runs),
+        "max_batch_size_diff": _batch_size_diff(runs),
         "per_batch_size": per_batch,
         "tolerance": tol.to_dict(),
         "problems": problems,
@@ -450,6 +455,16 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
                             f"{len(idx)} labelled validation images (allowed drop {tol.int8_accuracy_drop})")
             report["passed"] = False
     return report
+
+
+def _batch_size_diff(runs: Mapping[int, Mapping[str, np.ndarray]]) -> float | None:
+    """Largest |logit| difference between the artifact's own outputs at its batch sizes: the same
+    image must give the same answer whatever else is in its batch (dynamic int8 does not)."""
+    shapes = {np.asarray(out["logits"]).shape for out in runs.values()}
+    if len(runs) < 2 or len(shapes) != 1:
+        return None
+    stacked = np.stack([np.asarray(out["logits"], np.float64) for out in runs.values()])
+    return float((stacked.max(0) - stacked.min(0)).max()) if stacked.size else 0.0
 
 
 def metadata_problems(meta: dict[str, Any], model, preprocess: str) -> list[str]:

@@ -287,17 +287,26 @@ INT8_RUNTIMES = {"static": ["onnxruntime", "openvino", "opencv"], "dynamic": ["o
 
 
 class _Calibration:
-    """onnxruntime's CalibrationDataReader over the user's images, a few at a time."""
+    """onnxruntime's CalibrationDataReader over the user's images, a few at a time. It has a
+    length and a range (onnxruntime's "CalibStridedMinMax" protocol, used with stride 1), so the
+    calibrator reduces each batch to ranges before the next runs: memory stays at one batch of
+    activations however many images calibrate (collecting all 128 at once holds every
+    activation of every image: gigabytes for a 224 px model). onnxruntime's own bound,
+    CalibMaxIntermediateOutputs, discards the batches it drops in 1.32 instead of reducing them."""
 
     def __init__(self, input_name: str, batches):
-        self.input_name, self.batches = input_name, iter(batches)
+        self.input_name, self.batches = input_name, list(batches)
+        self.set_range(0, len(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.pending = iter(self.batches[start_index:end_index])
 
     def get_next(self):
-        batch = next(self.batches, None)
+        batch = next(self.pending, None)
         return None if batch is None else {self.input_name: batch}
-
-    def rewind(self):  # not needed for one MinMax pass
-        pass
 
 
 def _calibration_batches(model, calibration, preprocess: str, batch: int = 8):
@@ -334,14 +343,36 @@ def _quantize_static(model, source: str, path: Path, calibration, preprocess: st
     # little speed to gain) and quantizing its input costs the most accuracy of any layer
     # (MobileNetV2 on 8 photos: top-1 agreement 0.75 -> 1.0, file 0.28x fp32 either way).
     first_conv = next((n.name for n in graph.node if n.op_type == "Conv"), None)
+    excluded = [first_conv] if first_conv else []
+    if int8_ops == "all":
+        # The whole backbone in int8 (every op type: Add, pooling and Clip too, so activations stay
+        # int8 between convolutions instead of round-tripping through float), the head in float: it
+        # is a few weights, and its logits are what the user reads (lite0 on Fashion-MNIST, 200
+        # validation images: 74.5% -> 78.5% against fp32's 79.5%, agreement 0.855 -> 0.975).
+        excluded += _head_nodes(graph)
     reader = _Calibration(input_name, _calibration_batches(model, calibration, preprocess))
     quantize_static(prepared, str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=INT8_OPS[int8_ops], calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=[first_conv] if first_conv else [],
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                    op_types_to_quantize=None if int8_ops == "all" else INT8_OPS[int8_ops],
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibStridedMinMax": 1})
+    what = ("every backbone op; first convolution and head fp32" if int8_ops == "all"
+            else f"{'/'.join(INT8_OPS[int8_ops])}; first convolution fp32")
     return (f"QDQ static int8 (per-channel QInt8 weights, QUInt8 activations, MinMax calibration on {len(calibration)} "
-            f"images; {'/'.join(INT8_OPS[int8_ops])}; first convolution fp32)")
+            f"images; {what})")
+
+
+def _head_nodes(graph) -> list[str]:
+    """The nodes from the head on: those reading the head's weights ("head.*" initializers) or the
+    pooled "embedding", and everything downstream of them (softmax included)."""
+    weights = {i.name for i in graph.initializer if i.name.startswith("head.")}
+    produced: set[str] = set()
+    names = []
+    for node in graph.node:  # ONNX keeps nodes in topological order
+        if any(x in weights or x == "embedding" or x in produced for x in node.input):
+            names.append(node.name)
+            produced.update(node.output)
+    return names
 
 
 def _value(fp32: str, int8: Path, model, calibration, preprocess: str) -> dict[str, Any]:
