@@ -165,8 +165,9 @@ class TrainConfig:
     # The best epoch (and the weight decay, see `tune`) is chosen on this stratified fraction of the
     # training images, never on the reported validation split; 0: the last epoch, no selection.
     holdout: float = opt(0.1, number(0, 0.5, hi_open=True))
-    # the weight decay from TUNE_WEIGHT_DECAYS, chosen on the holdout: auto = wherever the features are
-    # cached and a holdout exists (a few seconds of head training); on = required; off = --weight-decay
+    # the weight decay from TUNE_WEIGHT_DECAYS, chosen on the holdout: auto = for a linear head wherever
+    # the features are cached and a holdout exists (seconds of head training); on = required (MLP too);
+    # off = --weight-decay as given
     tune: str = opt("auto", choice("auto", "on", "off"))
     standardize: bool = opt(True, flag="--no-standardize")  # per-feature standardization, folded into the head
     device: str = opt("auto", device_name)

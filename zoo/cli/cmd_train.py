@@ -63,8 +63,8 @@ def add_parser(sub):
                    f"(and the weight decay), never the validation split (default {d['holdout']}; 0: "
                    "keep the last epoch)")
     p.add_argument("--tune", dest="tune", action="store_const", const="on",
-                   help="require choosing the weight decay from a grid on the holdout (default: whenever features "
-                   "are cached and a holdout exists)")
+                   help="choose the weight decay from a grid on the holdout, MLP heads too (default: for a linear head "
+                   "whenever features are cached and a holdout exists)")
     p.add_argument("--no-tune", dest="tune", action="store_const", const="off",
                    help="train with --weight-decay as given")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
