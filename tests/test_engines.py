@@ -121,6 +121,18 @@ def test_auto_skips_a_broken_engine_and_remembers_the_fastest(tmp_path):
     assert remembered.how == "remembered"  # a remembered choice serves small jobs too
 
 
+def test_only_the_probing_rank_probes_the_others_use_the_remembered_choice(tmp_path):
+    m, x, cpu = tiny_backbone(), batch(), torch.device("cpu")
+    common = dict(allow_reduced=False, total=5000, cache_root=tmp_path, choice_key="key", say=quiet)
+    other = E.select("auto", m, x, cpu, may_probe=False, **common)  # rank 1 before anything is remembered
+    assert other.engine.name == "channels_last" and not other.rates and other.cosine_min >= E.FP32_COSINE
+    assert not (tmp_path / "engines" / "choices.json").exists()
+    first = E.select("auto", m, x, cpu, **common)  # rank 0 probes and remembers
+    assert first.how == "probe" and len(first.rates) >= 2
+    later = E.select("auto", m, x, cpu, may_probe=False, **common)
+    assert later.how == "remembered" and later.engine.name == first.engine.name
+
+
 def test_an_engine_that_cannot_be_built_is_rejected_with_its_reason(tmp_path):
     sel = E.select("onnxruntime", tiny_backbone(), batch(), torch.device("cpu"), allow_reduced=False, total=10,
                    cache_root=tmp_path, choice_key="k", say=quiet, _prepare=_broken("onnxruntime", "raise"))

@@ -14,6 +14,7 @@ import zoo.features as F
 from test_engines import NORM, tiny_backbone, tiny_samples
 from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
 from zoo.data import EvalTransform, decode_count
+from zoo.errors import DataError
 
 
 def _run(tmp_path, samples=None, backbone=None, **kw):
@@ -157,3 +158,83 @@ def test_alternative_decoders_are_close_to_the_reference_and_cached_apart(tmp_pa
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
     assert float(row_cosine(ref[0], alt[0]).min()) >= 0.99
     assert not torch.equal(ref, alt)
+
+
+def test_decoding_workers_start_once_per_run_and_not_at_all_when_warm(tmp_path, weights, monkeypatch):
+    import multiprocessing.process
+
+    started = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def counting_start(self):
+        started.append(self.name)
+        return real_start(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counting_start)
+    data = make_image_folder(tmp_path / "colors", per_class=6)
+    # 12 train and 6 val images in batches of 64: the train pass, the val pass, then a second train
+    # view pass (views=2 with augmentation): three passes, one pool of 2 workers.
+    kw = train_kwargs(tmp_path, epochs=1, num_workers=2, augment=True, views=2)
+    cold = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    assert cold.cache["misses"] == 2 * 12 + 6
+    assert len(started) == 2, started
+    started.clear()
+    warm = zoo.train(BACKBONE, data, weights=str(weights), **kw)
+    assert warm.cache["misses"] == 0 and started == []
+    for a, b in zip(cold.model.head.state_dict().values(), warm.model.head.state_dict().values()):
+        assert torch.equal(a, b)  # the same features whether extracted by the pool or read back
+
+
+def test_the_cache_key_follows_an_in_place_weight_change(tmp_path):
+    backbone = tiny_backbone()
+    key_a = F.state_digest(backbone)
+    assert F.state_digest(backbone) == key_a  # asked again (the run asks several times): the same
+    with torch.no_grad():
+        backbone[0].weight[0, 0, 0, 0] += 1.0  # written in place, same tensor, same address
+    key_b = F.state_digest(backbone)
+    backbone[1].running_mean.add_(0.5)  # a buffer too
+    key_c = F.state_digest(backbone)
+    assert len({key_a, key_b, key_c}) == 3
+    fresh = tiny_backbone()
+    fresh.load_state_dict(backbone.state_dict())
+    assert F.state_digest(fresh) == key_c  # the digest is of the contents, not of the object
+
+
+class _NanFor(torch.nn.Module):
+    """A backbone that gives NaN features for all-white images (a stand-in for weights that
+    overflow on some inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_backbone()
+
+    def forward(self, x):
+        f = self.inner(x)
+        white = (x.flatten(1).amin(1) >= x.max() - 1e-6)
+        return torch.where(white[:, None], torch.full_like(f, float("nan")), f)
+
+
+@pytest.mark.parametrize("bad", [1, 6])  # in the first batch's reference rows, in a later batch
+def test_non_finite_features_are_an_error_naming_the_file_not_a_cache_entry(tmp_path, bad):
+    import numpy as np
+
+    samples = tiny_samples(8)
+    samples.items[bad] = np.full((24, 24, 3), 255, np.uint8)
+    with pytest.raises(F.NonFiniteFeaturesError, match=rf"backbone tiny \(engine eager\).*1 image\(s\): <array #{bad}>"):
+        _run(tmp_path, samples=samples, backbone=_NanFor())
+    fc = F.FeatureCache(tmp_path / "cache", {"backbone": "tiny"})
+    for d in (tmp_path / "cache" / "features").glob("*"):
+        fc.dir = d
+        assert fc.locate([samples.content_hash(bad)]) == [None]
+
+
+def test_a_lower_max_image_pixels_applies_to_images_the_warm_path_trusts(tmp_path, weights):
+    data = make_image_folder(tmp_path / "colors", per_class=6)  # 40x40 = 1600 pixels each
+    kw = train_kwargs(tmp_path, epochs=1)
+    zoo.train(BACKBONE, data, weights=str(weights), **kw)  # every image decoded once, and remembered
+    # a lower limit: the remembered images are checked again (their header) and refused, not trusted
+    with pytest.raises(DataError, match="no readable images left(.|\n)*1600 pixels, over the limit of 1000"):
+        zoo.train(BACKBONE, data, weights=str(weights), max_image_pixels=1000, **kw)
+    before = decode_count()
+    warm = zoo.train(BACKBONE, data, weights=str(weights), max_image_pixels=1600, **kw)  # within it: trusted
+    assert warm.cache["misses"] == 0 and decode_count() == before

@@ -9,7 +9,8 @@ runs fastest here, provided the answer stays the same. Engines:
   onnxruntime    the backbone exported to ONNX, run by ONNX Runtime (CUDA provider where installed)
   compile        torch.compile (inductor): minutes of compilation, so `auto` tries it on large jobs only
 
-The check (first batch; eager fp32 computes its first CHECK_ROWS rows): each row's cosine similarity to eager fp32 must be >= 0.9999 for fp32
+The check (first batch; eager fp32 computes its first CHECK_ROWS rows, FP32_CHECK_ROWS when one
+fp32 engine is remembered or asked): each row's cosine similarity to eager fp32 must be >= 0.9999 for fp32
 engines, >= 0.99 for bf16 (BF16_COSINE, the documented bound for reduced precision; the trainer
 also reports whether the trained head's predictions on the check batch are unchanged). An engine
 that fails its check, or cannot be prepared, is rejected with a one-line reason and the next one
@@ -44,13 +45,25 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .errors import ZooError
+
 ENGINES = ("eager", "channels_last", "bf16", "onnxruntime", "compile")
 ENGINE_CHOICES = ("auto",) + ENGINES
 FP32_COSINE = 0.9999
 BF16_COSINE = 0.99
 COMPILE_MIN_IMAGES = 20000  # below this, compilation costs more than it saves (CPU: minutes)
 CHECK_ROWS = 16  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
+FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken engine disagrees on every image
 PROBE_MIN_IMAGES = 500  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
+
+
+class NonFiniteFeatures(ZooError):
+    """The backbone gave NaN/inf features for some rows of a batch (the caller names their files)."""
+
+    def __init__(self, engine: str, rows: list[int]):
+        self.engine, self.rows = engine, list(rows)
+        super().__init__(f"the backbone's {engine} features contain NaN/inf for {len(self.rows)} image(s) of the "
+                         "batch: the weights or those images are broken; check the weights file and the images")
 
 
 class EngineRejected(RuntimeError):
@@ -149,6 +162,9 @@ def _prepare_ort(backbone, example, device, onnx_dir, threads) -> Prepared:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())
     opts.inter_op_num_threads = 1
+    # Idle intra-op threads sleep instead of spinning: during extraction the decoding workers share
+    # the cores, and a spinning ORT thread takes a core from the worker feeding it its next batch.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -318,22 +334,17 @@ def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor) -> tuple[t
 
 def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.device, *, allow_reduced: bool,
            total: int, cache_root: str | os.PathLike | None, choice_key: str, threads: int | None = None,
-           say: Callable[[str], None] | None = None, _prepare=prepare) -> Selection:
-    """Pick and check the engine for this job; x is the first normalized batch on `device`."""
+           say: Callable[[str], None] | None = None, may_probe: bool = True, _prepare=prepare) -> Selection:
+    """Pick and check the engine for this job; x is the first normalized batch on `device`.
+    may_probe=False (every DDP rank but 0): `auto` uses the remembered choice, else channels_last;
+    it neither probes nor writes the choice, so ranks do not time each other's load or race on the
+    file, and need no collective (a rank whose rows are all cached never gets here)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if asked not in ENGINE_CHOICES:
         from .errors import ZooError
 
         raise ZooError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {asked!r}")
     onnx_dir = Path(cache_root) / "engines" / "onnx" if cache_root is not None else None
-    eager = _prepare("eager", backbone, x, device)
-    with torch.inference_mode():
-        reference = eager.run(x[:CHECK_ROWS]).float().cpu()
-    if not torch.isfinite(reference).all():
-        from .errors import ZooError
-
-        raise ZooError("the backbone's eager fp32 features of the first batch contain NaN/inf: the weights or "
-                       "the input are broken; check the weights file (or try --weights default)")
     store = ChoiceStore(cache_root)
     rejected: dict[str, str] = {}
     rates: dict[str, float] = {}
@@ -344,10 +355,21 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
             order, how = [remembered], "remembered"
         elif total < PROBE_MIN_IMAGES:
             order, how = ["channels_last"], f"auto, small job (< {PROBE_MIN_IMAGES} images, no probe)"
+        elif not may_probe:
+            order, how = ["channels_last"], "auto, not the probing rank (rank 0 probes; no choice remembered yet)"
         else:
             order, how = candidates(device, allow_reduced, total), "probe"
     else:
         order = [asked]
+    # The reference: eager is the slowest engine (lite0: 1/9 of ONNX Runtime's rate), and 16 eager rows
+    # cost a 320-image job a third of its time. A probe, or a reduced-precision engine (whose head
+    # predictions are compared on these rows), gets CHECK_ROWS; one known fp32 engine FP32_CHECK_ROWS.
+    rows = CHECK_ROWS if how == "probe" or any(numerics_of(n) != "fp32" for n in order) else FP32_CHECK_ROWS
+    eager = _prepare("eager", backbone, x, device)
+    with torch.inference_mode():
+        reference = eager.run(x[:rows]).float().cpu()
+    if not torch.isfinite(reference).all():
+        raise NonFiniteFeatures("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
     best: tuple[float, Prepared, torch.Tensor, float] | None = None
     for name in order:
         try:

@@ -59,6 +59,8 @@ import torch.nn as nn
 
 from . import distributed as D
 from .data import ImageDataset, Samples, count_decode, normalize_batch, sample_seed
+from .engines import NonFiniteFeatures
+from .errors import ZooError
 from .io import save_safetensors, write_json
 from .records import Normalization
 
@@ -75,13 +77,41 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "backbone-zoo"
 
 
+_DIGESTS: dict[int, tuple] = {}  # id(module) -> (weak ref, stamp, digest)
+
+
+def _stamp(state: dict) -> tuple | None:
+    """What identifies the tensors' current contents without reading them: storage address and
+    version counter (bumped by every in-place write). None where a tensor has no counter."""
+    try:
+        return tuple((name, t.data_ptr(), t._version, str(t.dtype), tuple(t.shape), str(t.device))
+                     for name, t in state.items())
+    except RuntimeError:  # inference-mode tensors carry no version counter
+        return None
+
+
 def state_digest(module: nn.Module) -> str:
+    """sha256 of the module's state dict (names, dtypes, shapes, bytes). A run asks for it several
+    times (the cache key, the engine choice, the ONNX file name): hashing ResNet-18's 45 MB costs
+    about 0.3 s each, so the digest is remembered until a tensor is replaced or written in place."""
+    import weakref
+
+    state = module.state_dict()
+    stamp = _stamp(state)
+    memo = _DIGESTS.get(id(module))
+    if stamp is not None and memo is not None and memo[0]() is module and memo[1] == stamp:
+        return memo[2]
     d = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         d.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         d.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return d.hexdigest()
+    digest = d.hexdigest()
+    if stamp is not None:
+        for k in [k for k, v in _DIGESTS.items() if v[0]() is None]:
+            del _DIGESTS[k]
+        _DIGESTS[id(module)] = (weakref.ref(module), stamp, digest)
+    return digest
 
 
 def model_key(model, amp_dtype: torch.dtype | None = None) -> dict:
@@ -275,31 +305,49 @@ class FeatureCache:
 # --------------------------------------------------------------------------------- readable images
 class ReadableSet:
     """Content hashes of image files that decoded successfully (decoding the same bytes again
-    cannot fail), so a warm run need not decode to verify. ``<cache>/readable/hashes.txt``."""
+    cannot fail), with their pixel counts, so a warm run need not decode to verify and a later,
+    lower --max-image-pixels still applies. ``<cache>/readable/hashes.txt``: lines "<sha256> <pixels>"
+    ("<sha256>" alone: decoded, size not recorded; such an entry is verified again once)."""
 
     def __init__(self, root: str | os.PathLike):
         self.path = Path(root) / "readable" / "hashes.txt"
-        self._known: set[str] | None = None
+        self._known: dict[str, int | None] | None = None
 
-    def known(self) -> set[str]:
+    def known(self) -> dict[str, int | None]:
+        """sha256 -> pixel count (None: not recorded); a later line for a hash wins."""
         if self._known is None:
-            self._known = set()
+            self._known = {}
             with contextlib.suppress(OSError):
                 with open(self.path, encoding="ascii", errors="replace") as f:
-                    self._known = {ln.strip() for ln in f if len(ln.strip()) == 64}
+                    for ln in f:
+                        h, _, px = ln.strip().partition(" ")
+                        if len(h) == 64:
+                            self._known[h] = int(px) if px.isdigit() else None
         return self._known
 
-    def add(self, hashes) -> None:
-        new = sorted(set(hashes) - self.known())
+    def trusted(self, h: str, max_pixels: int) -> bool:
+        """Decoded before, and within `max_pixels`: need not be decoded again."""
+        px = self.known().get(h)
+        return px is not None and px <= max_pixels
+
+    def add(self, entries) -> None:
+        """entries: sha256 strings, or (sha256, pixel count) pairs."""
+        known = self.known()
+        new: dict[str, int | None] = {}
+        for e in entries:
+            h, px = (e, None) if isinstance(e, str) else (e[0], int(e[1]))
+            if h not in known or (known[h] is None and px is not None):
+                new[h] = px
         if not new:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            os.write(fd, ("\n".join(new) + "\n").encode())
+            os.write(fd, "".join(f"{h} {px}\n" if px is not None else f"{h}\n" for h, px in sorted(new.items())
+                                 ).encode())
         finally:
             os.close(fd)
-        self._known |= set(new)
+        known.update(new)
 
 
 def readable_hashes(cache_dir=None) -> ReadableSet:
@@ -443,17 +491,131 @@ class DeviceJpegDecoder:
         return torch.stack(pixels), None, None
 
 
-def _loader(samples: Samples, transform, batches: list, device: torch.device, num_workers: int,
-            draft_target: int | None, device_decode: bool = False):
-    from torch.utils.data import DataLoader
+_HEAP_BOUNDED = [False]
 
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if num_workers > 0 else {}
-    if device_decode:
-        return DataLoader(JpegBytesDataset(samples, transform), batch_sampler=batches, num_workers=num_workers,
-                          collate_fn=_collate_mixed, generator=torch.Generator().manual_seed(0), **extra)
-    ds = DraftImageDataset(samples, transform, draft_target) if draft_target else ImageDataset(samples, transform)
-    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(0), **extra)
+
+def bound_heap_growth() -> None:
+    """Large buffers (>= 1 MiB) get their own memory mapping, returned to the OS when freed.
+
+    Why: each extraction batch allocates and frees the same few multi-megabyte tensors (the
+    uint8 batch, its float32 normalization, the engine's buffers). glibc raises its mmap threshold
+    after the first such free, so from then on they come from the heap, interleaved with small
+    long-lived objects, and the freed space is not returned: peak RSS grew by ~250 MB per 4,096
+    extracted images (bench_scaling.py: 1.1 GB at 10^3 images, 2.4 GB at 10^5). A fixed threshold
+    keeps it flat for the cost of a page fault per buffer page (about 1% of a batch's time).
+    Once per process; a no-op where the C library is not glibc."""
+    if _HEAP_BOUNDED[0]:
+        return
+    _HEAP_BOUNDED[0] = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class _PoolDataset:
+    """Every (source, decoding) the run extracts from, in one dataset: the workers get it once and
+    serve the train and validation passes (and every view) from it. Key: (source, kind, dataset key),
+    kind "plain", "bytes" (device decoding) or ("draft", target size)."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self._made: dict = {}
+
+    def _dataset(self, s: int, kind):
+        ds = self._made.get((s, kind))
+        if ds is None:
+            samples, transform = self.sources[s]
+            ds = (DraftImageDataset(samples, transform, kind[1]) if isinstance(kind, tuple)
+                  else JpegBytesDataset(samples, transform) if kind == "bytes" else ImageDataset(samples, transform))
+            self._made[(s, kind)] = ds
+        return ds
+
+    def __len__(self) -> int:
+        return sum(len(samples) for samples, _ in self.sources)
+
+    def __getitem__(self, key):
+        s, kind, k = key
+        return self._dataset(s, kind)[k]
+
+
+class _Batches:
+    """A persistent loader's batch sampler: the main process iterates it afresh at each pass (workers
+    only ever receive keys), so each pass sets its own batches."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate(items):
+    # device decoding gets (kind, data, label, index) tuples as they are; CPU decoding a uint8 batch
+    if items and isinstance(items[0], tuple) and isinstance(items[0][0], str):
+        return items
+    from torch.utils.data import default_collate
+
+    return default_collate(items)
+
+
+class DecodePool:
+    """One set of DataLoader workers for a whole run's extraction: the sources (Samples and their
+    transform: the train set with its views, the validation set) are known up front, the workers
+    start at the first batch anyone asks for (a warm run, all cached, starts none) and then stay up
+    (persistent_workers) for every later pass, prefetching; pinned memory on CUDA. close() (or the
+    context manager) stops them."""
+
+    def __init__(self, sources, device: torch.device, num_workers: int):
+        self.sources = [(samples, transform) for samples, transform in sources]
+        self.device, self.num_workers = device, int(num_workers)
+        self._loader = None
+        self._sampler = _Batches()
+
+    def source(self, samples: Samples, transform) -> int:
+        for s, (sm, tf) in enumerate(self.sources):
+            if sm is samples and tf is transform:
+                return s
+        if self._loader is not None and self.num_workers > 0:
+            raise ValueError("DecodePool: every source must be named before the workers start")
+        self.sources.append((samples, transform))
+        return len(self.sources) - 1
+
+    def _get_loader(self):
+        if self._loader is None:
+            from torch.utils.data import DataLoader
+
+            extra = {"prefetch_factor": 4, "persistent_workers": True} if self.num_workers > 0 else {}
+            self._loader = DataLoader(_PoolDataset(self.sources), batch_sampler=self._sampler,
+                                      num_workers=self.num_workers, collate_fn=_collate,
+                                      pin_memory=self.device.type == "cuda",
+                                      generator=torch.Generator().manual_seed(0), **extra)
+        return self._loader
+
+    def batches(self, samples: Samples, transform, keys: Sequence, batch_size: int, kind="plain"):
+        """(batches of positions into keys, an iterator of the decoded batches, in that order)."""
+        s = self.source(samples, transform)
+        positions = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
+        self._sampler.batches = [[(s, kind, keys[j]) for j in b] for b in positions]
+        return positions, iter(self._get_loader())
+
+    def close(self) -> None:
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 _SELECTIONS: dict = {}  # (id(backbone), ...) -> Selection: train and val extraction share one choice
@@ -472,7 +634,8 @@ def _engine_for(backbone, x, device, engine: str, allow_reduced: bool, total: in
     choice_key = f"{E.machine_id(device)}|{state_digest(backbone)[:16]}|{type(backbone).__qualname__}|" \
                  f"b{batch_size}|{tuple(x.shape[1:])}|{'reduced' if allow_reduced else 'fp32'}"
     s = E.select(engine, backbone, x, device, allow_reduced=allow_reduced, total=total,
-                 cache_root=None if cache_dir is False else cache_root(cache_dir), choice_key=choice_key, say=say)
+                 cache_root=None if cache_dir is False else cache_root(cache_dir), choice_key=choice_key, say=say,
+                 may_probe=D.context().is_main)
     _SELECTIONS.clear()
     _SELECTIONS[key] = (weakref.ref(backbone), s)
     return s, True
@@ -485,6 +648,19 @@ def _has_device_decoder() -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+class NonFiniteFeaturesError(ZooError):
+    """The backbone gave NaN/inf features for some images: nothing of them was cached."""
+
+
+def _non_finite(backbone: str, engine: str, samples: Samples, keys: Sequence, rows: Sequence[int]):
+    files = [samples.describe(k[0] if isinstance(k, tuple) else int(k)) for k in (keys[r] for r in rows)]
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return NonFiniteFeaturesError(
+        f"backbone {backbone} (engine {engine}) gave NaN/inf features for {len(files)} image(s): {shown}; nothing "
+        "of them was cached. Check those files (remove or re-save them) and the backbone's weights "
+        "(--weights default), then run again")
 
 
 def engine_numerics(engine: str, device: torch.device, allow_reduced: bool) -> str:
@@ -502,17 +678,28 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                  device: torch.device, out, positions: Sequence[int], *, batch_size: int = 64,
                  num_workers: int = 0, engine: str = "auto", allow_reduced: bool = False, total: int | None = None,
                  cache_dir=None, on_batch=None, progress: bool = False, desc: str = "features",
-                 draft_target: int | None = None, device_decode: bool = False, say=None):
+                 draft_target: int | None = None, device_decode: bool = False, say=None,
+                 pool: DecodePool | None = None, name: str | None = None):
     """Extract keys[j] into out[positions[j]] (out: a (rows, D) tensor, or a callable(D) -> tensor
     allocating it once D is known); on_batch(js, feats) sees every batch (for streaming shards).
+    pool: the run's DecodePool (its workers, persistent); None: one for this call (num_workers).
+    name: the backbone's name, for errors. A batch with NaN/inf features raises NonFiniteFeaturesError
+    naming the files (earlier batches' rows stay valid; the bad batch reaches neither out nor on_batch)
     Returns (out, engine Selection or None)."""
     keys = list(keys)
     if not keys:
         return out, None
+    if pool is None:
+        with DecodePool([(samples, transform)], device, num_workers) as pool:
+            return extract_into(backbone, samples, keys, transform, norm, device, out, positions,
+                                batch_size=batch_size, engine=engine, allow_reduced=allow_reduced, total=total,
+                                cache_dir=cache_dir, on_batch=on_batch, progress=progress, desc=desc,
+                                draft_target=draft_target, device_decode=device_decode, say=say, pool=pool,
+                                name=name)
+    bound_heap_growth()
     backbone.eval()
-    batches = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
-    loader = _loader(samples, transform, [[keys[j] for j in b] for b in batches], device, num_workers, draft_target,
-                     device_decode)
+    kind = "bytes" if device_decode else ("draft", int(draft_target)) if draft_target else "plain"
+    batches, loader = pool.batches(samples, transform, keys, batch_size, kind)
     if device_decode:
         decoder = DeviceJpegDecoder(samples, transform, norm, device)
         loader = map(decoder, loader)
@@ -522,13 +709,20 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
             x = normalize_batch(images, norm, device, channels_last=False)
             fresh = False
             if sel is None:
-                sel, fresh = _engine_for(backbone, x, device, engine, allow_reduced, total or len(keys), cache_dir,
-                                         batch_size, say)
+                try:
+                    sel, fresh = _engine_for(backbone, x, device, engine, allow_reduced, total or len(keys),
+                                             cache_dir, batch_size, say)
+                except NonFiniteFeatures as exc:  # in the eager reference rows of the first batch
+                    raise _non_finite(name or type(backbone).__name__, exc.engine, samples,
+                                      [keys[j] for j in js], exc.rows) from None
             if fresh:
                 f = sel.features  # the check batch, already computed by the chosen engine
             else:
                 with torch.inference_mode():
                     f = sel.engine.run(x).float().cpu()
+            if not bool(torch.isfinite(f).all()):  # never into the cache, never into a head
+                raise _non_finite(name or type(backbone).__name__, sel.engine.name, samples,
+                                  [keys[j] for j in js], torch.nonzero(~torch.isfinite(f).all(1)).flatten().tolist())
             if callable(out):
                 out = out(f.shape[1])
             out[torch.as_tensor([positions[j] for j in js])] = f
@@ -580,7 +774,8 @@ def cached_features(backbone: nn.Module, samples: Samples, transform, norm: Norm
                     view_seed: int = 0, cache: bool = True, cache_dir=None, batch_size: int = 64,
                     num_workers: int | None = None, engine: str = "auto", allow_reduced: bool = False,
                     amp_dtype=None, channels_last: bool = True, jpeg_draft: bool = False, gpu_decode: bool = False,
-                    progress: bool = False, desc: str = "features") -> tuple[torch.Tensor, CacheStats]:
+                    progress: bool = False, desc: str = "features",
+                    pool: DecodePool | None = None) -> tuple[torch.Tensor, CacheStats]:
     """(len(views), N, D) features, from the cache where possible; extraction sharded over ranks.
 
     views: None = the deterministic (eval) transform; an int v = augmented view v, seeded by
@@ -588,16 +783,21 @@ def cached_features(backbone: nn.Module, samples: Samples, transform, norm: Norm
     view decoded in batches by torchvision on a CUDA device (DeviceJpegDecoder); elsewhere the CPU
     path is used and said so ("any": torchvision's decoder on whatever device, for tests). engine: zoo.engines name
     or "auto" (amp_dtype not None also allows reduced precision). The cache key gets the engine's
-    numerics and the decoding; key_fields' own "precision" is replaced by them.
+    numerics and the decoding; key_fields' own "precision" is replaced by them. pool: the run's
+    DecodePool, whose workers also serve its other passes; None: one for this call (num_workers,
+    default_workers when None), closed at the end.
     """
-    with _rng_untouched():
+    with _rng_untouched(), contextlib.ExitStack() as stack:
+        if pool is None:
+            workers = default_workers(samples, device) if num_workers is None else num_workers
+            pool = stack.enter_context(DecodePool([(samples, transform)], device, workers))
         return _cached_features(backbone, samples, transform, norm, key_fields, device, list(views), view_seed,
-                                cache, cache_dir, batch_size, num_workers, engine,
+                                cache, cache_dir, batch_size, pool, engine,
                                 allow_reduced or amp_dtype is not None, jpeg_draft, gpu_decode, progress, desc)
 
 
 def _cached_features(backbone, samples, transform, norm, key_fields, device, views, view_seed, cache, cache_dir,
-                     batch_size, num_workers, engine, allow_reduced, jpeg_draft, gpu_decode, progress, desc):
+                     batch_size, pool, engine, allow_reduced, jpeg_draft, gpu_decode, progress, desc):
     t0 = time.perf_counter()
     ctx = D.context()
     n = len(samples)
@@ -615,7 +815,6 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
     elif draft_target:
         key["decode"] = "jpeg-draft-2x"
     fc = FeatureCache(cache_root(cache_dir), key) if cache else None
-    workers = default_workers(samples, device) if num_workers is None else num_workers
     mine = D.shard_indices(n, ctx)
     single = not ctx.enabled
     stats = CacheStats()
@@ -675,12 +874,13 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
             te = time.perf_counter()
             target = (lambda d, vi=vi: allocate(d)[vi]) if out is None else out[vi]
             _, s = extract_into(backbone, samples, [key_of(mine[j]) for j in miss], transform, norm, device,
-                                target, miss, batch_size=batch_size, num_workers=workers, engine=asked,
+                                target, miss, batch_size=batch_size, pool=pool, engine=asked,
                                 allow_reduced=False, total=missing_total,
                                 cache_dir=cache_dir if cache else False,  # False: write nothing (no choice memo)
                                 on_batch=on_batch, progress=progress and ctx.is_main,
                                 desc=desc if v is None else f"{desc} (view {v})", draft_target=draft_target,
-                                device_decode=device_decode and v is None, say=say)
+                                device_decode=device_decode and v is None, say=say,
+                                name=key_fields.get("backbone"))
             flush()
             stats.extract_seconds += time.perf_counter() - te
             sel = sel or s

@@ -345,26 +345,32 @@ class _Trainer:
     def _extract_features(self) -> tuple[tuple, dict]:
         """The extraction phase: (train features (views, N, D), val features (N, D) or None) and the
         cache statistics. Reads only the frozen backbone, the split and the transforms."""
-        from .features import CacheStats, cached_features, model_key
+        from .features import CacheStats, DecodePool, cached_features, model_key
 
         cfg, split = self.cfg, self.split
         key = model_key(self.model, self.amp_dtype)
-        common = dict(device=self.device, cache=cfg.cache, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64),
-                      num_workers=self.workers, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                      progress=cfg.progress, engine=cfg.engine, jpeg_draft=cfg.jpeg_draft, gpu_decode=cfg.gpu_decode)
-        views = list(range(cfg.views)) if cfg.augment else [None]
-        train_feats, stats = cached_features(
-            self.model.backbone, split.train, self.train_tf, self.norm,
-            key_fields=dict(key, transform=self.train_tf.describe(), view_seed=cfg.seed if cfg.augment else None),
-            views=views, view_seed=cfg.seed, desc="train features", **common)
-        self.feature_stats = [stats]
-        val_feats = None
-        if split.val is not None:
-            val_feats, val_stats = cached_features(
-                self.model.backbone, split.val, self.eval_tf, self.norm,
-                key_fields=dict(key, transform=self.eval_tf.describe(), view_seed=None), desc="val features", **common)
-            self.feature_stats.append(val_stats)
-            val_feats = val_feats[0]
+        # One set of decoding workers for the train and validation passes (started at the first
+        # miss, none on a warm run): worker start-up is paid once per run.
+        sources = [(split.train, self.train_tf)] + ([(split.val, self.eval_tf)] if split.val is not None else [])
+        with DecodePool(sources, self.device, self.workers) as pool:
+            common = dict(device=self.device, cache=cfg.cache, cache_dir=cfg.cache_dir,
+                          batch_size=max(cfg.batch_size, 64), amp_dtype=self.amp_dtype, pool=pool,
+                          channels_last=self.channels_last, progress=cfg.progress, engine=cfg.engine,
+                          jpeg_draft=cfg.jpeg_draft, gpu_decode=cfg.gpu_decode)
+            views = list(range(cfg.views)) if cfg.augment else [None]
+            train_feats, stats = cached_features(
+                self.model.backbone, split.train, self.train_tf, self.norm,
+                key_fields=dict(key, transform=self.train_tf.describe(), view_seed=cfg.seed if cfg.augment else None),
+                views=views, view_seed=cfg.seed, desc="train features", **common)
+            self.feature_stats = [stats]
+            val_feats = None
+            if split.val is not None:
+                val_feats, val_stats = cached_features(
+                    self.model.backbone, split.val, self.eval_tf, self.norm,
+                    key_fields=dict(key, transform=self.eval_tf.describe(), view_seed=None), desc="val features",
+                    **common)
+                self.feature_stats.append(val_stats)
+                val_feats = val_feats[0]
         total = CacheStats()
         for st in self.feature_stats:
             total.add(st)
