@@ -5,6 +5,7 @@ validation on the run's own validation split."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,29 @@ def test_cli_int8_prints_its_value(run_dir, tmp_path, capsys):
     code = main(["export", str(run), "-f", "onnx-int8", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert code == 0 and "the fp32 file's size" in printed and "labelled images" in printed
+
+
+def test_calibration_uses_the_training_sample_the_run_recorded(exported, run_dir):
+    """Calibration runs on training images the run recorded (never its validation files), and
+    validation reports how far the artifact's own outputs move between batch sizes."""
+    _, run = run_dir
+    out, report = exported
+    recorded = json.loads((Path(run) / "validation.json").read_text())
+    train_files = {p for p, _ in recorded["calibration"]["items"]}
+    val_files = {p for p, _ in recorded["items"]}
+    assert train_files and not train_files & val_files
+    assert "the run's training images" in report["calibration"]["source"]
+    assert report["calibration"]["count"] == len(train_files)
+    v = report["artifacts"]["onnx-int8"]["validation"]
+    assert v["max_batch_size_diff"] <= 1e-5 and isinstance(v["mean_abs_logit_diff"], float)
+    assert v["mean_abs_logit_diff"] <= v["max_abs_logit_diff"]
+
+
+def test_calibration_reader_reduces_batch_by_batch():
+    """The reader speaks onnxruntime's strided protocol: each range yields only its own batches."""
+    from zoo_onnx import _Calibration
+
+    reader = _Calibration("image", [np.full((2, 1), i) for i in range(3)])
+    assert len(reader) == 3
+    reader.set_range(1, 2)
+    assert reader.get_next()["image"][0, 0] == 1 and reader.get_next() is None

@@ -126,7 +126,7 @@ def test_the_validation_split_never_takes_part_in_a_choice(tmp_path, data, weigh
         shutil.copytree(val / a, flipped / b)
     heads = []
     for v in (val, flipped):
-        run = _train(tmp_path / v.name, data, weights, epochs=6, val_data=str(v), holdout=0.4, tune=True)
+        run = _train(tmp_path / v.name, data, weights, epochs=6, val_data=str(v), holdout=0.4, tune="on")
         heads.append((run.best_epoch, run.model.meta.extra["training"]["selection"]["weight_decay"],
                       {k: t.clone() for k, t in run.model.head.state_dict().items()}, run.val_top1))
     (e1, wd1, h1, acc1), (e2, wd2, h2, acc2) = heads

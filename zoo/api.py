@@ -132,7 +132,9 @@ class ExportOptions:
     """What an exporter's `export` and `validate` receive.
 
     preprocess: "normalize" (the artifact takes uint8 NHWC RGB at the input size, scaling and
-        mean/std inside) or "none" (float32 NCHW, already normalized).
+        mean/std inside), "none" (float32 NCHW, already normalized) or, for exporters that declare
+        it in `Exporter.preprocess_modes`, "full" (uint8 NHWC RGB at any size, one image or N of
+        one size; the resize and center crop inside too: `zoo.export.deploy_module` builds it).
     embedding: also output the pooled features as "embedding".
     artifacts: format name -> path of the artifacts already exported and validated in this run
         (e.g. an int8 exporter quantizes the fp32 file when its `builds_on` format is there).
@@ -211,6 +213,9 @@ class Exporter(ABC):
     #: `zoo export --quantize Q` adds, for each chosen format F, the exporter with
     #: builds_on=F and quantization=Q.
     quantization: ClassVar[str | None] = None
+    #: the `ExportOptions.preprocess` modes this format writes; "full" (the decoded image at any
+    #: size in, resize and crop inside) only where declared, else `zoo export` refuses it.
+    preprocess_modes: ClassVar[tuple[str, ...]] = ("normalize", "none")
 
     @abstractmethod
     def export(self, model: "ZooModel", path: str, options: ExportOptions) -> Mapping[str, Any]:
@@ -228,6 +233,9 @@ class Exporter(ABC):
         images: uint8 array (N, H, W, 3), RGB, already resized/cropped to the input size; an
             artifact with baked preprocessing gets them as they are, one without gets
             `zoo.validation.model_inputs(images, model.meta.normalization, options.preprocess)`.
+            With preprocess "full": a list of uint8 (H, W, 3) images at their own, different
+            sizes (run them with `zoo.validation.run_full`, judge with `compare_full`); the
+            reference is eager PyTorch on their reference preprocessing, in the same order.
         reference: eager PyTorch's "logits", "probabilities", "embedding" on those images.
         tolerance: a `zoo.validation.Tolerance`. batch_sizes: run the images in chunks of each.
         targets: class indices where the images are labelled (else None entries).

@@ -154,7 +154,8 @@ def validation_images() -> dict[str, Any]:
     except ImportError:
         present = False
     return {"scikit_image": present,
-            "default_images": "scikit-image sample photos + synthetic" if present else "synthetic only"}
+            "default_images": "a run's own validation split (up to 64 images); otherwise "
+                              + ("scikit-image sample photos + synthetic" if present else "synthetic only")}
 
 
 def cache() -> dict[str, Any]:

@@ -18,9 +18,15 @@ Artifact layout in `out` (stem "model"):
 
 Inputs (`preprocess`):
   "normalize" (default): the graph takes RGB uint8 (N, H, W, 3), i.e. `np.asarray(pil_image)`
-      after the resize/crop the metadata describes; the /255 scaling and mean/std run inside.
+      after the resize/crop the metadata's "resize" recipe states exactly (Pillow, antialiased);
+      the /255 scaling and mean/std run inside.
   "none": the graph takes float32 (N, 3, H, W), already scaled and normalized.
-  H and W are fixed at the model's input size; the batch axis is dynamic.
+  For these two, H and W are fixed at the model's input size; the batch axis is dynamic.
+  "full": the graph takes the decoded RGB image as it is, uint8 (N, H, W, 3) with H and W any
+      size (at least 1): one image at a time (N = 1), or N images that all have the same size.
+      The resize, center crop, scaling and mean/std run inside (`zoo.preprocess_module`), matching
+      the reference preprocessing to within 1 uint8 level on a few pixels; validated on photos of
+      different sizes against eager PyTorch on the reference preprocessing.
 Outputs: logits (N, K), probabilities (N, K, softmax), embedding (N, D, the pooled backbone
 features; embedding=False leaves it out).
 """
@@ -44,13 +50,28 @@ from .api import ExportOptions
 from .errors import ExportValidationError, ZooError
 from .io import file_sha256, write_json
 
-PREPROCESS_MODES = ("normalize", "none")
+PREPROCESS_MODES = ("normalize", "none", "full")
 ARTIFACT_STEM = "model"
 METADATA_VERSION = 1
 INPUT_LAYOUTS = {
     "normalize": "NHWC uint8 RGB 0..255, resized and center-cropped to input_size (scaling and mean/std inside the graph)",
     "none": "NCHW float32 RGB, resized, center-cropped, scaled to 0..1 and normalized with mean/std",
+    "full": "NHWC uint8 RGB 0..255 at any size, the decoded image as it is: (1, H, W, 3) for one image, or "
+            "(N, H, W, 3) for N images of the same size (resize, center crop, scaling and mean/std inside the graph)",
 }
+INPUT_NAMES = {"normalize": "image", "none": "input", "full": "image"}
+
+
+def check_preprocess(model, preprocess: str) -> None:
+    """ZooError unless the model can be exported with this preprocessing mode."""
+    from .preprocess import in_graph_problem
+
+    if preprocess not in PREPROCESS_MODES:
+        raise ZooError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    problem = in_graph_problem(model.meta.normalization) if preprocess == "full" else None
+    if problem:
+        raise ZooError(f"--preprocess full: {model.meta.backbone}'s eval preprocessing cannot run inside the graph: "
+                       f"{problem}; export with --preprocess normalize and resize as the metadata's \"resize\" says")
 
 
 # -- the deployable module --------------------------------------------------------------------------
@@ -60,8 +81,7 @@ def deploy_module(model, preprocess: str = "normalize", embedding: bool = True):
     import torch
     import torch.nn as nn
 
-    if preprocess not in PREPROCESS_MODES:
-        raise ZooError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    check_preprocess(model, preprocess)
     norm = model.meta.normalization
 
     class DeployModule(nn.Module):
@@ -70,12 +90,19 @@ def deploy_module(model, preprocess: str = "normalize", embedding: bool = True):
             self.backbone = model.backbone
             self.head = model.head
             self.bake = preprocess == "normalize"
+            self.full = None
+            if preprocess == "full":  # resize + crop + scale + normalize, scripted: any input size
+                from .preprocess_module import scripted
+
+                self.full = scripted(norm)
             self.with_embedding = bool(embedding)
             self.register_buffer("mean", torch.tensor(norm.mean, dtype=torch.float32).view(1, -1, 1, 1))
             self.register_buffer("std", torch.tensor(norm.std, dtype=torch.float32).view(1, -1, 1, 1))
 
         def forward(self, x):
-            if self.bake:  # same float ops, same order as zoo.preprocess.normalize_uint8
+            if self.full is not None:
+                x = self.full(x)
+            elif self.bake:  # same float ops, same order as zoo.preprocess.normalize_uint8
                 x = x.permute(0, 3, 1, 2).to(torch.float32) / 255.0
                 x = (x - self.mean) / self.std
             emb = self.backbone(x)
@@ -90,11 +117,13 @@ def deploy_module(model, preprocess: str = "normalize", embedding: bool = True):
 
 def example_input(model, preprocess: str, batch: int = 2):
     """A deterministic example batch in the artifact's input format (batch >= 2 for tracing, so
-    the batch axis is never specialized to 1)."""
+    the batch axis is never specialized to 1; "full": an odd size, larger than the input size)."""
     import torch
 
     c, h, w = model.meta.normalization.input_size
     g = torch.Generator().manual_seed(0)
+    if preprocess == "full":
+        return torch.randint(0, 256, (batch, h + 37, w + 61, c), dtype=torch.uint8, generator=g)
     if preprocess == "normalize":
         return torch.randint(0, 256, (batch, h, w, c), dtype=torch.uint8, generator=g)
     return torch.randn(batch, c, h, w, generator=g)
@@ -123,8 +152,11 @@ def artifact_metadata(model, fmt: str, preprocess: str = "normalize", embedding:
     contract, where the backbone came from, and the versions that produced it."""
     meta = model.meta
     norm = meta.normalization
+    from .preprocess import resize_recipe
+
     c, h, w = norm.input_size
-    shape = ["batch", h, w, c] if preprocess == "normalize" else ["batch", c, h, w]
+    shape = {"normalize": ["batch", h, w, c], "none": ["batch", c, h, w],
+             "full": ["batch", "height", "width", c]}[preprocess]
     return {
         "zoo_metadata_version": METADATA_VERSION,
         "format": fmt,
@@ -143,12 +175,13 @@ def artifact_metadata(model, fmt: str, preprocess: str = "normalize", embedding:
         "interpolation": norm.interpolation,
         "crop_mode": norm.crop_mode,
         "crop_pct": round(norm.crop_pct, 4),
+        "resize": resize_recipe(norm, in_graph=preprocess == "full"),
         "preprocess": preprocess,
-        "input_layout": "NHWC" if preprocess == "normalize" else "NCHW",
-        "input_dtype": "uint8" if preprocess == "normalize" else "float32",
+        "input_layout": "NCHW" if preprocess == "none" else "NHWC",
+        "input_dtype": "float32" if preprocess == "none" else "uint8",
         "input_shape": shape,
         "input_description": INPUT_LAYOUTS[preprocess],
-        "input_name": "image" if preprocess == "normalize" else "input",
+        "input_name": INPUT_NAMES[preprocess],
         "outputs": output_names(embedding),
         "versions": versions(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -282,7 +315,10 @@ def export(
         the built-ins), a name, or a list of names of registered exporters (`zoo plugins` lists
         them; third-party formats work the same way).
     out: destination folder (default: RUN/export for a run directory; required for a model).
-    preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't.
+    preprocess: "normalize" bakes uint8 NHWC -> normalized float into the graph; "none" doesn't;
+        "full" also bakes the resize and center crop (uint8 NHWC at any size; formats that
+        declare it in `preprocess_modes`: ONNX for onnxruntime, TorchScript), validated on images
+        of different sizes (`zoo.validation.compare_full`).
     quantize: e.g. "int8": adds each chosen format's quantized variant (`onnx` -> `onnx-int8`,
         onnxruntime dynamic quantization), validated with the int8 tolerance (top-1 agreement
         >= int8_agreement, default 0.9).
@@ -316,7 +352,7 @@ def export(
 def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
             batch_sizes, int8_agreement, validate, progress, given) -> dict[str, Any]:
     from . import registry
-    from .validation import Tolerance, eager_outputs, load_validation_images
+    from .validation import Tolerance, eager_outputs, full_validation_images
 
     # -- everything checked before anything is written -------------------------------------------------
     say = progress or (lambda msg: None)
@@ -325,20 +361,25 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
         if run_dir is None:
             raise ZooError("export(model, ...) needs out=: where to write the artifacts")
         out = run_dir / "export"
-    if preprocess not in PREPROCESS_MODES:
-        raise ZooError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+    check_preprocess(model, preprocess)
     reg = registry.exporters()
     names = resolve_formats(formats, quantize, reg)
     specs = {name: reg.get(name) for name in names}  # unknown names fail before any work
     for name, spec in specs.items():
         check_requirements(name, spec)
+        if preprocess not in spec.preprocess_modes:
+            raise ZooError(f"export format {name!r} does not write --preprocess {preprocess} artifacts (it writes "
+                           f"{', '.join(spec.preprocess_modes)}); choose another format or preprocessing mode")
     own_options = exporter_options(specs, given)
     out = _output_folder(Path(out))
 
     # -- the reference every artifact is compared with ---------------------------------------------------
     tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
-    vimages = _validation_images(images, model, run_dir, say)
+    full = preprocess == "full"
+    vimages = _validation_images(images, model, run_dir, say, raw=full)
+    if full:  # the artifact gets the images at their own sizes; the reference, Pillow's resize of them
+        vimages = full_validation_images(vimages, model.meta.normalization)
     reference = eager_outputs(model, vimages.pixels) if validate else None
     calibration = (_calibration_images(model, run_dir, vimages, say)
                    if any(getattr(spec, "quantization", None) for spec in specs.values()) else None)
@@ -388,8 +429,8 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
                 t1 = time.perf_counter()
                 try:
                     with quiet():
-                        result = spec.validate(model, str(staged), vimages.pixels, options, reference, tol,
-                                               tuple(batch_sizes), vimages.targets)
+                        result = spec.validate(model, str(staged), vimages.raw if full else vimages.pixels, options,
+                                               reference, tol, tuple(batch_sizes), vimages.targets)
                     vrep = verdict(name, result).to_dict()
                 except ExportValidationError:
                     raise
@@ -455,50 +496,71 @@ def _spread(n: int, limit: int) -> list[int]:
     return list(range(n)) if n <= limit else [int(i * n / limit) for i in range(limit)]
 
 
-def _pixels(samples, indices, norm):
+def _pixels(samples, indices, norm, raw: list | None = None):
+    """Reference-preprocessed uint8 NHWC pixels of `samples` at `indices`; with a `raw` list, the
+    decoded images at their own sizes are appended to it too (decoded once)."""
     import numpy as np
 
     from .preprocess import resize_crop, to_uint8_hwc
 
-    return np.stack([to_uint8_hwc(resize_crop(samples.load(i), norm)) for i in indices])
+    out = []
+    for i in indices:
+        img = samples.load(i)
+        if raw is not None:
+            raw.append(to_uint8_hwc(img))
+        out.append(to_uint8_hwc(resize_crop(img, norm)))
+    return np.stack(out)
 
 
-def _validation_images(images, model, run_dir, say):
+def _validation_images(images, model, run_dir, say, raw: bool = False):
     """The images every artifact is checked on: those given; else the run's own validation split
     (labelled, so the report has accuracy); else scikit-image's photos. A run whose split cannot
-    be read is said, never passed over quietly."""
+    be read is said, never passed over quietly. raw=True keeps them at their own sizes too
+    (`ValidationImages.raw`, for --preprocess full)."""
     from .errors import DataError
     from .runs import RunDirError, recorded_validation
     from .validation import ValidationImages, load_validation_images
 
     norm, labels = model.meta.normalization, model.meta.labels
     if images is not None or run_dir is None:
-        return load_validation_images(images, norm, labels)
+        return load_validation_images(images, norm, labels, raw=raw)
+    decoded: list | None = [] if raw else None
     try:
         samples, described = recorded_validation(run_dir, labels)
         picked = _spread(len(samples), RUN_VALIDATION_IMAGES)
         if not picked:
             raise RunDirError("its validation split is empty")
-        pixels = _pixels(samples, picked, norm)
+        pixels = _pixels(samples, picked, norm, decoded)
     except (RunDirError, DataError, OSError) as exc:
-        fallback = load_validation_images(None, norm, labels)
+        fallback = load_validation_images(None, norm, labels, raw=raw)
         reason = str(exc).split(";")[0]
         say(f"validation images: the run's own split is not usable ({reason}); using {fallback.source}")
         return dataclasses.replace(fallback, source=f"{fallback.source} (the run's validation split is not usable: {reason})")
     return ValidationImages(pixels, [samples.describe(i) for i in picked],
                             f"{len(picked)} of {len(samples)} images of {described}",
-                            [int(samples.labels[i]) for i in picked])
+                            [int(samples.labels[i]) for i in picked], decoded)
 
 
 def _calibration_images(model, run_dir, vimages, say):
     """(uint8 NHWC pixels, source) for static quantization: a spread of the run's training images
-    (its data folder, less the validation files; the embedded sample's training half), else the
-    validation images. Only pixels are used, never labels."""
+    (the training sample it recorded in validation.json; for older runs its data folder, less the
+    validation files; the embedded sample's training half), else the validation images. Only
+    pixels are used, never labels."""
     from .data import embedded_samples
-    from .runs import read_config
+    from .errors import DataError
+    from .preprocess import ImageDecodeError
+    from .runs import RunDirError, read_config, recorded_calibration
 
     norm = model.meta.normalization
     if run_dir is not None:
+        try:  # the training sample the run recorded (works for --csv runs and moved data folders too)
+            samples, described = recorded_calibration(run_dir, model.meta.labels)
+            picked = _spread(len(samples), CALIBRATION_IMAGES)
+            return _pixels(samples, picked, norm), f"{len(picked)} of {described} ({len(samples)} recorded)"
+        except RunDirError:
+            pass  # recorded by an older zoo, or not at all: the data folder below
+        except (DataError, ImageDecodeError, OSError) as exc:  # files moved or damaged since training
+            say(f"calibration images: the run's recorded training sample is not usable ({str(exc).split(';')[0]})")
         try:
             cfg = read_config(run_dir)
         except Exception:  # noqa: BLE001 - an older run without config.json: calibrate on validation images
@@ -559,8 +621,9 @@ def verdict(name: str, result: Any):
 def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not v:
         return None
-    keys = ("passed", "kind", "max_abs_logit_diff", "max_abs_prob_diff", "top1_agreement", "min_embedding_cosine",
-            "batch_sizes", "tolerance", "images", "accuracy", "dynamic_batch")
+    keys = ("passed", "kind", "max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
+            "min_embedding_cosine", "max_batch_size_diff", "batch_sizes", "tolerance", "images", "accuracy",
+            "dynamic_batch")
     return {k: v[k] for k in keys if k in v}
 
 

@@ -162,10 +162,13 @@ class TrainConfig:
     label_smoothing: float = opt(0.0, number(0, 1, hi_open=True))
     batch_size: int = opt(64, number(1, integer=True))
     patience: int = opt(0, number(0, integer=True))  # early stopping: epochs without holdout improvement; 0 = off
-    # The best epoch (and with --tune the weight decay) is chosen on this stratified fraction of the
+    # The best epoch (and the weight decay, see `tune`) is chosen on this stratified fraction of the
     # training images, never on the reported validation split; 0: the last epoch, no selection.
     holdout: float = opt(0.1, number(0, 0.5, hi_open=True))
-    tune: bool = opt(False)  # choose the weight decay from TUNE_WEIGHT_DECAYS on the holdout
+    # the weight decay from TUNE_WEIGHT_DECAYS, chosen on the holdout: auto = for a linear head wherever
+    # the features are cached and a holdout exists (seconds of head training); on = required (MLP too);
+    # off = --weight-decay as given
+    tune: str = opt("auto", choice("auto", "on", "off"))
     standardize: bool = opt(True, flag="--no-standardize")  # per-feature standardization, folded into the head
     device: str = opt("auto", device_name)
     amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))  # auto | bf16 | fp16 | off
@@ -193,7 +196,7 @@ class TrainConfig:
             raise fail(TrainConfig, "views", "N pre-draws N augmented views per image; it needs --augment")
         if self.csv is None and self.csv_outside_root:
             raise fail(TrainConfig, "csv_outside_root", "only applies with --csv")
-        if self.tune and not self.holdout:
+        if self.tune == "on" and not self.holdout:
             raise fail(TrainConfig, "tune", "chooses the weight decay on the holdout; it needs --holdout > 0")
         if self.val_data is not None and self.data is None and self.csv is None:
             raise fail(TrainConfig, "val_data", "needs --data (or --csv) for the training images")
@@ -240,7 +243,7 @@ class ExportConfig:
 
     formats: Any = opt("all")
     out: str | None = opt(None, text())
-    preprocess: str = opt("normalize", choice("normalize", "none"))
+    preprocess: str = opt("normalize", choice("normalize", "none", "full"))
     quantize: str | None = opt(None, text())
     tolerance: float | None = opt(None, number(0, lo_open=True, optional=True))
     int8_agreement: float | None = opt(None, number(0, 1, lo_open=True, optional=True))

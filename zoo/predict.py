@@ -6,7 +6,9 @@
 
 Everything needed comes from the file's metadata (written by `zoo export`): the labels, the
 resize/crop/interpolation, mean/std, and whether preprocessing is baked into the graph. Images go
-through `zoo.preprocess`, the same reference preprocessing training and validation use.
+through `zoo.preprocess`, the same reference preprocessing training and validation use; a
+`--preprocess full` file gets the decoded image as it is (it resizes and crops inside), one
+image per run, since images differ in size.
 
 Nothing here may import torch, even indirectly (a test runs it with torch made unimportable):
 `zoo` itself is lazy, and zoo.preprocess and zoo.errors are torch-free.
@@ -92,6 +94,8 @@ class Predictor:
             img = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
         except ImageDecodeError as exc:
             raise DataError(str(exc)) from exc
+        if self.preprocess_mode == "full":  # the graph resizes and crops: the image as decoded
+            return to_uint8_hwc(img)[None]
         pixels = to_uint8_hwc(resize_crop(img, self.normalization))[None]
         return pixels if self.preprocess_mode == "normalize" else normalize_uint8(pixels, self.normalization)
 
@@ -107,8 +111,9 @@ class Predictor:
         if not rows:
             return np.zeros((0, len(self.labels)), np.float32)
         out = []
-        for i in range(0, len(rows), BATCH):
-            res = self.run(np.concatenate(rows[i:i + BATCH]))
+        step = 1 if self.preprocess_mode == "full" else BATCH  # "full" rows differ in size
+        for i in range(0, len(rows), step):
+            res = self.run(np.concatenate(rows[i:i + step]))
             if "probabilities" in res:
                 probs = res["probabilities"]
             else:

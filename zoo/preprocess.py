@@ -122,24 +122,105 @@ def _norm_fields(norm) -> tuple:
     return norm.mean, norm.std, tuple(norm.input_size), norm.resize_size, norm.interpolation, norm.crop_mode
 
 
+def resized_size(w: int, h: int, norm) -> tuple[int, int]:
+    """(new_w, new_h) of the eval resize, before the crop. The one statement of the size rule
+    (the graphs of `--preprocess full` and the metadata's "resize" recipe spell out the same):
+    "center": shorter side to resize_size, longer side resize_size * long / short truncated
+    (int(), like torchvision's Resize(int)); "squash": both sides to resize_size; "border":
+    longer side to resize_size, shorter truncated."""
+    _, _, _, resize, _, mode = _norm_fields(norm)
+    if mode == "squash":
+        return resize, resize
+    if mode == "border":  # keep ratio, longer side to `resize`; the crop pads if needed
+        scale = resize / max(w, h)
+        return max(1, int(w * scale)), max(1, int(h * scale))
+    if w <= h:
+        return resize, int(resize * h / w)
+    return int(resize * w / h), resize
+
+
+def crop_offset(size: int, out: int) -> int:
+    """Where a center crop of `out` starts in `size`: round((size - out) / 2) with Python's
+    round, i.e. halves to even (an odd margin of 1 starts at 0, of 3 at 2, of 5 at 2), like
+    torchvision's CenterCrop."""
+    return int(round((size - out) / 2.0))
+
+
 def resize_crop(img: Image.Image, norm) -> Image.Image:
     """Eval geometry: resize (shorter side, or both sides for "squash") then center crop."""
-    _, _, (_, out_h, out_w), resize, interp, mode = _norm_fields(norm)
-    resample = _RESAMPLE[interp]
+    _, _, (_, out_h, out_w), _, interp, mode = _norm_fields(norm)
     w, h = img.size
-    if mode == "squash":
-        img = img.resize((resize, resize), resample)
-    elif mode == "border":  # keep ratio, longer side to `resize`; the crop below pads if needed
-        scale = resize / max(w, h)
-        img = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), resample)
-    else:  # torchvision Resize(int): shorter side to `resize`, longer side truncated like it does
-        if w <= h:
-            new_w, new_h = resize, int(resize * h / w)
-        else:
-            new_w, new_h = int(resize * w / h), resize
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
+    new_w, new_h = resized_size(w, h, norm)
+    if mode == "squash" or (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _RESAMPLE[interp])
     return center_crop(img, out_h, out_w)
+
+
+_PIL_FILTER_NAMES = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS",
+                     "box": "BOX", "hamming": "HAMMING"}
+_SIZE_RULES = {
+    "center": ("shorter_side", "the shorter side becomes resize_size; the longer side is int(resize_size * longer / "
+               "shorter): the float quotient truncated toward zero (Python int(), torchvision Resize(int)), not "
+               "rounded; an image already at that size is not resampled"),
+    "squash": ("both_sides", "both sides become resize_size (the aspect ratio is not kept)"),
+    "border": ("longer_side", "the longer side becomes resize_size; the shorter is int(shorter * resize_size / "
+               "longer), at least 1 (truncated toward zero)"),
+}
+
+
+# What `--preprocess full` resizes with inside a graph: the filters ONNX Resize and torch's
+# interpolate can antialias the way Pillow does (triangle, and cubic with a = -0.5).
+IN_GRAPH_FILTERS = ("bilinear", "bicubic")
+
+
+def in_graph_problem(norm) -> str | None:
+    """Why this eval preprocessing cannot run inside a graph exactly as `resize_crop` does it
+    (then `--preprocess full` is refused), or None."""
+    _, _, (_, out_h, out_w), resize, interp, mode = _norm_fields(norm)
+    if interp not in IN_GRAPH_FILTERS:
+        return (f"its interpolation is {interp!r}, and only {' and '.join(IN_GRAPH_FILTERS)} resize inside a graph the "
+                "way Pillow does")
+    if mode != "center":
+        # "squash" scales the two axes differently, and then Pillow's two 8-bit passes do not
+        # follow one fixed order (measured: width first for some sizes, height first for
+        # others), so a graph could differ by a level on a fifth of the pixels; "border" pads
+        return f"its crop mode is {mode!r}, and only 'center' (shorter side, then center crop) runs inside a graph"
+    if resize < max(out_h, out_w):
+        return (f"its resize_size {resize} is smaller than the crop {out_h}x{out_w} (the crop would pad), which does "
+                "not run inside a graph")
+    return None
+
+
+def resize_recipe(norm, in_graph: bool = False) -> dict:
+    """The exact eval resize and crop as data, for an artifact's metadata: what a consumer must do
+    to give a "normalize" or "none" artifact the pixels it was validated on (`in_graph`: the
+    "full" artifact does it itself, by this recipe). Everything here restates `resize_crop`."""
+    _, _, (_, out_h, out_w), resize, interp, mode = _norm_fields(norm)
+    side, rule = _SIZE_RULES[mode]
+    return {
+        "reference": "zoo.preprocess.resize_crop",
+        "in_graph": bool(in_graph),
+        "input": "decoded 8-bit RGB (EXIF orientation applied, alpha composited on white)",
+        "library": "Pillow",
+        "call": f"PIL.Image.Image.resize((new_w, new_h), PIL.Image.Resampling.{_PIL_FILTER_NAMES[interp]})",
+        "filter": interp,
+        # Pillow widens the filter's support by the scale factor when it reduces: antialiasing
+        "antialias": interp != "nearest",
+        **({"cubic_coefficient": -0.5} if interp == "bicubic" else {}),
+        "passes": "horizontal then vertical, each rounded to uint8 (Pillow's 8-bit resampling)",
+        "mode": mode,
+        side: resize,
+        "size_rounding": rule,
+        "crop": "center",
+        "crop_size": [out_h, out_w],
+        "crop_rounding": "top = round((new_h - crop_h) / 2), left = round((new_w - crop_w) / 2) with Python's "
+                         "round(), halves to even (margin 1 -> 0, 3 -> 2, 5 -> 2), like torchvision's CenterCrop",
+        "crop_padding": "an image smaller than the crop is first padded with black to the crop size, placed at "
+                        "((crop - size) // 2)",
+        "not_equivalent": ("OpenCV cv2.resize with INTER_LINEAR/INTER_CUBIC, torch.nn.functional.interpolate or "
+                           "torchvision tensor resize without antialias=True do not antialias when reducing; their "
+                           "pixels differ from Pillow's by many levels and can change the prediction"),
+    }
 
 
 def center_crop(img: Image.Image, out_h: int, out_w: int) -> Image.Image:
@@ -148,8 +229,7 @@ def center_crop(img: Image.Image, out_h: int, out_w: int) -> Image.Image:
         canvas = Image.new(img.mode, (max(w, out_w), max(h, out_h)))
         canvas.paste(img, ((canvas.width - w) // 2, (canvas.height - h) // 2))
         img, (w, h) = canvas, canvas.size
-    top = int(round((h - out_h) / 2.0))
-    left = int(round((w - out_w) / 2.0))
+    top, left = crop_offset(h, out_h), crop_offset(w, out_w)
     return img.crop((left, top, left + out_w, top + out_h))
 
 

@@ -8,7 +8,9 @@
                      `zoo evaluate RUN` and the exporters read it); model.json's extra["training"]
                      holds the headline metrics
   validation.json    the validation split (files and labels, or "embedded"), which
-                     `zoo evaluate RUN` scores when given no --data
+                     `zoo evaluate RUN` scores when given no --data and `zoo export` validates
+                     on; plus a class-balanced sample of the training files ("calibration", at
+                     most CALIBRATION_SAMPLE) that static int8 export calibrates on
   metrics.json       per-epoch history, final per-class accuracy and confusion matrix
   metrics.csv        the per-epoch history as a table
   curves.png         loss and top-1 per epoch; confusion.png: the validation confusion matrix
@@ -33,6 +35,7 @@ from .io import atomic_path, write_json, write_text
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 VALIDATION = "validation.json"
+CALIBRATION_SAMPLE = 256  # training files recorded for calibrating quantization (bounded: the file stays small)
 
 
 class RunDirError(ZooError):
@@ -114,6 +117,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def balanced_sample(labels, count: int) -> list[int]:
+    """Up to `count` indices, deterministically: round-robin over the classes, each class in its
+    order, so a bounded sample keeps every class."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    queues = [list(reversed(v)) for _, v in sorted(by_class.items())]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
 def write_validation(path: str | Path, split) -> None:
     """Record the validation split, so `zoo evaluate RUN` can score the model on it later."""
     val = split.val
@@ -124,6 +142,14 @@ def write_validation(path: str | Path, split) -> None:
     else:
         doc = {"kind": "files", "source": split.source, "classes": list(split.classes),
                "items": [[os.path.abspath(p), split.classes[int(y)]] for p, y in zip(val.items, val.labels)]}
+    train = split.train
+    if train is not None and len(train) and all(isinstance(i, (str, os.PathLike)) for i in train.items):
+        picked = balanced_sample(train.labels, CALIBRATION_SAMPLE)
+        doc["calibration"] = {"kind": "files", "classes": list(split.classes),
+                              "items": [[os.path.abspath(train.items[i]), split.classes[int(train.labels[i])]]
+                                        for i in picked]}
+    elif train is not None and len(train):
+        doc["calibration"] = {"kind": "embedded"}
     write_json(Path(path) / VALIDATION, doc)
 
 
@@ -158,6 +184,31 @@ def recorded_validation(path: str | Path, labels) -> tuple[Any, str]:
         raise RunDirError(f"{str(file)!r} has labels {unknown} the model does not know; {give_data}")
     return (Samples([p for p, _ in items], [index[lab] for _, lab in items], tuple(labels)),
             f"the run's validation split ({doc.get('source', '?')})")
+
+
+def recorded_calibration(path: str | Path, labels) -> tuple[Any, str]:
+    """(Samples, description) of the training sample a run recorded for calibrating
+    quantization; RunDirError when it records none (trained by an older zoo, or in memory)."""
+    from .data import Samples, embedded_samples
+
+    file = Path(path) / VALIDATION
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))["calibration"]
+        kind = doc["kind"]
+    except FileNotFoundError:
+        raise RunDirError(f"{str(Path(path))!r} records no training sample (no {VALIDATION})") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{str(file)!r} records no usable training sample ({type(exc).__name__}: {exc})") from None
+    if kind == "embedded":
+        train = embedded_samples()[0]
+        if list(train.classes) != list(labels):
+            raise RunDirError(f"{str(file)!r} names the embedded sample, but the model's labels differ")
+        return train, "the run's training images (embedded sample)"
+    index = {c: i for i, c in enumerate(labels)}
+    items = [(p, lab) for p, lab in doc.get("items") or [] if lab in index]
+    if kind != "files" or not items:
+        raise RunDirError(f"{str(file)!r} records no usable training sample (kind {kind!r})")
+    return Samples([p for p, _ in items], [index[lab] for _, lab in items], tuple(labels)), "the run's training images"
 
 
 def write_history(path: str | Path, history: list[dict], final: dict) -> None:

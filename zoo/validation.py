@@ -14,7 +14,9 @@ The contract every exporter's `validate(model, path, images, **options)` follows
 * It returns `compare(...)`'s report (a JSON-ready dict whose "passed" is the verdict), with
   anything of its own added. `zoo.export` refuses an artifact whose report did not pass.
 
-Metrics, over every batch size: max absolute logit difference, max absolute probability
+Metrics, over every batch size: max (and mean) absolute logit difference, the largest logit
+difference between the artifact's own outputs at different batch sizes (`max_batch_size_diff`:
+an output must not depend on the rest of its batch), max absolute probability
 difference, top-1 agreement with eager PyTorch, minimum embedding cosine similarity, and, when
 the validation images come with labels (class-named folders), accuracy and its delta.
 
@@ -28,6 +30,17 @@ Pass criteria:
     embedding cosine are always reported; a mean embedding cosine under tolerance.int8_cosine
     (0.9) adds a note that the embedding output is approximate. (With labels, agreement does not
     gate: on a 70%-accurate head, int8 flips near-ties both ways at unchanged accuracy.)
+
+`--preprocess full` artifacts take the decoded images as they are, so they are validated on
+`full_validation_images`: the validation photos at their own, different sizes plus synthetic
+odd sizes (portrait, landscape, and two of one size run as one batch), each run alone (batch 1)
+and every same-size group also as one batch (`run_full`). The reference stays eager PyTorch on
+the reference preprocessing (Pillow). The in-graph resize differs from Pillow's by at most one
+uint8 level on a few pixels (float vs fixed-point arithmetic), so `compare_full` bounds:
+  max |probability diff| <= tolerance.full_probabilities (0.01), embedding cosine >=
+  tolerance.full_cosine (0.999), and the top-5 set (top-k for k = min(5, classes)) equal to
+  the reference's on every real photo (synthetic images: reported, not required, as their
+  predictions are near-uniform); logit differences and top-1 agreement are reported.
 
 This module imports numpy and Pillow at the top; torch only inside `eager_outputs`.
 """
@@ -62,6 +75,8 @@ class Tolerance:
     int8_agreement: float = 0.9
     int8_cosine: float = 0.9
     int8_accuracy_drop: float = 0.01
+    full_probabilities: float = 0.01
+    full_cosine: float = 0.999
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -70,12 +85,14 @@ class Tolerance:
 # -- validation images ---------------------------------------------------------------------------
 @dataclass
 class ValidationImages:
-    """Geometry-preprocessed uint8 (N, H, W, 3) images, their names, and labels when known."""
+    """Geometry-preprocessed uint8 (N, H, W, 3) images, their names, and labels when known;
+    `raw`: the same images decoded at their own sizes (uint8 (H, W, 3) each), when asked for."""
 
     pixels: np.ndarray
     names: list[str]
     source: str
     targets: list[int | None]
+    raw: list[np.ndarray] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": int(len(self.names)), "source": self.source, "names": self.names[:16],
@@ -119,20 +136,22 @@ def sample_photos(limit: int = NUM_DEFAULT_IMAGES) -> list[tuple[str, Any]]:
     return out
 
 
-def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count: int = NUM_DEFAULT_IMAGES
-                           ) -> ValidationImages:
+def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count: int = NUM_DEFAULT_IMAGES,
+                           raw: bool = False) -> ValidationImages:
     """Resolve what the user passed into reference-preprocessed validation images.
 
     images: None (scikit-image's sample photos, topped up with deterministic synthetic images to
     `count`), a directory or image file, a list of image files, or a uint8 (N, H, W, 3) array
-    already at the input size. Images in a folder named like a class label are labelled."""
+    already at the input size. Images in a folder named like a class label are labelled.
+    raw=True also keeps the decoded images at their own sizes (`.raw`), for `--preprocess full`."""
     c, h, w = tuple(norm.input_size)
     if isinstance(images, np.ndarray):
         arr = np.asarray(images)
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (h, w, 3):
             raise DataError(f"validation images given as an array must be uint8 (N, {h}, {w}, 3), "
                             f"got {arr.dtype} {arr.shape}")
-        return ValidationImages(arr, [f"array[{i}]" for i in range(len(arr))], "array", [None] * len(arr))
+        return ValidationImages(arr, [f"array[{i}]" for i in range(len(arr))], "array", [None] * len(arr),
+                                list(arr) if raw else None)
     if images is None:
         named = sample_photos(count)
         source = "scikit-image sample photos" if named else ""
@@ -140,7 +159,8 @@ def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count:
         named += [(f"synthetic:{i}", synthetic_image(i)) for i in range(n_synth)]
         source = " + ".join(s for s in (source, f"{n_synth} synthetic" if n_synth else "") if s)
         pixels = np.stack([to_uint8_hwc(resize_crop(img, norm)) for _, img in named])
-        return ValidationImages(pixels, [n for n, _ in named], source, [None] * len(named))
+        return ValidationImages(pixels, [n for n, _ in named], source, [None] * len(named),
+                                [to_uint8_hwc(img) for _, img in named] if raw else None)
     paths: list[str] = []
     for item in ([images] if isinstance(images, (str, os.PathLike)) else list(images)):
         found = list_images(item)
@@ -152,12 +172,146 @@ def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count:
     if len(paths) > MAX_IMAGES:
         paths = paths[:: math.ceil(len(paths) / MAX_IMAGES)]
     index = {name: i for i, name in enumerate(labels)}
-    pixels = np.stack([to_uint8_hwc(resize_crop(load_image(p), norm)) for p in paths])
+    if raw:  # decoded once, kept at their own sizes
+        if len(paths) > MAX_FULL_IMAGES:  # each runs alone through the artifact
+            paths = paths[:: math.ceil(len(paths) / MAX_FULL_IMAGES)]
+        decoded = [load_image(p) for p in paths]
+    pixels = np.stack([to_uint8_hwc(resize_crop(decoded[i] if raw else load_image(p), norm))
+                       for i, p in enumerate(paths)])
     targets = [index.get(Path(p).parent.name) for p in paths]
-    return ValidationImages(pixels, [str(p) for p in paths], f"{len(paths)} files", targets)
+    return ValidationImages(pixels, [str(p) for p in paths], f"{len(paths)} files", targets,
+                            [to_uint8_hwc(img) for img in decoded] if raw else None)
+
+
+# -- images at their own sizes, for --preprocess full ------------------------------------------------
+class SizedImages(list):
+    """uint8 (H, W, 3) images of different sizes (a list), with their names: what a `full`
+    artifact's validate() receives; "synthetic:" names are not photos."""
+
+    def __init__(self, images: Iterable[np.ndarray], names: Sequence[str]):
+        super().__init__(images)
+        self.names = list(names)
+
+
+MAX_FULL_IMAGES = 64
+# (height, width) of the synthetic images added for `full`: portrait and landscape at odd sizes,
+# one smaller than a typical crop (the resize enlarges it), and a pair of one size (a batch of N > 1)
+FULL_SYNTHETIC_SIZES = ((517, 301), (301, 517), (150, 200), (360, 480), (360, 480))
+
+
+def full_validation_images(vimages: ValidationImages, norm) -> ValidationImages:
+    """`vimages` (loaded with raw=True) plus synthetic images at FULL_SYNTHETIC_SIZES, with their
+    reference-preprocessed pixels: what a `--preprocess full` artifact is validated on."""
+    from PIL import Image
+
+    raw = list(vimages.raw if vimages.raw is not None else vimages.pixels)
+    names, targets = list(vimages.names), list(vimages.targets)
+    for i, (h, w) in enumerate(FULL_SYNTHETIC_SIZES):
+        img = synthetic_image(100 + i, size=max(h, w)).resize((w, h), Image.Resampling.BICUBIC)
+        raw.append(to_uint8_hwc(img))
+        names.append(f"synthetic:{h}x{w}#{i}")
+        targets.append(None)
+    pixels = np.stack([to_uint8_hwc(resize_crop(Image.fromarray(r), norm)) for r in raw])
+    sizes = sorted({f"{r.shape[0]}x{r.shape[1]}" for r in raw})
+    return ValidationImages(pixels, names, f"{vimages.source} at their own sizes + {len(FULL_SYNTHETIC_SIZES)} "
+                                           f"synthetic ({len(sizes)} sizes)", targets, SizedImages(raw, names))
 
 
 # -- running things --------------------------------------------------------------------------------
+def run_full(fn, raw: Sequence[np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A `--preprocess full` artifact on images of different sizes: {"alone": each image run by
+    itself (batch 1), "batched": every group of >= 2 same-size images run as one batch, with
+    "index" saying which rows they are}."""
+    alone = [fn(np.ascontiguousarray(img[None], dtype=np.uint8)) for img in raw]
+    out = {"alone": {k: np.concatenate([a[k] for a in alone]) for k in alone[0]}} if alone else {}
+    groups: dict[tuple, list[int]] = {}
+    for i, img in enumerate(raw):
+        groups.setdefault(img.shape, []).append(i)
+    parts, index = [], []
+    for rows in groups.values():
+        if len(rows) > 1:
+            parts.append(fn(np.ascontiguousarray(np.stack([raw[i] for i in rows]), dtype=np.uint8)))
+            index.extend(rows)
+    if parts:
+        out["batched"] = {**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, "index": np.asarray(index),
+                          "batch_sizes": np.asarray([len(r) for r in groups.values() if len(r) > 1])}
+    return out
+
+
+def compare_full(reference: Mapping[str, np.ndarray], runs: Mapping[str, Mapping[str, np.ndarray]],
+                 tolerance: Tolerance | None = None, targets: Sequence[int | None] | None = None,
+                 names: Sequence[str] | None = None) -> dict[str, Any]:
+    """A `--preprocess full` artifact's outputs (`run_full`) against eager PyTorch on the reference
+    preprocessing of the same images; the verdict follows the `full` criteria in the module
+    docstring. `names` (SizedImages.names): "synthetic:" ones are not photos (default: all are).
+    Returns a JSON-ready report like `compare`'s."""
+    tol = tolerance or Tolerance()
+    ref_logits, ref_probs = reference["logits"], reference["probabilities"]
+    names = list(names) if names is not None else [f"image[{i}]" for i in range(len(ref_logits))]
+    k = min(5, ref_logits.shape[1])
+    photo = np.array([not n.startswith("synthetic:") for n in names])
+    problems: list[str] = []
+    per_run: dict[str, Any] = {}
+    for run_name, out in runs.items():
+        rows = np.asarray(out["index"]) if "index" in out else np.arange(len(ref_logits))
+        logits = np.asarray(out["logits"], np.float64)
+        if logits.shape != (len(rows), ref_logits.shape[1]):
+            problems.append(f"{run_name}: logits shape {logits.shape} != eager {(len(rows), ref_logits.shape[1])}")
+            continue
+        probs = np.asarray(out.get("probabilities", _softmax(logits)), np.float64)
+        pdiff = np.abs(probs - ref_probs[rows]).max(1)
+        ldiff = np.abs(logits - ref_logits[rows]).max(1)
+        top1 = logits.argmax(1) == ref_logits[rows].argmax(1)
+        topk = np.array([set(np.argsort(-a)[:k]) == set(np.argsort(-b)[:k]) for a, b in zip(logits, ref_logits[rows])])
+        cos = (_cosine(np.asarray(out["embedding"]), reference["embedding"][rows])
+               if "embedding" in out and "embedding" in reference else None)
+        per_run[run_name] = {
+            "images": int(len(rows)), "max_abs_logit_diff": float(ldiff.max(initial=0.0)),
+            "max_abs_prob_diff": float(pdiff.max(initial=0.0)), "top1_agreement": float(top1.mean()) if len(rows) else 1.0,
+            f"top{k}_agreement": float(topk.mean()) if len(rows) else 1.0,
+            f"top{k}_agreement_photos": float(topk[photo[rows]].mean()) if photo[rows].any() else None,
+            "min_embedding_cosine": None if cos is None else float(cos.min(initial=1.0)),
+        }
+        if not np.all(np.isfinite(logits)):
+            problems.append(f"{run_name}: non-finite logits")
+        if not pdiff.max(initial=0.0) <= tol.full_probabilities:
+            worst = int(np.argmax(pdiff))
+            problems.append(f"{run_name}: max |probability diff| {pdiff.max():.3g} > {tol.full_probabilities:g} "
+                            f"(on {names[rows[worst]]})")
+        if cos is not None and not cos.min(initial=1.0) >= tol.full_cosine:
+            problems.append(f"{run_name}: embedding cosine {cos.min():.5f} < {tol.full_cosine}")
+        missed = [names[r] for r, ok, p in zip(rows, topk, photo[rows]) if p and not ok]
+        if missed:
+            problems.append(f"{run_name}: top-{k} classes differ from the reference preprocessing's on "
+                            f"{', '.join(missed[:4])}")
+    if "alone" not in runs:
+        problems.append("the artifact was not run on any image")
+    alone = per_run.get("alone", {})
+    report: dict[str, Any] = {
+        "passed": not problems,
+        "kind": "full",
+        **{key: alone.get(key) for key in ("max_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
+                                            f"top{k}_agreement", f"top{k}_agreement_photos", "min_embedding_cosine")},
+        "batch_sizes": sorted({1, *(int(b) for b in runs.get("batched", {}).get("batch_sizes", []))}),
+        "per_run": per_run,
+        "images": int(len(names)),
+        "tolerance": tol.to_dict(),
+        "problems": problems,
+    }
+    if targets is not None and any(t is not None for t in targets) and "alone" in runs:
+        idx = np.array([i for i, t in enumerate(targets) if t is not None])
+        y = np.array([targets[i] for i in idx])
+        acc_ref = float((ref_logits.argmax(1)[idx] == y).mean())
+        acc_art = float((np.asarray(runs["alone"]["logits"]).argmax(1)[idx] == y).mean())
+        report["accuracy"] = {"eager": acc_ref, "artifact": acc_art, "delta": acc_art - acc_ref, "images": int(len(idx))}
+    return report
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
 def model_inputs(pixels: np.ndarray, norm, preprocess: str) -> np.ndarray:
     """What an artifact is fed: the uint8 NHWC bytes (baked preprocessing) or normalized NCHW."""
     if preprocess == "normalize":
@@ -218,7 +372,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
     top2 = np.sort(ref_logits, axis=1)[:, -2:] if ref_logits.shape[1] > 1 else np.zeros((len(ref_logits), 2))
     margin = top2[:, 1] - top2[:, 0]
     per_batch: dict[str, Any] = {}
-    worst = {"max_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
+    worst = {"max_abs_logit_diff": 0.0, "mean_abs_logit_diff": 0.0, "max_abs_prob_diff": 0.0, "top1_agreement": 1.0,
              "min_embedding_cosine": None, "mean_embedding_cosine": None, "unexplained_top1_flips": 0}
     problems: list[str] = []
     for bs, out in sorted(runs.items()):
@@ -228,7 +382,9 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
             continue
         if not np.all(np.isfinite(logits)):
             problems.append(f"batch {bs}: non-finite logits")
-        diff = float(np.abs(logits.astype(np.float64) - ref_logits).max()) if logits.size else 0.0
+        absdiff = np.abs(logits.astype(np.float64) - ref_logits)
+        diff = float(absdiff.max()) if logits.size else 0.0
+        worst["mean_abs_logit_diff"] = max(worst["mean_abs_logit_diff"], float(absdiff.mean()) if logits.size else 0.0)
         pdiff = (float(np.abs(np.asarray(out["probabilities"], np.float64) - reference["probabilities"]).max())
                  if "probabilities" in out else None)
         top1 = logits.argmax(1)
@@ -281,6 +437,7 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
         "kind": kind,
         **{k: _f(v) if k != "unexplained_top1_flips" else v for k, v in worst.items()},
         "batch_sizes": sorted(int(b) for b in runs),
+        "max_batch_size_diff": _batch_size_diff(runs),
         "per_batch_size": per_batch,
         "tolerance": tol.to_dict(),
         "problems": problems,
@@ -298,6 +455,16 @@ def compare(reference: Mapping[str, np.ndarray], runs: Mapping[int, Mapping[str,
                             f"{len(idx)} labelled validation images (allowed drop {tol.int8_accuracy_drop})")
             report["passed"] = False
     return report
+
+
+def _batch_size_diff(runs: Mapping[int, Mapping[str, np.ndarray]]) -> float | None:
+    """Largest |logit| difference between the artifact's own outputs at its batch sizes: the same
+    image must give the same answer whatever else is in its batch (dynamic int8 does not)."""
+    shapes = {np.asarray(out["logits"]).shape for out in runs.values()}
+    if len(runs) < 2 or len(shapes) != 1:
+        return None
+    stacked = np.stack([np.asarray(out["logits"], np.float64) for out in runs.values()])
+    return float((stacked.max(0) - stacked.min(0)).max()) if stacked.size else 0.0
 
 
 def metadata_problems(meta: dict[str, Any], model, preprocess: str) -> list[str]:

@@ -55,6 +55,8 @@ class TargetProfile:
     # op -> indices of inputs that must be constant (initializers) for the target's importer
     constant_inputs: dict = field(default_factory=dict)
     dynamic_size: bool = True  # accepts dynamic height/width
+    # why `--preprocess full` (antialiased Resize on any-size input) is refused for it; None: accepted
+    full_preprocess: str | None = None
 
     @property
     def install_hint(self) -> str:
@@ -64,9 +66,13 @@ class TargetProfile:
 PROFILES: dict[str, TargetProfile] = {
     "onnxruntime": TargetProfile("onnxruntime", "onnxruntime", "onnxruntime", int8=True, static_shapes=False),
     "openvino": TargetProfile("openvino", "openvino", "openvino", int8=True, static_shapes=True,
+                              full_preprocess="OpenVINO's ONNX Resize ignores antialias=1 when it reduces (measured with "
+                              "openvino 2026.4: up to 80 uint8 levels from Pillow's resize on photos), so the "
+                              "in-graph resize would not be the reference's",
                               rejected_ops=frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})),
     "opencv": TargetProfile(
         "opencv", "cv2", "opencv", int8=False, static_shapes=True, dynamic_size=False,
+        full_preprocess="OpenCV DNN runs graphs with a fixed input size only, and has no antialiased Resize",
         rejected_ops=frozenset({"Shape", "Ceil", "Floor", "If", "Loop", "Scan", "NonZero", "Range", "NonMaxSuppression",
                                 "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear",
                                 "DequantizeLinear"}),
@@ -74,6 +80,15 @@ PROFILES: dict[str, TargetProfile] = {
                          "Tile": (1,), "Slice": (1, 2, 3, 4), "Unsqueeze": (1,), "Squeeze": (1,),
                          "ConstantOfShape": (0,)}),
 }
+
+
+def check_full_preprocess(target: str) -> None:
+    """ZooError, before anything is exported, when the target cannot run `--preprocess full`."""
+    reason = profile(target).full_preprocess
+    if reason:
+        raise ZooError(f"--preprocess full cannot target {target}: {reason}. Export for {target} with --preprocess "
+                       "normalize and resize with Pillow as the metadata's \"resize\" recipe says, or export "
+                       "--preprocess full for --target onnxruntime")
 
 
 def profile(target: str | None) -> TargetProfile:
@@ -330,7 +345,8 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
     a runtime that is absent, or that cannot load the file, fails the validation."""
     import onnx
 
-    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
+    from zoo.validation import (compare, compare_full, eager_outputs, metadata_problems, model_inputs, run_full,
+                                run_in_batches)
 
     from . import read_metadata
 
@@ -339,9 +355,12 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
         run, _ = runner(target, path)
     except ZooError as exc:
         return {"passed": False, "target": target, "problems": [str(exc)]}
-    reference = reference if reference is not None else eager_outputs(model, images)
-    x = model_inputs(images, norm, preprocess)
-    report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, kind=kind, targets=targets)
+    if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
+        report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
+    else:
+        reference = reference if reference is not None else eager_outputs(model, images)
+        x = model_inputs(images, norm, preprocess)
+        report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, kind=kind, targets=targets)
     problems = list(report["problems"])
     if dynamic_size:
         size = second_size(norm.input_size)

@@ -85,12 +85,10 @@ def validate_torchscript(model, path, images, *, reference=None, tolerance=None,
     """Reload the file with torch.jit.load and compare it with eager PyTorch at each batch size."""
     import torch
 
-    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
+    from zoo.validation import compare, compare_full, eager_outputs, metadata_problems, model_inputs, run_full, run_in_batches
 
     module, meta = load(path)
-    reference = reference if reference is not None else eager_outputs(model, images)
     names = meta.get("outputs") or ["logits", "probabilities", "embedding"]
-    x = model_inputs(images, model.meta.normalization, preprocess)
 
     def run(batch):
         with torch.inference_mode():
@@ -98,7 +96,12 @@ def validate_torchscript(model, path, images, *, reference=None, tolerance=None,
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.float().numpy() for n, o in zip(names, out)}
 
-    report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
+    if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
+        report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
+    else:
+        reference = reference if reference is not None else eager_outputs(model, images)
+        x = model_inputs(images, model.meta.normalization, preprocess)
+        report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
     problems = metadata_problems(meta, model, preprocess)
     if problems:
         report["problems"] = list(report["problems"]) + problems
@@ -113,6 +116,7 @@ class TorchScript(Exporter):
     description = "TorchScript (traced, torch.jit.freeze'd; metadata as extra files)"
     requires = ("torch",)
     in_all = True
+    preprocess_modes = ("normalize", "none", "full")
 
     def export(self, model, path, options: ExportOptions):
         return export_torchscript(model, path, **options.as_kwargs())

@@ -34,9 +34,12 @@ def add_parser(sub):
                    help="shorthand for -O onnx_exporter=...: auto (default) uses torch's dynamo exporter and falls "
                         "back to the TorchScript-based one with a warning and the reason in export-report.json; "
                         "dynamo makes that fallback an error; legacy: the TorchScript-based exporter")
-    p.add_argument("--preprocess", choices=("normalize", "none"), default=d["preprocess"],
+    p.add_argument("--preprocess", choices=("normalize", "none", "full"), default=d["preprocess"],
                    help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
-                        "inside; none: float32 NCHW, already normalized")
+                        "inside (resize and crop first, with Pillow, exactly as the metadata's \"resize\" says); "
+                        "none: float32 NCHW, already normalized; full: uint8 NHWC at any size, one image or a batch "
+                        "of one size, with the resize and center crop inside the graph too (ONNX for onnxruntime, "
+                        "TorchScript)")
     p.add_argument("--quantize", default=d["quantize"], metavar="KIND",
                    help="also write each format's quantized variant, e.g. int8: model.int8.onnx (static QDQ int8 "
                         "calibrated on your images), validated on top-1 agreement, size and speed reported")

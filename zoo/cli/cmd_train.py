@@ -60,10 +60,13 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
     p.add_argument("--patience", type=int, help="early stopping: epochs without holdout improvement (default 0: off)")
     p.add_argument("--holdout", type=float, help=f"fraction of the training images held out to choose the best epoch "
-                   f"(and, with --tune, the weight decay), never the validation split (default {d['holdout']}; 0: "
+                   f"(and the weight decay), never the validation split (default {d['holdout']}; 0: "
                    "keep the last epoch)")
-    p.add_argument("--tune", action="store_true",
-                   help="choose the weight decay from a small grid on the holdout (cached features only)")
+    p.add_argument("--tune", dest="tune", action="store_const", const="on",
+                   help="choose the weight decay from a grid on the holdout, MLP heads too (default: for a linear head "
+                   "whenever features are cached and a holdout exists)")
+    p.add_argument("--no-tune", dest="tune", action="store_const", const="off",
+                   help="train with --weight-decay as given")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
                    help="do not standardize the features for the head (default: per-feature mean/std of the "
                    "training features, folded into the head's first layer when saved)")
