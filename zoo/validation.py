@@ -467,6 +467,36 @@ def _batch_size_diff(runs: Mapping[int, Mapping[str, np.ndarray]]) -> float | No
     return float((stacked.max(0) - stacked.min(0)).max()) if stacked.size else 0.0
 
 
+def validate_torch_module(module, meta: Mapping[str, Any], model, images, *, preprocess: str = "normalize",
+                          reference=None, tolerance=None, batch_sizes=(1, 3, 8), targets=None,
+                          runtime: str = "") -> dict[str, Any]:
+    """The check every torch-loaded artifact gets (TorchScript, .pt2, a plugin's own): run the
+    reloaded `module` at each batch size (or, for preprocess="full", on the images at their own
+    sizes), compare with eager PyTorch, and check the metadata it carries."""
+    import torch
+
+    names = meta.get("outputs") or ["logits", "probabilities", "embedding"]
+
+    def run(batch):
+        with torch.inference_mode():
+            out = module(torch.from_numpy(batch))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.float().numpy() for n, o in zip(names, out)}
+
+    if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
+        report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
+    else:
+        reference = reference if reference is not None else eager_outputs(model, images)
+        x = model_inputs(images, model.meta.normalization, preprocess)
+        report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
+    problems = metadata_problems(meta, model, preprocess)
+    if problems:
+        report["problems"] = list(report["problems"]) + problems
+        report["passed"] = False
+    report["runtime"] = runtime
+    return report
+
+
 def metadata_problems(meta: dict[str, Any], model, preprocess: str) -> list[str]:
     """What in the artifact's self-description disagrees with the model it claims to be."""
     norm = model.meta.normalization

@@ -90,26 +90,12 @@ def validate_pt2(model, path, images, *, reference=None, tolerance=None, batch_s
     """Reload the file (weights-only) and compare it with eager PyTorch at each batch size."""
     import torch
 
-    from zoo.validation import compare, eager_outputs, metadata_problems, model_inputs, run_in_batches
+    from zoo.validation import validate_torch_module
 
     module, meta = load(path)
-    reference = reference if reference is not None else eager_outputs(model, images)
-    names = meta.get("outputs") or ["logits", "probabilities", "embedding"]
-    x = model_inputs(images, model.meta.normalization, preprocess)
-
-    def run(batch):
-        with torch.inference_mode():
-            out = module(torch.from_numpy(batch))
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.float().numpy() for n, o in zip(names, out)}
-
-    report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
-    problems = metadata_problems(meta, model, preprocess)
-    if problems:
-        report["problems"] = list(report["problems"]) + problems
-        report["passed"] = False
-    report["runtime"] = f"torch.export.load (torch {torch.__version__})"
-    return report
+    return validate_torch_module(module, meta, model, images, preprocess=preprocess, reference=reference,
+                                 tolerance=tolerance, batch_sizes=batch_sizes, targets=targets,
+                                 runtime=f"torch.export.load (torch {torch.__version__})")
 
 
 class Pt2(Exporter):

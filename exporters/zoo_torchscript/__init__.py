@@ -85,29 +85,12 @@ def validate_torchscript(model, path, images, *, reference=None, tolerance=None,
     """Reload the file with torch.jit.load and compare it with eager PyTorch at each batch size."""
     import torch
 
-    from zoo.validation import compare, compare_full, eager_outputs, metadata_problems, model_inputs, run_full, run_in_batches
+    from zoo.validation import validate_torch_module
 
     module, meta = load(path)
-    names = meta.get("outputs") or ["logits", "probabilities", "embedding"]
-
-    def run(batch):
-        with torch.inference_mode():
-            out = module(torch.from_numpy(batch))
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.float().numpy() for n, o in zip(names, out)}
-
-    if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
-        report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
-    else:
-        reference = reference if reference is not None else eager_outputs(model, images)
-        x = model_inputs(images, model.meta.normalization, preprocess)
-        report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
-    problems = metadata_problems(meta, model, preprocess)
-    if problems:
-        report["problems"] = list(report["problems"]) + problems
-        report["passed"] = False
-    report["runtime"] = f"torch.jit.load (torch {torch.__version__})"
-    return report
+    return validate_torch_module(module, meta, model, images, preprocess=preprocess, reference=reference,
+                                 tolerance=tolerance, batch_sizes=batch_sizes, targets=targets,
+                                 runtime=f"torch.jit.load (torch {torch.__version__})")
 
 
 class TorchScript(Exporter):
