@@ -549,7 +549,7 @@ def _calibration_images(model, run_dir, vimages, say):
     from .data import embedded_samples
     from .errors import DataError
     from .preprocess import ImageDecodeError
-    from .runs import RunDirError, read_config, recorded_calibration
+    from .runs import RunDirError, read_config, recorded_calibration, recorded_validation
 
     norm = model.meta.normalization
     if run_dir is not None:
@@ -570,8 +570,13 @@ def _calibration_images(model, run_dir, vimages, say):
             from .data import Samples
             from .preprocess import list_images
 
-            held_out = set(vimages.names)
-            files = [p for p in list_images(data) if p not in held_out and os.path.abspath(p) not in held_out]
+            try:  # every validation file the run recorded, not just the ones sampled for validation here
+                held_out = {os.path.abspath(p) for p in recorded_validation(run_dir, model.meta.labels)[0].items
+                            if isinstance(p, (str, os.PathLike))}
+            except RunDirError:
+                held_out = set()
+            held_out |= {os.path.abspath(p) for p in vimages.names if os.path.exists(p)}
+            files = [p for p in list_images(data) if os.path.abspath(p) not in held_out]
             if files:
                 samples = Samples(files, [0] * len(files), ("?",))
                 picked = _spread(len(files), CALIBRATION_IMAGES)
