@@ -8,6 +8,7 @@ No torch import here: `zoo predict` runs on onnxruntime, numpy and Pillow only.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -89,23 +90,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int | None = None, *, data: bytes | None = None,
+               draft: int | None = None) -> Image.Image:
     """Decode fully (so truncation is caught here, not mid-epoch), apply EXIF orientation, RGB.
     Special files are refused without being opened; images over `max_pixels` (default
-    max_image_pixels()) before they are decoded."""
-    special = special_file_reason(path)
-    if special is not None:
-        raise ImageDecodeError(path, special)
+    max_image_pixels()) before they are decoded. data: the file's bytes, already read (then `path`
+    only names it in errors). draft: a JPEG at least 4x this on each side is decoded by libjpeg at
+    reduced scale keeping at least 2x it (opt-in, changes pixels: zoo.features' --jpeg-draft)."""
+    if data is None:
+        special = special_file_reason(path)
+        if special is not None:
+            raise ImageDecodeError(path, special)
     limit = max_pixels or max_image_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit, with a reason
-            img_ctx = Image.open(path)
+            img_ctx = Image.open(io.BytesIO(data) if data is not None else path)
         with img_ctx as img:
             if img.width * img.height > limit:
                 raise ImageDecodeError(path, f"{img.width}x{img.height} = {img.width * img.height} pixels, over "
                                              f"the limit of {limit} (a decompression bomb?); raise "
                                              "--max-image-pixels (or $ZOO_MAX_IMAGE_PIXELS) if it is genuine")
+            if draft and img.format == "JPEG" and min(img.size) >= 4 * draft:
+                img.draft("RGB", (2 * draft, 2 * draft))
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return to_rgb(img)

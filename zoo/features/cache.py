@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import ZooError
 from ..io import save_safetensors, write_json
 
 FEATURE_FORMAT = 2
@@ -41,6 +42,7 @@ class CacheStats:
     extract_seconds: float = 0.0
     engine: dict = field(default_factory=dict)
     damaged: list = field(default_factory=list)
+    unreadable: list = field(default_factory=list)  # (file, reason): failed the extraction's decode, or changed
 
     def add(self, other: "CacheStats") -> None:
         self.hits += other.hits
@@ -49,6 +51,7 @@ class CacheStats:
         self.extract_seconds += other.extract_seconds
         self.engine = self.engine or other.engine
         self.damaged += other.damaged
+        self.unreadable += other.unreadable
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -93,19 +96,51 @@ class FeatureCache:
             return
         shards: dict[str, dict] = {}
         path = self.dir / INDEX
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                        if rec.get("dropped"):
-                            shards.pop(rec["shard"], None)
-                        else:
-                            shards[rec["shard"]] = {"sha256": rec["sha256"], "names": list(rec["names"])}
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a torn last line (killed mid-append): those rows are misses
+        try:
+            lines = path.read_bytes().split(b"\n") if path.is_file() else []
+        except OSError as exc:
+            raise ZooError(f"feature cache index {path} cannot be read ({type(exc).__name__}: {exc}); fix its "
+                           f"permissions, delete {self.dir}, or run with --no-cache") from None
+        damaged = 0
+        last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+        for n, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line.decode("utf-8"))
+                if rec.get("dropped"):
+                    shards.pop(rec["shard"], None)
+                else:
+                    shards[rec["shard"]] = {"sha256": str(rec["sha256"]), "names": [str(x) for x in rec["names"]]}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # A torn last line (killed mid-append) is normal: its rows are misses. Any other bad
+                # line (bytes that are not UTF-8, not JSON: the file was damaged) is dropped below.
+                damaged += not (n == last == len(lines) - 1)  # torn: the last line, no newline after it
+        if damaged:
+            self._rebuild_index(path, shards, damaged)
         self._shards = shards
         self._rows = {nm: (s, r) for s, rec in shards.items() for r, nm in enumerate(rec["names"])}
+
+    def _rebuild_index(self, path: Path, shards: dict[str, dict], damaged: int) -> None:
+        """Rewrite a damaged index from its intact entries (whose shards are still checked by
+        sha256 when read); the damaged lines' rows are misses, extracted again. A cache that cannot
+        be rewritten is refused, naming the file and the way out, rather than re-read every run."""
+        from ..io import atomic_path
+
+        body = "".join(json.dumps({"shard": s, "sha256": rec["sha256"], "names": rec["names"]},
+                                  separators=(",", ":")) + "\n" for s, rec in shards.items())
+        try:
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text(body, encoding="utf-8")
+        except OSError as exc:
+            raise ZooError(f"feature cache index {path} is damaged ({damaged} unreadable line(s)) and cannot be "
+                           f"rebuilt ({type(exc).__name__}: {exc}); delete {self.dir}, or run with --no-cache"
+                           ) from None
+        self.damaged.append(f"{path}: {damaged} damaged line(s) dropped; index rebuilt from {len(shards)} "
+                            "intact shard entries")
+        warnings.warn(f"feature cache index {path} had {damaged} damaged line(s) (not UTF-8 JSON); rebuilt from "
+                      f"its {len(shards)} intact shard entries: the damaged lines' features will be extracted again "
+                      "(--no-cache skips the cache)", stacklevel=4)
 
     def _append_index(self, rec: dict) -> None:
         # One write() with O_APPEND: lines from concurrent writers (ranks, runs) do not interleave.

@@ -25,6 +25,47 @@ def default_workers(samples: Samples, device: torch.device | None = None) -> int
 
 
 
+def read_checked(path, expected: str | None) -> bytes:
+    """The file's bytes, read once: hashed here when `expected` (the content hash the run planned
+    with: the cache key) is given, and decoded from these same bytes. A file deleted, replaced or
+    rewritten since it was listed raises ImageDecodeError naming it (the run skips it and says so)."""
+    import hashlib
+
+    from ..preprocess import ImageDecodeError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found (deleted after the run listed it)") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read ({type(exc).__name__}: {exc.strerror or exc})") from None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise ImageDecodeError(path, "changed on disk after the run listed it (its content hash differs)")
+    return data
+
+
+def decode_item(samples: Samples, i: int, expected: str | None = None, max_pixels: int | None = None,
+                draft: int | None = None):
+    """(PIL RGB image, pixel count) of sample i: a file is read once (read_checked) and decoded
+    from those bytes by the reference decoder (zoo.preprocess.load_image); raises ImageDecodeError."""
+    from ..preprocess import load_image
+
+    item = samples.items[i]
+    if not isinstance(item, (str, os.PathLike)):
+        img = samples.load(i)
+        return img, img.width * img.height
+    data = read_checked(item, expected)
+    count_decode()
+    img = load_image(item, max_pixels, data=data, draft=draft)
+    return img, img.width * img.height
+
+
+def _failure_reason(exc) -> str:
+    """The reason verify_images lists for a file that does not decode (the same words either way)."""
+    return str(exc.__cause__ or getattr(exc, "reason", exc))
+
+
 class DraftImageDataset(ImageDataset):
     """ImageDataset whose JPEG files are decoded at reduced size (libjpeg DCT scaling) when they are
     at least twice the resize target on each side; see the module docstring for the numerics."""
@@ -36,23 +77,8 @@ class DraftImageDataset(ImageDataset):
     def __getitem__(self, key):
         import random
 
-        from PIL import Image, ImageOps
-
-        from ..preprocess import ImageDecodeError, to_rgb
-
         i, seed = (key if isinstance(key, tuple) else (key, None))
-        item = self.samples.items[i]
-        if not isinstance(item, (str, os.PathLike)):
-            return super().__getitem__(key)
-        count_decode()
-        try:
-            with Image.open(item) as img:
-                if img.format == "JPEG" and min(img.size) >= 4 * self.target:
-                    img.draft("RGB", (2 * self.target, 2 * self.target))  # keeps >= 2x the target
-                img.load()
-                img = to_rgb(ImageOps.exif_transpose(img) or img)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageDecodeError(f"{item}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        img, _ = decode_item(self.samples, i, draft=self.target)
         arr = self.transform(img, random.Random(seed) if seed is not None else None)
         return torch.from_numpy(np.require(arr, requirements=["C", "W"])), int(self.samples.labels[i]), i
 
@@ -65,8 +91,8 @@ class JpegBytesDataset(ImageDataset):
         i = key if not isinstance(key, tuple) else None
         item = self.samples.items[i] if i is not None else None
         if isinstance(item, (str, os.PathLike)) and str(item).lower().endswith((".jpg", ".jpeg")):
-            with open(item, "rb") as f:
-                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            data = torch.frombuffer(bytearray(read_checked(item, getattr(self, "expected", None))),
+                                    dtype=torch.uint8)
             return ("jpeg", data, int(self.samples.labels[i]), i)
         arr, label, idx = super().__getitem__(key)
         return ("pixels", arr, label, idx)
@@ -134,7 +160,11 @@ class DeviceJpegDecoder:
                     out.append(None)
             return out
 
-    def __call__(self, items) -> tuple[torch.Tensor, None, None]:
+    def __call__(self, items) -> tuple[torch.Tensor, list[str], list[int]]:
+        """(uint8 NHWC batch on the device, failure reason per row ("" ok), pixel counts: 0 unknown)."""
+        from ..preprocess import ImageDecodeError
+
+        reasons = [it[1] if it[0] == "failed" else "" for it in items]
         jpegs = [j for j, it in enumerate(items) if it[0] == "jpeg"]
         decoded = self._decode([items[j][1] for j in jpegs]) if jpegs else []
         count_decode(sum(d is not None for d in decoded))
@@ -146,12 +176,18 @@ class DeviceJpegDecoder:
             if pixels[j] is None:
                 if it[0] == "pixels":
                     pixels[j] = it[1].to(self.device)
+                elif it[0] == "failed":
+                    pixels[j] = _placeholder(self.transform).to(self.device)
                 else:  # the device decoder refused it: the CPU reference path
                     self.fallbacks += 1
-                    count_decode()
-                    arr = self.transform(self.samples.load(it[3]), None)
-                    pixels[j] = torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(self.device)
-        return torch.stack(pixels), None, None
+                    try:
+                        img, _ = decode_item(self.samples, it[3])
+                        arr = self.transform(img, None)
+                        pixels[j] = torch.from_numpy(np.require(arr, requirements=["C", "W"])).to(self.device)
+                    except ImageDecodeError as exc:
+                        reasons[j] = _failure_reason(exc)
+                        pixels[j] = _placeholder(self.transform).to(self.device)
+        return torch.stack(pixels), reasons, [0] * len(items)
 
 
 _HEAP_BOUNDED = [False]
@@ -179,13 +215,25 @@ def bound_heap_growth() -> None:
         pass
 
 
+def _placeholder(transform) -> torch.Tensor:
+    """A black image of the transform's output size: the row of a file that failed (never used)."""
+    _, h, w = transform.norm.input_size
+    return torch.zeros((h, w, 3), dtype=torch.uint8)
+
+
 class _PoolDataset:
     """Every (source, decoding) the run extracts from, in one dataset: the workers get it once and
-    serve the train and validation passes (and every view) from it. Key: (source, kind, dataset key),
-    kind "plain", "bytes" (device decoding) or ("draft", target size)."""
+    serve the train and validation passes (and every view) from it. Key: (source, kind, dataset key,
+    expected content hash or None), kind "plain", "bytes" (device decoding) or ("draft", target size).
 
-    def __init__(self, sources: list):
+    An item is (uint8 HWC, label, index, failure reason ("" when it decoded), pixel count). The
+    extraction's decode is the run's verification: a file that does not decode, or that changed
+    or vanished since it was listed, comes back as a placeholder with its reason, never as an
+    exception in a worker (which would abort the run with a worker traceback)."""
+
+    def __init__(self, sources: list, max_pixels: int | None = None):
         self.sources = sources
+        self.max_pixels = max_pixels
         self._made: dict = {}
 
     def _dataset(self, s: int, kind):
@@ -201,8 +249,27 @@ class _PoolDataset:
         return sum(len(samples) for samples, _ in self.sources)
 
     def __getitem__(self, key):
-        s, kind, k = key
-        return self._dataset(s, kind)[k]
+        import random
+
+        from ..preprocess import ImageDecodeError
+
+        s, kind, k, expected = key
+        samples, transform = self.sources[s]
+        i, seed = (k if isinstance(k, tuple) else (k, None))
+        label = int(samples.labels[i])
+        if kind == "bytes":
+            ds = self._dataset(s, kind)
+            ds.expected = expected
+            try:
+                return ds[k]
+            except ImageDecodeError as exc:
+                return ("failed", _failure_reason(exc), label, i)
+        try:
+            img, px = decode_item(samples, i, expected, self.max_pixels, kind[1] if isinstance(kind, tuple) else None)
+        except ImageDecodeError as exc:
+            return _placeholder(transform), label, i, _failure_reason(exc), 0
+        arr = transform(img, random.Random(seed) if seed is not None else None)
+        return torch.from_numpy(np.require(arr, requirements=["C", "W"])), label, i, "", px
 
 
 class _Batches:
@@ -233,11 +300,12 @@ class DecodePool:
     transform: the train set with its views, the validation set) are known up front, the workers
     start at the first batch anyone asks for (a warm run, all cached, starts none) and then stay up
     (persistent_workers) for every later pass, prefetching; pinned memory on CUDA. close() (or the
-    context manager) stops them."""
+    context manager) stops them. max_pixels: the run's --max-image-pixels (the extraction's decode
+    is its verification)."""
 
-    def __init__(self, sources, device: torch.device, num_workers: int):
+    def __init__(self, sources, device: torch.device, num_workers: int, max_pixels: int | None = None):
         self.sources = [(samples, transform) for samples, transform in sources]
-        self.device, self.num_workers = device, int(num_workers)
+        self.device, self.num_workers, self.max_pixels = device, int(num_workers), max_pixels
         self._loader = None
         self._sampler = _Batches()
 
@@ -255,17 +323,20 @@ class DecodePool:
             from torch.utils.data import DataLoader
 
             extra = {"prefetch_factor": 4, "persistent_workers": True} if self.num_workers > 0 else {}
-            self._loader = DataLoader(_PoolDataset(self.sources), batch_sampler=self._sampler,
+            self._loader = DataLoader(_PoolDataset(self.sources, self.max_pixels), batch_sampler=self._sampler,
                                       num_workers=self.num_workers, collate_fn=_collate,
                                       pin_memory=self.device.type == "cuda",
                                       generator=torch.Generator().manual_seed(0), **extra)
         return self._loader
 
-    def batches(self, samples: Samples, transform, keys: Sequence, batch_size: int, kind="plain"):
-        """(batches of positions into keys, an iterator of the decoded batches, in that order)."""
+    def batches(self, samples: Samples, transform, keys: Sequence, batch_size: int, kind="plain",
+                hashes: Sequence[str | None] | None = None):
+        """(batches of positions into keys, an iterator of the decoded batches, in that order).
+        hashes[j]: the content hash keys[j]'s file must still have (None: not checked)."""
         s = self.source(samples, transform)
         positions = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
-        self._sampler.batches = [[(s, kind, keys[j]) for j in b] for b in positions]
+        self._sampler.batches = [[(s, kind, keys[j], hashes[j] if hashes is not None else None) for j in b]
+                                 for b in positions]
         return positions, iter(self._get_loader())
 
     def close(self) -> None:

@@ -57,13 +57,17 @@ FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken eng
 PROBE_MIN_IMAGES = 500  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
 
 
-class NonFiniteFeatures(ZooError):
-    """The backbone gave NaN/inf features for some rows of a batch (the caller names their files)."""
+class NonFiniteFeaturesError(ZooError):
+    """The backbone gave NaN/inf features: the one error for it (nothing of those images is cached).
 
-    def __init__(self, engine: str, rows: list[int]):
-        self.engine, self.rows = engine, list(rows)
-        super().__init__(f"the backbone's {engine} features contain NaN/inf for {len(self.rows)} image(s) of the "
-                         "batch: the weights or those images are broken; check the weights file and the images")
+    Raised with the batch rows by the engine check (`select`, which knows no files), then again by
+    extraction with `files` named (zoo.features.extract); `files` None: not named yet."""
+
+    def __init__(self, engine: str, rows: list[int], message: str | None = None, files: list[str] | None = None):
+        self.engine, self.rows, self.files = engine, list(rows), files
+        super().__init__(message or f"the backbone's {engine} features contain NaN/inf for {len(self.rows)} "
+                         "image(s) of the batch: the weights or those images are broken; check the weights file "
+                         "and the images")
 
 
 class EngineRejected(RuntimeError):
@@ -370,7 +374,7 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
     with torch.inference_mode():
         reference = eager.run(x[:rows]).float().cpu()
     if not torch.isfinite(reference).all():
-        raise NonFiniteFeatures("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
+        raise NonFiniteFeaturesError("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
     best: tuple[float, Prepared, torch.Tensor, float] | None = None
     for name in order:
         try:

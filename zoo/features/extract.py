@@ -9,6 +9,7 @@ import contextlib
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 from .. import distributed as D
 from ..data import Samples, normalize_batch, sample_seed
 from ..digest import state_digest
-from ..errors import ZooError
+from ..errors import DataError
 from ..records import Normalization
 from . import cache as C
 from .cache import CacheStats, FeatureCache, ReadableSet, cache_root
@@ -30,7 +31,7 @@ from .decode import (
     bound_heap_growth,
     default_workers,
 )
-from .engines import NonFiniteFeatures
+from .engines import NonFiniteFeaturesError
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -62,14 +63,10 @@ def _engine_for(backbone, x, device, engine: str, allow_reduced: bool, total: in
     return s, True
 
 
-class NonFiniteFeaturesError(ZooError):
-    """The backbone gave NaN/inf features for some images: nothing of them was cached."""
-
-
 def _non_finite(backbone: str, engine: str, samples: Samples, keys: Sequence, rows: Sequence[int]):
     files = [samples.describe(k[0] if isinstance(k, tuple) else int(k)) for k in (keys[r] for r in rows)]
     shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    return NonFiniteFeaturesError(
+    return NonFiniteFeaturesError(engine, list(rows), files=files, message=
         f"backbone {backbone} (engine {engine}) gave NaN/inf features for {len(files)} image(s): {shown}; nothing "
         "of them was cached. Check those files (remove or re-save them) and the backbone's weights "
         "(--weights default), then run again")
@@ -91,12 +88,17 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                  num_workers: int = 0, engine: str = "auto", allow_reduced: bool = False, total: int | None = None,
                  cache_dir=None, on_batch=None, progress: bool = False, desc: str = "features",
                  draft_target: int | None = None, device_decode: bool = False, say=None,
-                 pool: DecodePool | None = None, name: str | None = None):
+                 pool: DecodePool | None = None, name: str | None = None, hashes: Sequence[str] | None = None,
+                 failed: list | None = None, decoded: list | None = None):
     """Extract keys[j] into out[positions[j]] (out: a (rows, D) tensor, or a callable(D) -> tensor
     allocating it once D is known); on_batch(js, feats) sees every batch (for streaming shards).
     pool: the run's DecodePool (its workers, persistent); None: one for this call (num_workers).
     name: the backbone's name, for errors. A batch with NaN/inf features raises NonFiniteFeaturesError
     naming the files (earlier batches' rows stay valid; the bad batch reaches neither out nor on_batch)
+    hashes[j]: keys[j]'s planned content hash; its file is read once, checked against it and decoded
+    from those bytes. failed: collects (j, reason) for files that did not decode or changed since
+    they were listed (their rows reach neither out nor on_batch); None: such a file raises DataError.
+    decoded: collects (j, pixel count) of the files decoded here (the readable set's entries).
     Returns (out, engine Selection or None)."""
     keys = list(keys)
     if not keys:
@@ -107,24 +109,33 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                                 batch_size=batch_size, engine=engine, allow_reduced=allow_reduced, total=total,
                                 cache_dir=cache_dir, on_batch=on_batch, progress=progress, desc=desc,
                                 draft_target=draft_target, device_decode=device_decode, say=say, pool=pool,
-                                name=name)
+                                name=name, hashes=hashes, failed=failed, decoded=decoded)
     bound_heap_growth()
     backbone.eval()
     kind = "bytes" if device_decode else ("draft", int(draft_target)) if draft_target else "plain"
-    batches, loader = pool.batches(samples, transform, keys, batch_size, kind)
+    batches, loader = pool.batches(samples, transform, keys, batch_size, kind, hashes)
     if device_decode:
         decoder = DeviceJpegDecoder(samples, transform, norm, device)
         loader = map(decoder, loader)
     sel = None
     with _progress(len(keys), desc, progress) as bar:
-        for js, (images, _, _) in zip(batches, loader):
+        for js, batch in zip(batches, loader):
+            images, reasons, pixels = (batch[0], batch[3], batch[4]) if len(batch) == 5 else batch
+            bad = [r for r, why in enumerate(reasons) if why]
+            if bad:
+                if failed is None:
+                    raise DataError("; ".join(f"{samples.describe(_index(keys[js[r]]))}: {reasons[r]}" for r in bad)
+                                    + ": remove or fix the file(s), then run again")
+                failed.extend((js[r], reasons[r]) for r in bad)
+            if decoded is not None:
+                decoded.extend((j, int(px)) for j, px, why in zip(js, pixels, reasons) if not why and int(px))
             x = normalize_batch(images, norm, device, channels_last=False)
             fresh = False
             if sel is None:
                 try:
                     sel, fresh = _engine_for(backbone, x, device, engine, allow_reduced, total or len(keys),
                                              cache_dir, batch_size, say)
-                except NonFiniteFeatures as exc:  # in the eager reference rows of the first batch
+                except NonFiniteFeaturesError as exc:  # in the eager reference rows of the first batch
                     raise _non_finite(name or type(backbone).__name__, exc.engine, samples,
                                       [keys[j] for j in js], exc.rows) from None
             if fresh:
@@ -132,6 +143,12 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
             else:
                 with torch.inference_mode():
                     f = sel.engine.run(x).float().cpu()
+            if bad:  # the rows of files that failed reach neither the output nor the cache
+                keep = [r for r in range(len(js)) if not reasons[r]]
+                js, f = [js[r] for r in keep], f[keep]
+                if not js:
+                    bar.update(len(images))
+                    continue
             if not bool(torch.isfinite(f).all()):  # never into the cache, never into a head
                 raise _non_finite(name or type(backbone).__name__, sel.engine.name, samples,
                                   [keys[j] for j in js], torch.nonzero(~torch.isfinite(f).all(1)).flatten().tolist())
@@ -142,6 +159,10 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                 on_batch(js, f)
             bar.update(len(images))
     return out, sel
+
+
+def _index(key) -> int:
+    return int(key[0]) if isinstance(key, tuple) else int(key)
 
 
 def extract(backbone: nn.Module, samples: Samples, keys: Sequence, transform, norm: Normalization,
@@ -208,17 +229,46 @@ def cached_features(backbone: nn.Module, samples: Samples, transform, norm: Norm
                                 allow_reduced or amp_dtype is not None, jpeg_draft, gpu_decode, progress, desc)
 
 
+@dataclass
+class _Job:
+    """What one cached_features call works with, decided up front (before any image is read)."""
+
+    samples: Samples
+    views: list
+    fc: FeatureCache | None
+    readable: ReadableSet | None
+    mine: list  # this rank's sample indices
+    single: bool  # one process holds every row
+    numerics: str
+    asked: str  # the engine asked of extraction ("auto" with reduced precision allowed -> "bf16")
+    draft_target: int | None
+    device_decode: bool
+
+
 def _cached_features(backbone, samples, transform, norm, key_fields, device, views, view_seed, cache, cache_dir,
                      batch_size, pool, engine, allow_reduced, jpeg_draft, gpu_decode, progress, desc):
+    """plan -> allocate -> extract the misses -> gather; see cached_features."""
     t0 = time.perf_counter()
     ctx = D.context()
-    n = len(samples)
+    stats = CacheStats()
+    job = _job(samples, views, key_fields, device, cache, cache_dir, engine, allow_reduced, norm, jpeg_draft,
+               gpu_decode, progress and ctx.is_main, ctx)
+    plan = _plan(job, stats)
+    out = _Out(job, _known_dim(job, plan))
+    sel = _extract_misses(job, plan, out, stats, backbone, transform, norm, device, view_seed, cache_dir if cache
+                          else False, batch_size, pool, progress and ctx.is_main, desc, key_fields.get("backbone"))
+    feats = _gather(job, plan, out, stats)
+    _finish_stats(stats, sel, job)
+    stats.seconds = time.perf_counter() - t0
+    return feats, stats
+
+
+def _job(samples, views, key_fields, device, cache, cache_dir, engine, allow_reduced, norm, jpeg_draft, gpu_decode,
+         loud, ctx) -> _Job:
     numerics = engine_numerics(engine, device, allow_reduced)
-    # auto with reduced precision allowed is the bf16 engine; otherwise auto picks among fp32 engines
-    asked = "bf16" if engine == "auto" and numerics == "bf16" else engine
     draft_target = int(norm.resize_size) if jpeg_draft else None
     device_decode = bool(gpu_decode) and (device.type == "cuda" or gpu_decode == "any") and _has_device_decoder()
-    if gpu_decode and not device_decode and progress and ctx.is_main:
+    if gpu_decode and not device_decode and loud:
         print(f"gpu decode: not available on {device} (torchvision.io.decode_jpeg on CUDA); decoding on the CPU",
               file=sys.stderr)
     key = {k: v for k, v in key_fields.items() if k != "precision"} | {"numerics": numerics}
@@ -226,101 +276,158 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
         key["decode"], draft_target = DeviceJpegDecoder.KEY, None
     elif draft_target:
         key["decode"] = "jpeg-draft-2x"
-    fc = FeatureCache(cache_root(cache_dir), key) if cache else None
-    mine = D.shard_indices(n, ctx)
-    single = not ctx.enabled
-    stats = CacheStats()
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress and ctx.is_main else (lambda msg: None)
-    readable = ReadableSet(cache_root(cache_dir)) if cache else None
+    root = cache_root(cache_dir)
+    return _Job(samples, list(views), FeatureCache(root, key) if cache else None, ReadableSet(root) if cache else None,
+                list(D.shard_indices(len(samples), ctx)), not ctx.enabled, numerics,
+                "bf16" if engine == "auto" and numerics == "bf16" else engine, draft_target, device_decode)
 
-    # 1. Where each row comes from: the cache (one index read) or extraction.
+
+@dataclass
+class _ViewPlan:
+    view: int | None
+    names: list  # row names: content hash [+ ".v<view>"]; None for a file that cannot be hashed
+    where: list  # (shard, row) of a cached row, None for a miss
+
+
+def _plan(job: _Job, stats: CacheStats) -> list[_ViewPlan]:
+    """Where each row comes from: the cache (one index read) or extraction. A file that vanished
+    since it was listed cannot be hashed: it is a failure of this run (stats.unreadable), not a crash."""
+    hashes: list[str | None] = []
+    for i in job.mine:
+        try:
+            hashes.append(job.samples.content_hash(int(i)))
+        except OSError as exc:
+            hashes.append(None)
+            why = "file not found (deleted after the run listed it)" if isinstance(exc, FileNotFoundError) else \
+                f"cannot read ({type(exc).__name__}: {exc.strerror or exc})"
+            stats.unreadable.append((job.samples.describe(int(i)), why))
     plan = []
-    for v in views:
-        names = [samples.content_hash(int(i)) if v is None else f"{samples.content_hash(int(i))}.v{v}" for i in mine]
-        where = fc.locate(names) if fc is not None else [None] * len(names)
-        plan.append((v, names, where))
-    missing_total = sum(w is None for _, _, where in plan for w in where)
+    for v in job.views:
+        names = [h if v is None or h is None else f"{h}.v{v}" for h in hashes]
+        known = [nm for nm in names if nm is not None]
+        found = iter(job.fc.locate(known) if job.fc is not None else [None] * len(known))
+        plan.append(_ViewPlan(v, names, [next(found) if nm is not None else None for nm in names]))
+    return plan
 
-    # 2. The output: (views, rows, D), memory-mapped when this process holds all rows.
-    dim = fc.dim() if fc is not None and missing_total < len(views) * len(mine) else None
-    shape_rows = n if single else len(mine)
-    out: torch.Tensor | None = None
 
-    def allocate(d: int) -> torch.Tensor:
-        nonlocal out
-        if out is None:
-            out = (_memmapped((len(views), shape_rows, d), fc.dir.parent.parent / "tmp" if fc else None)
-                   if single else torch.empty((len(views), shape_rows, d)))
-        return out
+def _known_dim(job: _Job, plan: list[_ViewPlan]) -> int | None:
+    any_hit = any(w is not None for p in plan for w in p.where)
+    return job.fc.dim() if job.fc is not None and any_hit else None
 
-    if dim is not None:
-        allocate(dim)
 
-    # 3. Extract the misses, streaming shards to disk as they fill.
+class _Out:
+    """The output (views, rows, D), allocated once D is known: from the cache's shards, or from the
+    first extracted batch. Memory-mapped when this process holds all rows."""
+
+    def __init__(self, job: _Job, dim: int | None):
+        self.job = job
+        self.rows = len(job.samples) if job.single else len(job.mine)
+        self.tensor: torch.Tensor | None = None
+        if dim is not None:
+            self.allocate(dim)
+
+    def allocate(self, d: int) -> torch.Tensor:
+        if self.tensor is None:
+            job = self.job
+            shape = (len(job.views), self.rows, d)
+            self.tensor = (_memmapped(shape, job.fc.dir.parent.parent / "tmp" if job.fc else None) if job.single
+                           else torch.empty(shape))
+        return self.tensor
+
+    def view(self, vi: int):
+        return self.tensor[vi] if self.tensor is not None else (lambda d: self.allocate(d)[vi])
+
+
+def _extract_misses(job: _Job, plan: list[_ViewPlan], out: _Out, stats: CacheStats, backbone, transform, norm,
+                    device, view_seed, choice_root, batch_size, pool, loud, desc, name):
+    """Extract every miss of every view, streaming shards to disk as they fill; the extraction's
+    decode is the verification (files that fail or changed go to stats.unreadable)."""
+    samples, fc = job.samples, job.fc
+    missing_total = sum(w is None and nm is not None for p in plan for nm, w in zip(p.names, p.where))
+    say = (lambda msg: print(msg, file=sys.stderr)) if loud else (lambda msg: None)
+    failed_once: set[int] = set()
     sel = None
-    for vi, (v, names, where) in enumerate(plan):
-        miss = [j for j, w in enumerate(where) if w is None]
+    for vi, p in enumerate(plan):
+        miss = [j for j, (nm, w) in enumerate(zip(p.names, p.where)) if w is None and nm is not None
+                and j not in failed_once]
         stats.misses += len(miss)
-        stats.hits += len(where) - len(miss)
-        if miss:
-            buf_names: list[str] = []
-            buf: list[torch.Tensor] = []
+        stats.hits += sum(w is not None for w in p.where)
+        if not miss:
+            continue
+        shard = _ShardWriter(fc)
+        hashes = [p.names[j].split(".v")[0] for j in miss]
+        keys = [int(job.mine[j]) if p.view is None else
+                (int(job.mine[j]), sample_seed(view_seed, p.view, hashes[k])) for k, j in enumerate(miss)]
+        failed: list = []
+        decoded: list = []
+        te = time.perf_counter()
+        _, s = extract_into(backbone, samples, keys, transform, norm, device, out.view(vi), miss,
+                            batch_size=batch_size, pool=pool, engine=job.asked, allow_reduced=False,
+                            total=missing_total, cache_dir=choice_root,  # False: write nothing (no choice memo)
+                            on_batch=lambda js, f, p=p, miss=miss, shard=shard: shard.add(
+                                [p.names[miss[j]] for j in js], f),
+                            progress=loud, desc=desc if p.view is None else f"{desc} (view {p.view})",
+                            draft_target=job.draft_target, device_decode=job.device_decode and p.view is None,
+                            say=say, name=name, hashes=hashes, failed=failed, decoded=decoded)
+        shard.flush()
+        if job.readable is not None and decoded:
+            job.readable.add((hashes[k], px) for k, px in decoded)
+        for k, why in failed:
+            failed_once.add(miss[k])
+            stats.unreadable.append((samples.describe(int(job.mine[miss[k]])), why))
+            stats.misses -= 1
+        stats.extract_seconds += time.perf_counter() - te
+        sel = sel or s
+    return sel
 
-            def flush():
-                if fc is not None and buf_names:
-                    fc.write_shard(buf_names, torch.cat(buf))
-                if readable is not None and v is None:
-                    readable.add(nm for nm in buf_names)
-                buf_names.clear()
-                buf.clear()
 
-            def on_batch(js, f, miss=miss, names=names):
-                buf_names.extend(names[miss[j]] for j in js)
-                buf.append(f)
-                if len(buf_names) >= C.SHARD_ROWS:
-                    flush()
+class _ShardWriter:
+    """Extracted rows buffered into shards of SHARD_ROWS (written atomically as they fill)."""
 
-            def key_of(i: int, v=v):
-                return int(i) if v is None else (int(i), sample_seed(view_seed, v, samples.content_hash(int(i))))
+    def __init__(self, fc: FeatureCache | None):
+        self.fc, self.names, self.rows = fc, [], []
 
-            te = time.perf_counter()
-            target = (lambda d, vi=vi: allocate(d)[vi]) if out is None else out[vi]
-            _, s = extract_into(backbone, samples, [key_of(mine[j]) for j in miss], transform, norm, device,
-                                target, miss, batch_size=batch_size, pool=pool, engine=asked,
-                                allow_reduced=False, total=missing_total,
-                                cache_dir=cache_dir if cache else False,  # False: write nothing (no choice memo)
-                                on_batch=on_batch, progress=progress and ctx.is_main,
-                                desc=desc if v is None else f"{desc} (view {v})", draft_target=draft_target,
-                                device_decode=device_decode and v is None, say=say,
-                                name=key_fields.get("backbone"))
-            flush()
-            stats.extract_seconds += time.perf_counter() - te
-            sel = sel or s
-        hits = [j for j, w in enumerate(where) if w is not None]
+    def add(self, names: list, f: torch.Tensor) -> None:
+        self.names.extend(names)
+        self.rows.append(f)
+        if len(self.names) >= C.SHARD_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.fc is not None and self.names:
+            self.fc.write_shard(self.names, torch.cat(self.rows))
+        self.names, self.rows = [], []
+
+
+def _gather(job: _Job, plan: list[_ViewPlan], out: _Out, stats: CacheStats) -> torch.Tensor:
+    """The cached rows into the output, then every rank gets every row."""
+    for vi, p in enumerate(plan):
+        hits = [j for j, w in enumerate(p.where) if w is not None]
         if hits:
-            fc.read_into(out[vi], hits, [where[j] for j in hits])
-    if out is None:  # nothing at all (no rows on this rank)
-        out = torch.empty((len(views), shape_rows, 0))
+            job.fc.read_into(out.tensor[vi], hits, [p.where[j] for j in hits])
+    feats = out.tensor if out.tensor is not None else torch.empty((len(job.views), out.rows, 0))
+    if not job.single:
+        n = len(job.samples)
+        dims = [d for d in D.all_gather_object(feats.shape[2]) if d]
+        if dims and feats.shape[2] != dims[0]:
+            feats = torch.empty((len(job.views), len(job.mine), dims[0]))
+        feats = torch.stack([D.gather_rows(feats[vi], job.mine, n) for vi in range(len(job.views))])
+        counts = D.all_gather_object((stats.hits, stats.misses, stats.unreadable))
+        stats.hits, stats.misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        stats.unreadable = [u for c in counts for u in c[2]]
+    return feats
 
-    # 4. Every rank gets every row.
-    if not single:
-        dims = [d for d in D.all_gather_object(out.shape[2]) if d]
-        if dims and out.shape[2] != dims[0]:
-            out = torch.empty((len(views), len(mine), dims[0]))
-        out = torch.stack([D.gather_rows(out[vi], mine, n) for vi in range(len(views))])
-        counts = D.all_gather_object((stats.hits, stats.misses))
-        stats.hits, stats.misses = sum(h for h, _ in counts), sum(m for _, m in counts)
+
+def _finish_stats(stats: CacheStats, sel, job: _Job) -> None:
     if sel is not None:
         stats.engine = {"name": sel.engine.name, "numerics": sel.engine.numerics, "how": sel.how,
                         "check_cosine_min": round(sel.cosine_min, 7), "note": sel.engine.note,
                         "rejected": dict(sel.rejected)}
         stats._selection = sel  # the check batch, for the head-predictions check
     else:
-        stats.engine = {"name": None, "numerics": numerics, "how": "all cached"}
-    if fc is not None:
-        stats.damaged = list(fc.damaged)
-    stats.seconds = time.perf_counter() - t0
-    return out, stats
+        stats.engine = {"name": None, "numerics": job.numerics, "how": "all cached"}
+    if job.fc is not None:
+        stats.damaged = list(job.fc.damaged)
 
 
 def head_predictions_agree(head: nn.Module, stats: CacheStats) -> tuple[int, int] | None:
