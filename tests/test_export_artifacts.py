@@ -171,7 +171,7 @@ def test_corrupted_torchscript_parameter_is_caught(exported, images, tmp_path):
 
 def _patched_onnx_export(monkeypatch, exported, mutate):
     """Make the registered `onnx` exporter write the good file, then `mutate` it."""
-    from zoo import registry
+    from zoo.plugin import registry
 
     reg = registry.exporters()
     spec = reg.get("onnx")

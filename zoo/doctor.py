@@ -178,8 +178,8 @@ def cache() -> dict[str, Any]:
 def plugins() -> list[dict[str, Any]]:
     from dataclasses import asdict
 
-    from . import registry
-    from .plugins import get_host
+    from .plugin import registry
+    from .plugin.host import get_host
 
     host = get_host()
     for load in (registry.backbones, registry.exporters):  # registration is where most failures show

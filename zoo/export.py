@@ -46,7 +46,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .api import ExportOptions
+from .plugin.api import ExportOptions
 from .errors import ExportValidationError, ZooError
 from .io import file_sha256, write_json
 
@@ -214,7 +214,7 @@ def bare_module_to_onnx(module, example, path) -> dict[str, Any]:
     onnxruntime extraction engine) takes one graph path: same opset, same loud dynamo fallback.
     Returns the exporter's report ("exporter", "opset", "fallback"). Raises UnknownExporterError
     where no "onnx" exporter is loaded; export failures propagate."""
-    from . import registry
+    from .plugin import registry
 
     exporter = registry.exporters().get("onnx")
     defaults = {o.name: o.default for o in exporter.options}
@@ -225,7 +225,7 @@ def resolve_formats(formats: str | Sequence[str], quantize: str | None, reg=None
     """Format names in the order they run: "all" expanded to every exporter that declares
     `in_all`, `quantize` adding each chosen format's quantized variant, and a derived format
     after the one it builds on."""
-    from . import registry
+    from .plugin import registry
 
     reg = reg or registry.exporters()
     names = [formats] if isinstance(formats, str) else list(formats)
@@ -351,7 +351,7 @@ def export(
 
 def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
             batch_sizes, int8_agreement, validate, progress, given) -> dict[str, Any]:
-    from . import registry
+    from .plugin import registry
     from .validation import Tolerance, eager_outputs, full_validation_images
 
     # -- everything checked before anything is written -------------------------------------------------
@@ -602,7 +602,7 @@ def _output_folder(out: Path) -> Path:
 
 
 def _implements(exporter, method: str) -> bool:
-    from .api import Exporter
+    from .plugin.api import Exporter
 
     return getattr(type(exporter), method) is not getattr(Exporter, method)
 
@@ -610,7 +610,7 @@ def _implements(exporter, method: str) -> bool:
 def verdict(name: str, result: Any):
     """An exporter's validate() answer as a ValidationResult; anything without a boolean `passed`
     fails, saying so (a missing verdict never counts as a pass)."""
-    from .api import ValidationResult
+    from .plugin.api import ValidationResult
 
     if isinstance(result, ValidationResult) and isinstance(result.passed, bool):
         return result

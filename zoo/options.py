@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .errors import ZooError
 
-DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.registry.default_backbone
+DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.plugin.registry.default_backbone
 MIN_IMAGE_SIZE = 16  # below this every backbone's stride-16/32 stages see less than one pixel
 MAX_IMAGE_SIZE = 4096
 ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)

@@ -137,7 +137,7 @@ def train(backbone: str | None = None, data: str | os.PathLike | None = None, *,
     else:
         given.setdefault("backbone", DEFAULT_BACKBONE)
         if given["backbone"] == DEFAULT_BACKBONE:
-            from .registry import default_backbone
+            from .plugin.registry import default_backbone
 
             given["backbone"] = default_backbone(with_tag=given.get("weights", "default") == "default")
         cfg = TrainConfig(**given)
