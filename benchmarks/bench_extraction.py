@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         data = write_jpegs(tmp / "data", args.images, args.px)
         for name in args.backbones.split(","):
             cache = tmp / "cache"
-            probe_data = write_jpegs(tmp / f"probe-{len(lines)}", 1300, 48)  # >= PROBE_MIN_IMAGES, cheap to decode
+            probe_data = write_jpegs(tmp / f"probe-{len(lines)}", 1300, 48)  # large enough for auto to time every engine, cheap to decode
             cold_rate(name, probe_data, cache, args.batch)  # the auto probe, once (remembered afterwards)
             before = raw_rates(name, args.batch, threads)
             auto, info = cold_rate(name, data, cache, args.batch)

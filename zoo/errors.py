@@ -68,3 +68,10 @@ class ExportValidationError(ZooError, RuntimeError):
 class UnknownExporterError(ZooError, KeyError):
     def __str__(self) -> str:
         return self.args[0]
+
+
+class UnknownEngineError(ZooError, KeyError):
+    """An extraction engine name no installed plugin registers (`--engine`)."""
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -70,6 +70,14 @@ def text(optional: bool = True) -> Check:
         "a non-empty string" + (" (or unset)" if optional else "")
 
 
+def engine_name(v) -> str | None:
+    """auto or a registered extraction engine: the list comes from the engine registry (plugins)."""
+    from .plugin import registry
+
+    names = registry.engines().choices()
+    return None if v in names else "one of " + ", ".join(names) + " (`zoo plugins` lists engine plugins)"
+
+
 def device_name(v) -> str | None:
     return None if isinstance(v, str) and DEVICE_PATTERN.match(v.lower()) else "auto, cpu, cuda, cuda:N or mps"
 
@@ -184,7 +192,7 @@ class TrainConfig:
     progress: bool = opt(True, flag="--no-progress")
     # feature extraction (zoo.features: engines, decoding): the engine, and decoders that change pixels
     # slightly (each cached under its own key)
-    engine: str = opt("auto", choice("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"))
+    engine: str = opt("auto", engine_name)
     jpeg_draft: bool = opt(False)
     gpu_decode: bool = opt(False)
 

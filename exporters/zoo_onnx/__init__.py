@@ -398,3 +398,10 @@ class OnnxInt8(Onnx):
 def zoo_register_exporters(register):
     register(Onnx())
     register(OnnxInt8())
+
+
+@hookimpl
+def zoo_register_engines(register):
+    from .engine import OnnxRuntimeEngine
+
+    register(OnnxRuntimeEngine())

@@ -35,16 +35,18 @@ def run(args) -> int:
     host = get_host()
     registry.backbones()  # registration is where most plugin failures show
     registry.exporters()
+    registry.engines()
     statuses = sorted(host.status.values(), key=lambda s: (not s.builtin, s.name))
     if args.json:
         options = _exporter_options()
         print_json([asdict(s) | {"exporter_options": {e: options[e] for e in s.exporters}} for s in statuses])
         return 0
     rows = [[s.name + (" (built-in)" if s.builtin else ""), s.distribution, s.version, s.status,
-             ", ".join(s.providers) or "-", s.backbones, ", ".join(s.exporters) or "-", ", ".join(s.hooks)]
+             ", ".join(s.providers) or "-", s.backbones, ", ".join(s.exporters) or "-",
+             ", ".join(s.engines) or "-", ", ".join(s.hooks)]
             for s in statuses]
     print(render(rows, ["PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "PROVIDERS", "BACKBONES", "EXPORTERS",
-                        "HOOKS"]))
+                        "ENGINES", "HOOKS"]))
     for s in statuses:
         if s.status != "ok":
             print(f"\n{s.name}: {s.status}: {s.error}")

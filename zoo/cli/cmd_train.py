@@ -73,9 +73,11 @@ def add_parser(sub):
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision: auto (bf16, or fp16 without bf16 support, on CUDA; off elsewhere), bf16 or fp16 (CPU autocast too), off")
     p.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes (default: auto)")
-    p.add_argument("--engine", choices=("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"),
-                   help="feature extraction engine, checked against eager fp32 on the first batch "
-                   "(auto: the fastest fp32 engine by a short probe, remembered per machine; bf16 with --amp bf16)")
+    p.add_argument("--engine", metavar="ENGINE",
+                   help="feature extraction engine, checked against eager fp32 on the first batch: auto (default: "
+                   "the fastest, timed on the job's own batches and remembered per machine; bf16 with --amp bf16) or "
+                   "a registered engine (built-in eager, channels_last, bf16, compile; onnxruntime from the ONNX "
+                   "plugin; `zoo plugins` lists them all)")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode large JPEGs at reduced size for extraction (faster; slightly different pixels, "
                    "cached separately)")

@@ -43,35 +43,50 @@ resized as usual. It changes pixel values slightly compared with the reference f
 zoo.preprocess (and so `zoo predict`) uses, so it is part of the cache key and off by default.
 """
 
-from ..digest import model_key, state_digest
-from .cache import (
-                    FEATURE_FORMAT,
-                    INDEX,
-                    MATRIX,
-                    SHARD_ROWS,
-                    CacheStats,
-                    FeatureCache,
-                    ReadableSet,
-                    cache_root,
-                    readable_hashes,
-)
-from .decode import (
-                    DecodePool,
-                    DeviceJpegDecoder,
-                    DraftImageDataset,
-                    JpegBytesDataset,
-                    default_workers,
-)
-from .extract import (
-                    NonFiniteFeaturesError,
-                    cached_features,
-                    engine_numerics,
-                    extract,
-                    extract_into,
-                    head_predictions_agree,
-)
+from __future__ import annotations
 
-__all__ = ["FEATURE_FORMAT", "INDEX", "MATRIX", "SHARD_ROWS", "CacheStats", "DecodePool", "DeviceJpegDecoder",
-           "DraftImageDataset", "FeatureCache", "JpegBytesDataset", "NonFiniteFeaturesError", "ReadableSet",
-           "cache_root", "cached_features", "default_workers", "engine_numerics", "extract", "extract_into",
-           "head_predictions_agree", "model_key", "readable_hashes", "state_digest"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..digest import model_key, state_digest  # noqa: F401
+    from .cache import (  # noqa: F401
+        FEATURE_FORMAT,
+        INDEX,
+        MATRIX,
+        SHARD_ROWS,
+        CacheStats,
+        FeatureCache,
+        ReadableSet,
+        cache_root,
+        readable_hashes,
+    )
+    from .decode import (  # noqa: F401
+        DecodePool,
+        DeviceJpegDecoder,
+        DraftImageDataset,
+        JpegBytesDataset,
+        default_workers,
+    )
+    from .engines import NonFiniteFeaturesError, engine_numerics  # noqa: F401
+    from .extract import cached_features, extract, extract_into, head_predictions_agree  # noqa: F401
+
+# Imported on first use: plugin discovery imports zoo.features.core_engines (the built-in engines),
+# which must not pull in torch through this package.
+_EXPORTS = {
+    "model_key": "zoo.digest", "state_digest": "zoo.digest",
+    **{n: "zoo.features.cache" for n in ("FEATURE_FORMAT", "INDEX", "MATRIX", "SHARD_ROWS", "CacheStats",
+                                         "FeatureCache", "ReadableSet", "cache_root", "readable_hashes")},
+    **{n: "zoo.features.decode" for n in ("DecodePool", "DeviceJpegDecoder", "DraftImageDataset", "JpegBytesDataset",
+                                          "default_workers")},
+    **{n: "zoo.features.engines" for n in ("NonFiniteFeaturesError", "engine_numerics")},
+    **{n: "zoo.features.extract" for n in ("cached_features", "extract", "extract_into", "head_predictions_agree")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'zoo.features' has no attribute {name!r}")

@@ -1,26 +1,36 @@
-"""Extraction engines: ways to run a frozen backbone's forward pass, each checked against eager fp32.
+"""The choice of extraction engine: numerics, `auto`, the memo, the first-batch check (`choose`).
 
 Feature extraction is a pure function of the image, so the trainer may compute it with whatever
-runs fastest here, provided the answer stays the same. Engines:
+runs fastest here, provided the answer stays the same. Engines are providers
+(`zoo.ExtractionEngine`, registered through the `zoo_register_engines` hook): the built-in
+eager, channels_last, bf16 and compile (zoo.features.core_engines), onnxruntime from the ONNX
+plugin, and any third party's. This module names none of them but the reference ("eager") and
+the cheap default ("channels_last").
 
-  eager          the module as is, NCHW fp32: the reference every other engine is checked against
-  channels_last  NHWC memory format, fp32 (oneDNN / cuDNN pick faster kernels for it)
-  bf16           channels_last under bf16 autocast (CUDA; CPU where oneDNN has native bf16)
-  onnxruntime    the backbone exported to ONNX, run by ONNX Runtime (CUDA provider where installed)
-  compile        torch.compile (inductor): minutes of compilation, so `auto` tries it on large jobs only
+The check: eager fp32 computes the first rows of the job's first batch (CHECK_ROWS when probing
+or for reduced precision, FP32_CHECK_ROWS for one known fp32 engine); every engine is run on those
+rows and each row's cosine similarity to eager's must be >= 0.9999 for fp32 engines, >= 0.99 for
+bf16 (BF16_COSINE, the documented bound for reduced precision; the trainer also reports whether
+the trained head's predictions on the check rows are unchanged). An engine that fails its check,
+or cannot be prepared, is rejected with a one-line reason and the next one is used; eager is
+always available.
 
-The check (first batch; eager fp32 computes its first CHECK_ROWS rows, FP32_CHECK_ROWS when one
-fp32 engine is remembered or asked): each row's cosine similarity to eager fp32 must be >= 0.9999 for fp32
-engines, >= 0.99 for bf16 (BF16_COSINE, the documented bound for reduced precision; the trainer
-also reports whether the trained head's predictions on the check batch are unchanged). An engine
-that fails its check, or cannot be prepared, is rejected with a one-line reason and the next one
-is used; eager is always available.
-
-`auto` uses a remembered choice when there is one; otherwise, on fewer than PROBE_MIN_IMAGES
-images it is channels_last (checked; probing would cost more than it saves), and on more it times
-each eligible engine on the first batch (after the check) and picks the fastest; the
-choice is remembered in ``<cache>/engines/choices.json`` per machine (host, CPU, threads, torch
-version, device), backbone state and batch size, so later runs skip the probe (the check still runs).
+`auto` (Chooser), a probe that pays for itself:
+  * a remembered choice for this machine, backbone state, batch and input size is used as is
+    (checked); ``<cache>/engines/choices.json``;
+  * otherwise the cheap engines (whose preparation costs nothing now: channels_last, bf16 when
+    allowed, an ONNX export already cached...) are each run on real batches of the job: the first
+    batch an engine sees warms it up, the next is timed; every one of those batches is output (an
+    engine is checked before its first batch counts). Eager's rate comes free from the reference
+    rows;
+  * an engine whose preparation is not cached (an ONNX export, compilation) is prepared only when
+    the job's expected saving exceeds its cost: remaining images x (1/best rate - 1/(best rate x
+    expected speedup)) > expected preparation seconds, both from what this machine measured before
+    (choices.json) or the engine's own prior (`prior_speedup`, `prepare_seconds`). Small jobs thus
+    get the fastest engine whose preparation is cached or cheap;
+  * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
+The whole probe costs the eager reference rows plus any preparation the job pays for; no batch
+is computed twice.
 
 Numerics: fp32 engines agree to cosine >= 0.9999 and share the cache key's "numerics": "fp32";
 bf16 features are rounded differently and are cached under "bf16" (never mixed with fp32 ones).
@@ -29,15 +39,13 @@ bf16 features are rounded differently and are cached under "bf16" (never mixed w
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import platform
+import statistics
 import sys
-import tempfile
 import time
-import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,22 +53,23 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..digest import state_digest
 from ..errors import ZooError
+from ..plugin.api import EngineRejected  # noqa: F401 - re-exported: engines raise it
+from .core_engines import bf16_supported  # noqa: F401 - re-exported
 
-ENGINES = ("eager", "channels_last", "bf16", "onnxruntime", "compile")
-ENGINE_CHOICES = ("auto",) + ENGINES
 FP32_COSINE = 0.9999
 BF16_COSINE = 0.99
-COMPILE_MIN_IMAGES = 20000  # below this, compilation costs more than it saves (CPU: minutes)
-CHECK_ROWS = 16  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
+CHECK_ROWS = 8  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
 FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken engine disagrees on every image
-PROBE_MIN_IMAGES = 500  # below this, a probe (an ONNX export...) costs more than it saves: channels_last
+DEFAULT_PREPARE_SECONDS = 60.0  # an engine whose preparation cost is unknown and never measured here
+REFERENCE, DEFAULT = "eager", "channels_last"
 
 
 class NonFiniteFeaturesError(ZooError):
     """The backbone gave NaN/inf features: the one error for it (nothing of those images is cached).
 
-    Raised with the batch rows by the engine check (`select`, which knows no files), then again by
+    Raised with the batch rows by the engine check (which knows no files), then again by
     extraction with `files` named (zoo.features.extract); `files` None: not named yet."""
 
     def __init__(self, engine: str, rows: list[int], message: str | None = None, files: list[str] | None = None):
@@ -70,8 +79,45 @@ class NonFiniteFeaturesError(ZooError):
                          "and the images")
 
 
-class EngineRejected(RuntimeError):
-    """An engine could not be prepared here, or its features disagree with eager fp32."""
+# ----------------------------------------------------------------------------------- the registry
+def _registry():
+    from ..plugin import registry
+
+    return registry.engines()
+
+
+def engine_names() -> list[str]:
+    """Every registered engine (built-ins first): the one list, from the registry."""
+    return _registry().names()
+
+
+def engine_choices() -> list[str]:
+    """What --engine accepts: "auto" and every registered engine."""
+    return _registry().choices()
+
+
+def numerics_of(name: str) -> str:
+    return _registry().get(name).numerics
+
+
+def bound_of(name: str) -> float:
+    return BF16_COSINE if numerics_of(name) != "fp32" else FP32_COSINE
+
+
+def engine_numerics(engine: str, device: torch.device, allow_reduced: bool) -> str:
+    """The numerics an extraction will have, known before any image is read (for the cache key):
+    `auto` chooses among fp32 engines unless reduced precision is allowed (--amp bf16, or CUDA's
+    default autocast) and native bf16 exists, then it uses bf16."""
+    if engine == "auto":
+        reduced = [e for e in _registry().names() if numerics_of(e) == "bf16"]
+        ok = [e for e in reduced if _registry().get(e).unavailable(device) is None]
+        return "bf16" if allow_reduced and ok else "fp32"
+    return numerics_of(engine)
+
+
+def _reduced_engine(device: torch.device) -> str | None:
+    return next((e for e in _registry().names() if numerics_of(e) == "bf16"
+                 and _registry().get(e).unavailable(device) is None), None)
 
 
 @dataclass
@@ -86,134 +132,21 @@ class Prepared:
     cleanup: Callable[[], None] = field(default=lambda: None)
 
 
-def numerics_of(name: str) -> str:
-    return "bf16" if name == "bf16" else "fp32"
-
-
-def bound_of(name: str) -> float:
-    return BF16_COSINE if numerics_of(name) != "fp32" else FP32_COSINE
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:  # native bf16 (AVX512-BF16 / AMX); without it autocast emulates bf16 and is slower than fp32
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except Exception:  # noqa: BLE001
-            return False
-    return False
-
-
-def _flat(f: torch.Tensor) -> torch.Tensor:
-    return f.float().flatten(1)
-
-
 def prepare(name: str, backbone: nn.Module, example: torch.Tensor, device: torch.device, *,
             onnx_dir: str | os.PathLike | None = None, threads: int | None = None) -> Prepared:
-    """Make engine `name` ready for `backbone` (eval mode, on `device`); raises EngineRejected."""
+    """Make engine `name` ready for `backbone` (eval mode, on `device`); raises EngineRejected.
+    onnx_dir: the engines' persistent workdir (exports), None for a temporary one."""
+    reg = _registry()
+    if name not in reg.names():
+        raise EngineRejected(f"unknown engine {name!r}: expected one of {', '.join(reg.choices())}")
+    engine = reg.get(name)
+    why = engine.unavailable(device)
+    if why:
+        raise EngineRejected(why)
     backbone.eval()
-    if name == "eager":
-        backbone.to(memory_format=torch.contiguous_format)
-        return Prepared(name, "fp32", lambda x: _flat(backbone(x.contiguous())))
-    if name == "channels_last":
-        backbone.to(memory_format=torch.channels_last)
-        return Prepared(name, "fp32", lambda x: _flat(backbone(x.contiguous(memory_format=torch.channels_last))))
-    if name == "bf16":
-        if not bf16_supported(device):
-            raise EngineRejected(f"bf16: no native bf16 on {device.type} here")
-        backbone.to(memory_format=torch.channels_last)
-
-        def run_bf16(x):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return _flat(backbone(x.contiguous(memory_format=torch.channels_last)))
-
-        return Prepared(name, "bf16", run_bf16)
-    if name == "compile":
-        backbone.to(memory_format=torch.channels_last)
-        try:
-            compiled = torch.compile(backbone, dynamic=False)
-        except Exception as exc:  # noqa: BLE001
-            raise EngineRejected(f"compile: {_first_line(exc)}") from exc
-        return Prepared(name, "fp32", lambda x: _flat(compiled(x.contiguous(memory_format=torch.channels_last))))
-    if name == "onnxruntime":
-        return _prepare_ort(backbone, example, device, onnx_dir, threads)
-    raise EngineRejected(f"unknown engine {name!r}: expected one of {', '.join(ENGINE_CHOICES)}")
-
-
-def _prepare_ort(backbone, example, device, onnx_dir, threads) -> Prepared:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise EngineRejected("onnxruntime: not installed (pip install onnxruntime)") from exc
-    providers = ["CPUExecutionProvider"]
-    note = "CPU provider"
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers, note = ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA provider"
-        else:
-            raise EngineRejected("onnxruntime: this build has no CUDAExecutionProvider (pip install "
-                                 "onnxruntime-gpu); a CPU session would starve the GPU")
-    tmp = None
-    if onnx_dir is None:
-        tmp = tempfile.mkdtemp(prefix="zoo-engine-")
-        onnx_dir = tmp
-    # The ONNX file depends only on the backbone's architecture and state: reuse an earlier export.
-    path = Path(onnx_dir) / f"{_module_digest(backbone)}.onnx"
-    if not path.is_file():
-        _export_onnx(backbone, example, path)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    # Idle intra-op threads sleep instead of spinning: during extraction the decoding workers share
-    # the cores, and a spinning ORT thread takes a core from the worker feeding it its next batch.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - a damaged or unloadable export is a rejection, not a crash
-        path.unlink(missing_ok=True)
-        raise EngineRejected(f"onnxruntime: session failed: {_first_line(exc)}") from exc
-    name = session.get_inputs()[0].name
-
-    def run(x):
-        out = session.run(None, {name: x.detach().float().contiguous().cpu().numpy()})[0]
-        return torch.from_numpy(out).flatten(1)
-
-    def cleanup():
-        if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    return Prepared("onnxruntime", "fp32", run, note=note, cleanup=cleanup)
-
-
-def _export_onnx(backbone, example, path: Path) -> None:
-    """Dynamic-batch export through the ONNX exporter plugin (zoo.export.bare_module_to_onnx: one
-    graph path for every ONNX file the zoo writes), atomically; any failure rejects the engine."""
-    from ..export import bare_module_to_onnx
-    from ..io import atomic_path
-
-    module = backbone.to(memory_format=torch.contiguous_format).eval()
-    try:
-        with torch.inference_mode(False), atomic_path(path) as tmp, warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            x = example[:2].detach().float().cpu().clone()  # a normal tensor, even if `example` came from inference mode
-            bare_module_to_onnx(module.to("cpu"), x, tmp)
-    except Exception as exc:  # noqa: BLE001 - the engine is rejected with the reason; eager etc. remain
-        raise EngineRejected(f"onnxruntime: ONNX export failed; {_first_line(exc)}") from exc
-    finally:
-        backbone.to(example.device)
-
-
-def _module_digest(module: nn.Module) -> str:
-    from ..digest import state_digest
-
-    return hashlib.sha256(f"{type(module).__qualname__}|{state_digest(module)}|{torch.__version__}".encode()
-                          ).hexdigest()[:24]
+    p = engine.prepare(backbone, example, device, workdir=str(onnx_dir) if onnx_dir is not None else None,
+                       threads=threads)
+    return Prepared(name, engine.numerics, p.run, p.note or "", p.cleanup or (lambda: None))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -233,12 +166,13 @@ def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Selection:
     engine: Prepared
-    reference: torch.Tensor  # eager fp32 features of the first CHECK_ROWS rows of the first batch (CPU)
-    features: torch.Tensor  # the chosen engine's features of the whole first batch (CPU)
+    reference: torch.Tensor  # eager fp32 features of the check rows of the first batch (CPU)
+    features: torch.Tensor  # the chosen engine's features of the check rows (CPU)
     cosine_min: float
-    how: str  # "asked", "probe", "remembered"
-    rates: dict[str, float]  # img/s of each probed engine
+    how: str  # "asked", "probe", "remembered", ...
+    rates: dict[str, float]  # img/s of each engine timed in this job
     rejected: dict[str, str]  # engine -> reason
+    probe_seconds: float = 0.0  # eager reference rows + preparations paid for in this job
 
     def describe(self) -> str:
         e = self.engine
@@ -249,15 +183,6 @@ class Selection:
         if self.rejected:
             text += "; rejected " + "; ".join(f"{k}: {v}" for k, v in self.rejected.items())
         return text
-
-
-def candidates(device: torch.device, allow_reduced: bool, total: int) -> list[str]:
-    names = ["eager", "channels_last", "onnxruntime"]
-    if allow_reduced:
-        names.append("bf16")
-    if total >= COMPILE_MIN_IMAGES:
-        names.append("compile")
-    return names
 
 
 def machine_id(device: torch.device) -> str:
@@ -273,7 +198,10 @@ def machine_id(device: torch.device) -> str:
 
 
 class ChoiceStore:
-    """The remembered `auto` choices: a small JSON file, written atomically."""
+    """What this machine learnt about engines: the remembered `auto` choices (one per machine,
+    backbone state, batch and input), the rates measured with them, and what preparing an engine
+    cost per backbone architecture. A small JSON file, written atomically; a damaged one only
+    costs a new probe."""
 
     def __init__(self, root: str | os.PathLike | None):
         self.path = Path(root) / "engines" / "choices.json" if root is not None else None
@@ -285,135 +213,346 @@ class ChoiceStore:
             data = json.loads(self.path.read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
-            return {}  # a damaged file only costs a new probe
+            return {}
 
-    def get(self, key: str) -> str | None:
-        v = self._read().get(key)
-        return v.get("engine") if isinstance(v, dict) and v.get("engine") in ENGINES else None
-
-    def put(self, key: str, engine: str, rates: dict[str, float]) -> None:
+    def _write(self, data: dict) -> None:
         if self.path is None:
             return
         from ..io import write_json
 
-        data = self._read()
-        data[key] = {"engine": engine, "rates": {k: round(v, 1) for k, v in rates.items()},
-                     "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with contextlib.suppress(OSError):
             write_json(self.path, data)
 
+    def get(self, key: str) -> str | None:
+        v = self._read().get(key)
+        return v.get("engine") if isinstance(v, dict) and v.get("engine") in engine_names() else None
 
-def _timed(run, x, device, min_seconds: float = 0.5, max_calls: int = 3) -> float:
-    """img/s of run(x): the check call already warmed it up; at least two timed calls (one call of a
-    large model, ~1 s on 2 cores, let one stray hiccup of a shared machine pick the slower engine)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def put(self, key: str, engine: str, rates: dict[str, float]) -> None:
+        data = self._read()
+        data[key] = {"engine": engine, "rates": {k: round(v, 1) for k, v in rates.items()},
+                     "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._write(data)
 
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        run(x)
-        sync()
-        calls += 1
-        dt = time.perf_counter() - t0
-        if calls >= max_calls or (dt >= min_seconds and calls >= 2):
-            return calls * len(x) / dt
+    def speedup(self, engine: str, over: str, machine: str) -> float | None:
+        """Median measured rate ratio engine/over on this machine (any backbone), None if never."""
+        ratios = [v["rates"][engine] / v["rates"][over] for k, v in self._read().items()
+                  if k.startswith(machine + "|") and isinstance(v, dict) and isinstance(v.get("rates"), dict)
+                  and v["rates"].get(engine) and v["rates"].get(over)]
+        return statistics.median(ratios) if ratios else None
+
+    def prepare_seconds(self, engine: str, arch: str, machine: str) -> float | None:
+        v = self._read().get(f"prepare|{engine}|{machine}|{arch}")
+        return float(v) if isinstance(v, (int, float)) else None
+
+    def put_prepare_seconds(self, engine: str, arch: str, machine: str, seconds: float) -> None:
+        data = self._read()
+        data[f"prepare|{engine}|{machine}|{arch}"] = round(seconds, 2)
+        self._write(data)
 
 
 def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Run the engine on the first batch; raise EngineRejected when its first rows disagree with
-    eager fp32's (`reference`). Returns (the engine's features of the whole batch, min cosine)."""
+    """Run the engine on the check rows; raise EngineRejected when they disagree with eager fp32's
+    (`reference`). Returns (the engine's features of those rows, min cosine)."""
     with torch.inference_mode():
-        got = engine.run(x).float().cpu()
-    if got.shape[1:] != reference.shape[1:] or len(got) != len(x):
+        got = engine.run(x[:len(reference)]).float().cpu()
+    if got.shape[1:] != reference.shape[1:] or len(got) != len(reference):
         raise EngineRejected(f"{engine.name}: features of shape {tuple(got.shape)}, eager gives "
                              f"{tuple(reference.shape)}")
     if not torch.isfinite(got).all():
         raise EngineRejected(f"{engine.name}: non-finite features on the check batch")
-    cos = float(row_cosine(got[:len(reference)], reference).min())
+    cos = float(row_cosine(got, reference).min())
     bound = bound_of(engine.name)
     if not cos >= bound:
         raise EngineRejected(f"{engine.name}: features disagree with eager fp32 (min cosine {cos:.6f} < {bound})")
     return got, cos
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Chooser:
+    """One job's engine: `run(x)` gives the features of each batch in turn, from the engine asked
+    or remembered, or, for `auto` without a memory, from each candidate in turn while it is being
+    timed (see the module docstring), then from the fastest. `selection` says what was chosen."""
+
+    def __init__(self, asked: str, backbone: nn.Module, device: torch.device, *, allow_reduced: bool, total: int,
+                 cache_root: str | os.PathLike | None, choice_key: str, threads: int | None = None,
+                 say: Callable[[str], None] | None = None, may_probe: bool = True, machine: str = "",
+                 _prepare=prepare):
+        if asked not in engine_choices():
+            raise ZooError(f"--engine must be one of {', '.join(engine_choices())}, got {asked!r}")
+        self.asked, self.backbone, self.device, self.allow_reduced = asked, backbone, device, allow_reduced
+        self.total, self.threads, self.may_probe, self._prepare = int(total), threads, may_probe, _prepare
+        self.say = say or (lambda msg: print(msg, file=sys.stderr))
+        self.workdir = Path(cache_root) / "engines" / "onnx" if cache_root is not None else None
+        self.store, self.key = ChoiceStore(cache_root), choice_key
+        self.machine = machine
+        self.arch = type(backbone).__qualname__
+        self.rejected: dict[str, str] = {}
+        self.rates: dict[str, float] = {}
+        self.seen = 0  # images output so far
+        self.reference: torch.Tensor | None = None
+        self.check_x: torch.Tensor | None = None
+        self.probe_seconds = 0.0
+        self.selection: Selection | None = None
+        self._current: Prepared | None = None  # the engine giving this batch's features
+        self._current_features: torch.Tensor | None = None
+        self._cos: dict[str, float] = {}
+        self._prepared: dict[str, Prepared] = {}
+        self._plan: list[str] = []  # probe: engines still to warm up and time, in order
+        self._warm: set[str] = set()
+        self.how = "asked"
+
+    # -- the first batch: reference rows, then the plan -------------------------------------------
+    def _start(self, x: torch.Tensor) -> None:
+        order = [self.asked]
+        if self.asked == "auto":
+            remembered = self.store.get(self.key)
+            reduced = _reduced_engine(self.device) if self.allow_reduced else None
+            if remembered and self._eligible(remembered, max(self.total, 1 << 30)):
+                order, self.how = [remembered], "remembered"
+            elif reduced is not None and not self.may_probe:
+                order, self.how = [reduced], "auto, reduced precision"
+            elif not self.may_probe:
+                order, self.how = [DEFAULT], "auto, not the probing rank (rank 0 probes; no choice remembered yet)"
+            else:
+                order, self.how = [], "probe"
+        probing = self.how == "probe"
+        rows = CHECK_ROWS if probing or any(self._numerics(n) != "fp32" for n in order) else FP32_CHECK_ROWS
+        t0 = time.perf_counter()
+        eager = self._prepare(REFERENCE, self.backbone, x, self.device)
+        with torch.inference_mode():
+            self.reference = eager.run(x[:rows]).float().cpu()
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        self.probe_seconds += dt
+        if not torch.isfinite(self.reference).all():
+            raise NonFiniteFeaturesError(REFERENCE, torch.nonzero(~torch.isfinite(self.reference).all(1)).flatten()
+                                         .tolist())
+        self.check_x = x[:rows].clone()
+        self._prepared[REFERENCE] = eager
+        self._cos[REFERENCE] = 1.0
+        if probing:
+            self.rates[REFERENCE] = rows / max(dt, 1e-9)  # the reference rows time eager for free
+            self._plan = [n for n in self._candidates() if self._cheap(n)]
+            if not self._plan:
+                self._plan = [REFERENCE]
+            self._use_first_usable(self._plan, warming=True)
+            if self._current is None:
+                self._next()
+        else:
+            self._use_first_usable(order, warming=False)
+            if self._current is None:  # every asked/remembered engine failed: eager, said so
+                if self.asked != "auto":
+                    self.say(f"engine {self.asked} rejected ({self.rejected.get(self.asked)}); using eager")
+                self.how += ", fallback"
+                self._current = eager
+            self._select(self._current)
+
+    def _numerics(self, name: str) -> str:
+        try:
+            return numerics_of(name)
+        except ZooError:
+            return "fp32"
+
+    def _eligible(self, name: str, total: int) -> bool:
+        reg = _registry()
+        if name not in reg.names():
+            return False
+        e = reg.get(name)
+        if e.numerics != "fp32" and not self.allow_reduced:
+            return False
+        if e.auto_min_images is None or total < e.auto_min_images:
+            return False
+        return e.unavailable(self.device) is None
+
+    def _candidates(self) -> list[str]:
+        names = [n for n in engine_names() if n != REFERENCE and self._eligible(n, self.total)]
+        if self.allow_reduced and _reduced_engine(self.device) is not None:
+            # reduced precision allowed: the cache key says bf16, so only bf16 engines qualify
+            names = [n for n in names if self._numerics(n) == "bf16"] or names
+        else:
+            names = [n for n in names if self._numerics(n) == "fp32"]
+        return names
+
+    def _cheap(self, name: str) -> bool:
+        try:
+            return _registry().get(name).prepare_seconds(self.backbone, str(self.workdir) if self.workdir else None) \
+                == 0.0
+        except Exception:  # noqa: BLE001 - an engine that cannot say is not cheap
+            return False
+
+    def _get(self, name: str) -> Prepared | None:
+        """The prepared and checked engine `name`, or None (rejected, with its reason)."""
+        if name in self._prepared:
+            return self._prepared[name]
+        if name in self.rejected:
+            return None
+        costly = not self._cheap(name)
+        t0 = time.perf_counter()
+        try:
+            engine = self._prepare(name, self.backbone, self.check_x, self.device, onnx_dir=self.workdir,
+                                   threads=self.threads)
+            _, cos = check(engine, self.check_x, self.reference)
+        except EngineRejected as exc:
+            self.rejected[name] = str(exc).split(": ", 1)[-1] if str(exc).startswith(name + ":") else str(exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure of an optional engine is a rejection
+            self.rejected[name] = _first_line(exc)
+            return None
+        finally:
+            self.probe_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if costly and self.may_probe:
+            self.store.put_prepare_seconds(name, self.arch, self.machine, seconds)
+        self._prepared[name], self._cos[name] = engine, cos
+        return engine
+
+    def _use_first_usable(self, names: list[str], warming: bool) -> None:
+        self._current = None
+        while names:
+            engine = self._get(names[0])
+            if engine is not None:
+                self._current = engine
+                return
+            names.pop(0)
+
+    @property
+    def engine_name(self) -> str:
+        return self._current.name if self._current is not None else REFERENCE
+
+    # -- each batch ------------------------------------------------------------------------------
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of batch x (float32, CPU), from the engine of the moment."""
+        if self.reference is None:
+            self._start(x)
+        engine = self._current
+        timed = self.selection is None and engine.name in self._warm
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            f = engine.run(x).float().cpu()
+        _sync(self.device)
+        dt = time.perf_counter() - t0
+        self.seen += len(x)
+        if self.selection is None:
+            if timed:
+                self.rates[engine.name] = len(x) / max(dt, 1e-9)
+                self._plan = [n for n in self._plan if n != engine.name]
+                self._next()
+            else:
+                self._warm.add(engine.name)
+        return f
+
+    def _next(self) -> None:
+        """After an engine is timed: the next cheap one, else a costly one that pays, else decide."""
+        self._use_first_usable(self._plan, warming=True)
+        if self._current is not None:
+            return
+        best = max((r for n, r in self.rates.items() if n in self._prepared), default=0.0)
+        remaining = max(0, self.total - self.seen)
+        for name in self._candidates():
+            if name in self.rates or name in self.rejected or name in self._prepared:
+                continue
+            cost = self._expected_prepare_seconds(name)
+            speedup = self.store.speedup(name, DEFAULT, self.machine) or _registry().get(name).prior_speedup
+            # the engine must also be timed: two batches of it are part of its trial, not a saving
+            saving = remaining * (1.0 / best - 1.0 / (best * speedup)) if best > 0 and speedup > 1 else 0.0
+            if saving > cost:
+                engine = self._get(name)
+                if engine is not None:
+                    self._plan = [name]
+                    self._current = engine
+                    return
+            else:
+                self.rejected.setdefault(name, f"not tried: its preparation (~{cost:.0f} s) would cost this job more "
+                                               f"than it saves (~{max(saving, 0):.0f} s)")
+        self._decide()
+
+    def _expected_prepare_seconds(self, name: str) -> float:
+        e = _registry().get(name)
+        measured = self.store.prepare_seconds(name, self.arch, self.machine)
+        if measured is not None:
+            return measured
+        try:
+            s = e.prepare_seconds(self.backbone, str(self.workdir) if self.workdir else None)
+        except Exception:  # noqa: BLE001
+            s = None
+        return float(s) if s is not None else DEFAULT_PREPARE_SECONDS
+
+    def finish(self) -> Selection:
+        """The selection, deciding now if the job ended while candidates were still being timed."""
+        if self.selection is None:
+            self._decide()
+        return self.selection
+
+    def _decide(self) -> None:
+        timed = {n: r for n, r in self.rates.items() if n in self._prepared}
+        if any(n != REFERENCE for n in timed):
+            name = max(timed, key=timed.get)
+        else:  # nothing but the reference rows timed: keep the engine that ran the job
+            name = self._current.name if self._current is not None else REFERENCE
+        engine = self._prepared.get(name) or self._prepared[REFERENCE]
+        for other, e in self._prepared.items():
+            if e is not engine and other != REFERENCE:
+                e.cleanup()
+        _restore_layout(engine, self.backbone)
+        self._current = engine
+        if self.asked == "auto" and self.how == "probe" and self.may_probe and len(timed) > 1:
+            self.store.put(self.key, engine.name, timed)
+        self._select(engine)
+
+    def _select(self, engine: Prepared) -> None:
+        ref = self.reference
+        with torch.inference_mode():
+            feats = engine.run(self.check_x).float().cpu() if engine.name != REFERENCE else ref
+        self.selection = Selection(engine, ref, feats, self._cos.get(engine.name, 1.0), self.how, dict(self.rates),
+                                   dict(self.rejected), self.probe_seconds)
+        self.say(self.selection.describe())
+
+
 def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.device, *, allow_reduced: bool,
            total: int, cache_root: str | os.PathLike | None, choice_key: str, threads: int | None = None,
            say: Callable[[str], None] | None = None, may_probe: bool = True, _prepare=prepare) -> Selection:
-    """Pick and check the engine for this job; x is the first normalized batch on `device`.
-    may_probe=False (every DDP rank but 0): `auto` uses the remembered choice, else channels_last;
-    it neither probes nor writes the choice, so ranks do not time each other's load or race on the
-    file, and need no collective (a rank whose rows are all cached never gets here)."""
-    say = say or (lambda msg: print(msg, file=sys.stderr))
-    if asked not in ENGINE_CHOICES:
-        from ..errors import ZooError
-
-        raise ZooError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {asked!r}")
-    onnx_dir = Path(cache_root) / "engines" / "onnx" if cache_root is not None else None
-    store = ChoiceStore(cache_root)
-    rejected: dict[str, str] = {}
-    rates: dict[str, float] = {}
-    how = "asked"
-    if asked == "auto":
-        remembered = store.get(choice_key)
-        if remembered and remembered in candidates(device, allow_reduced, max(total, COMPILE_MIN_IMAGES)):
-            order, how = [remembered], "remembered"
-        elif total < PROBE_MIN_IMAGES:
-            order, how = ["channels_last"], f"auto, small job (< {PROBE_MIN_IMAGES} images, no probe)"
-        elif not may_probe:
-            order, how = ["channels_last"], "auto, not the probing rank (rank 0 probes; no choice remembered yet)"
-        else:
-            order, how = candidates(device, allow_reduced, total), "probe"
-    else:
-        order = [asked]
-    # The reference: eager is the slowest engine (lite0: 1/9 of ONNX Runtime's rate), and 16 eager rows
-    # cost a 320-image job a third of its time. A probe, or a reduced-precision engine (whose head
-    # predictions are compared on these rows), gets CHECK_ROWS; one known fp32 engine FP32_CHECK_ROWS.
-    rows = CHECK_ROWS if how == "probe" or any(numerics_of(n) != "fp32" for n in order) else FP32_CHECK_ROWS
-    eager = _prepare("eager", backbone, x, device)
-    with torch.inference_mode():
-        reference = eager.run(x[:rows]).float().cpu()
-    if not torch.isfinite(reference).all():
-        raise NonFiniteFeaturesError("eager", torch.nonzero(~torch.isfinite(reference).all(1)).flatten().tolist())
-    best: tuple[float, Prepared, torch.Tensor, float] | None = None
-    for name in order:
-        try:
-            engine = eager if name == "eager" else _prepare(name, backbone, x, device, onnx_dir=onnx_dir,
-                                                            threads=threads)
-            got, cos = check(engine, x, reference)
-        except EngineRejected as exc:
-            rejected[name] = str(exc).split(": ", 1)[-1]
-            continue
-        except Exception as exc:  # noqa: BLE001 - any failure of an optional engine is a rejection
-            rejected[name] = _first_line(exc)
-            continue
-        if len(order) > 1:
-            with torch.inference_mode():
-                rates[name] = _timed(engine.run, x, device)
-        if best is None or rates.get(name, 0.0) > best[0]:
-            if best is not None and best[1] is not engine:
-                best[1].cleanup()
-            best = (rates.get(name, 0.0), engine, got, cos)
-        else:
-            engine.cleanup()
-    if best is None:  # every asked/remembered engine failed: eager is the answer, said so
-        if asked != "auto":
-            say(f"engine {asked} rejected ({rejected.get(asked)}); using eager")
-        with torch.inference_mode():
-            best = (0.0, eager, eager.run(x).float().cpu(), 1.0)
-        how = how + ", fallback"
-    _, engine, got, cos = best
-    _restore_layout(engine, backbone)
-    if asked == "auto" and how == "probe":
-        store.put(choice_key, engine.name, rates)
-    sel = Selection(engine, reference, got, cos, how, rates, rejected)
-    say(sel.describe())
-    return sel
+    """The engine a job of `total` images would use, choosing on batch x run again and again (each
+    run standing for the job's next batch): what Chooser does on a real job, for tests and tools."""
+    ch = Chooser(asked, backbone, device, allow_reduced=allow_reduced, total=total, cache_root=cache_root,
+                 choice_key=choice_key, threads=threads, say=say, may_probe=may_probe, _prepare=_prepare)
+    for _ in range(64):
+        ch.run(x)
+        if ch.selection is not None:
+            return ch.selection
+    ch._decide()
+    return ch.selection
 
 
 def _restore_layout(engine: Prepared, backbone) -> None:
     """Probing later engines may have changed the module's memory format: restore the winner's."""
-    if engine.name == "eager":
+    if engine.name == REFERENCE:
         backbone.to(memory_format=torch.contiguous_format)
-    elif engine.name in ("channels_last", "bf16", "compile"):
+    elif engine.name != "onnxruntime":
         backbone.to(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------- the memo
+_CHOOSERS: dict = {}  # (id(backbone), ...) -> (weak ref, Chooser): train and val extraction share one
+
+
+def choose(backbone: nn.Module, device: torch.device, engine: str, *, allow_reduced: bool, total: int,
+           cache_root: str | os.PathLike | None, batch_size: int, input_shape: tuple, say=None,
+           may_probe: bool = True, _prepare=prepare) -> Chooser:
+    """The Chooser for this backbone's extraction in this process: numerics, the auto choice, the
+    memo (the train and validation passes of a run share one) and the first-batch check.
+    cache_root None: nothing remembered or written."""
+    key = (id(backbone), str(device), batch_size, engine, allow_reduced, tuple(input_shape))
+    memo = _CHOOSERS.get(key)
+    if memo is not None and memo[0]() is backbone:
+        return memo[1]
+    choice_key = f"{machine_id(device)}|{state_digest(backbone)[:16]}|{type(backbone).__qualname__}|" \
+                 f"b{batch_size}|{tuple(input_shape)}|{'reduced' if allow_reduced else 'fp32'}"
+    ch = Chooser(engine, backbone, device, allow_reduced=allow_reduced, total=total, cache_root=cache_root,
+                 choice_key=choice_key, say=say, may_probe=may_probe, machine=machine_id(device), _prepare=_prepare)
+    _CHOOSERS.clear()
+    _CHOOSERS[key] = (weakref.ref(backbone), ch)
+    return ch

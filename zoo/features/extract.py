@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from .. import distributed as D
 from ..data import Samples, normalize_batch, sample_seed
-from ..digest import state_digest
 from ..errors import DataError
 from ..records import Normalization
 from . import cache as C
@@ -31,36 +30,13 @@ from .decode import (
     bound_heap_growth,
     default_workers,
 )
-from .engines import NonFiniteFeaturesError
+from .engines import NonFiniteFeaturesError, choose, engine_numerics
 
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-_SELECTIONS: dict = {}  # (id(backbone), ...) -> Selection: train and val extraction share one choice
-
-
-def _engine_for(backbone, x, device, engine: str, allow_reduced: bool, total: int, cache_dir, batch_size: int,
-                say):
-    from . import engines as E
-
-    key = (id(backbone), str(device), batch_size, engine, allow_reduced)
-    sel = _SELECTIONS.get(key)
-    if sel is not None and sel[0]() is backbone:
-        return sel[1], False
-    import weakref
-
-    choice_key = f"{E.machine_id(device)}|{state_digest(backbone)[:16]}|{type(backbone).__qualname__}|" \
-                 f"b{batch_size}|{tuple(x.shape[1:])}|{'reduced' if allow_reduced else 'fp32'}"
-    s = E.select(engine, backbone, x, device, allow_reduced=allow_reduced, total=total,
-                 cache_root=None if cache_dir is False else cache_root(cache_dir), choice_key=choice_key, say=say,
-                 may_probe=D.context().is_main)
-    _SELECTIONS.clear()
-    _SELECTIONS[key] = (weakref.ref(backbone), s)
-    return s, True
 
 
 def _non_finite(backbone: str, engine: str, samples: Samples, keys: Sequence, rows: Sequence[int]):
@@ -70,17 +46,6 @@ def _non_finite(backbone: str, engine: str, samples: Samples, keys: Sequence, ro
         f"backbone {backbone} (engine {engine}) gave NaN/inf features for {len(files)} image(s): {shown}; nothing "
         "of them was cached. Check those files (remove or re-save them) and the backbone's weights "
         "(--weights default), then run again")
-
-
-def engine_numerics(engine: str, device: torch.device, allow_reduced: bool) -> str:
-    """The numerics an extraction will have, known before any image is read (for the cache key):
-    `auto` chooses among fp32 engines unless reduced precision is allowed (--amp bf16, or CUDA's
-    default autocast) and native bf16 exists, then it uses bf16."""
-    from . import engines as E
-
-    if engine == "auto":
-        return "bf16" if allow_reduced and E.bf16_supported(device) else "fp32"
-    return E.numerics_of(engine)
 
 
 def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transform, norm: Normalization,
@@ -99,7 +64,7 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
     from those bytes. failed: collects (j, reason) for files that did not decode or changed since
     they were listed (their rows reach neither out nor on_batch); None: such a file raises DataError.
     decoded: collects (j, pixel count) of the files decoded here (the readable set's entries).
-    Returns (out, engine Selection or None)."""
+    Returns (out, the engine Chooser or None when nothing was extracted)."""
     keys = list(keys)
     if not keys:
         return out, None
@@ -117,7 +82,7 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
     if device_decode:
         decoder = DeviceJpegDecoder(samples, transform, norm, device)
         loader = map(decoder, loader)
-    sel = None
+    chooser = None
     with _progress(len(keys), desc, progress) as bar:
         for js, batch in zip(batches, loader):
             images, reasons, pixels = (batch[0], batch[3], batch[4]) if len(batch) == 5 else batch
@@ -130,19 +95,18 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
             if decoded is not None:
                 decoded.extend((j, int(px)) for j, px, why in zip(js, pixels, reasons) if not why and int(px))
             x = normalize_batch(images, norm, device, channels_last=False)
-            fresh = False
-            if sel is None:
-                try:
-                    sel, fresh = _engine_for(backbone, x, device, engine, allow_reduced, total or len(keys),
-                                             cache_dir, batch_size, say)
-                except NonFiniteFeaturesError as exc:  # in the eager reference rows of the first batch
-                    raise _non_finite(name or type(backbone).__name__, exc.engine, samples,
-                                      [keys[j] for j in js], exc.rows) from None
-            if fresh:
-                f = sel.features  # the check batch, already computed by the chosen engine
-            else:
-                with torch.inference_mode():
-                    f = sel.engine.run(x).float().cpu()
+            if chooser is None:
+                chooser = choose(backbone, device, engine, allow_reduced=allow_reduced, total=total or len(keys),
+                                 cache_root=None if cache_dir is False else cache_root(cache_dir),
+                                 batch_size=batch_size, input_shape=tuple(x.shape[1:]), say=say,
+                                 may_probe=D.context().is_main)
+            try:
+                f = chooser.run(x)  # while auto is probing, a candidate's timed batches are real output
+            except NonFiniteFeaturesError as exc:  # in the eager reference rows of the first batch
+                if exc.files is not None:
+                    raise
+                raise _non_finite(name or type(backbone).__name__, exc.engine, samples,
+                                  [keys[j] for j in js], exc.rows) from None
             if bad:  # the rows of files that failed reach neither the output nor the cache
                 keep = [r for r in range(len(js)) if not reasons[r]]
                 js, f = [js[r] for r in keep], f[keep]
@@ -150,7 +114,7 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                     bar.update(len(images))
                     continue
             if not bool(torch.isfinite(f).all()):  # never into the cache, never into a head
-                raise _non_finite(name or type(backbone).__name__, sel.engine.name, samples,
+                raise _non_finite(name or type(backbone).__name__, chooser.engine_name, samples,
                                   [keys[j] for j in js], torch.nonzero(~torch.isfinite(f).all(1)).flatten().tolist())
             if callable(out):
                 out = out(f.shape[1])
@@ -158,7 +122,7 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
             if on_batch is not None:
                 on_batch(js, f)
             bar.update(len(images))
-    return out, sel
+    return out, chooser
 
 
 def _index(key) -> int:
@@ -361,7 +325,7 @@ def _extract_misses(job: _Job, plan: list[_ViewPlan], out: _Out, stats: CacheSta
         failed: list = []
         decoded: list = []
         te = time.perf_counter()
-        _, s = extract_into(backbone, samples, keys, transform, norm, device, out.view(vi), miss,
+        _, ch = extract_into(backbone, samples, keys, transform, norm, device, out.view(vi), miss,
                             batch_size=batch_size, pool=pool, engine=job.asked, allow_reduced=False,
                             total=missing_total, cache_dir=choice_root,  # False: write nothing (no choice memo)
                             on_batch=lambda js, f, p=p, miss=miss, shard=shard: shard.add(
@@ -377,7 +341,7 @@ def _extract_misses(job: _Job, plan: list[_ViewPlan], out: _Out, stats: CacheSta
             stats.unreadable.append((samples.describe(int(job.mine[miss[k]])), why))
             stats.misses -= 1
         stats.extract_seconds += time.perf_counter() - te
-        sel = sel or s
+        sel = sel or (ch.finish() if ch is not None else None)
     return sel
 
 
@@ -422,7 +386,8 @@ def _finish_stats(stats: CacheStats, sel, job: _Job) -> None:
     if sel is not None:
         stats.engine = {"name": sel.engine.name, "numerics": sel.engine.numerics, "how": sel.how,
                         "check_cosine_min": round(sel.cosine_min, 7), "note": sel.engine.note,
-                        "rejected": dict(sel.rejected)}
+                        "rejected": dict(sel.rejected), "rates": {k: round(v, 1) for k, v in sel.rates.items()},
+                        "probe_seconds": round(sel.probe_seconds, 3)}
         stats._selection = sel  # the check batch, for the head-predictions check
     else:
         stats.engine = {"name": None, "numerics": job.numerics, "how": "all cached"}

@@ -255,8 +255,73 @@ class Exporter(ABC):
         raise NotImplementedError(f"exporter {self.name!r} cannot export a bare module")
 
 
+# -- extraction engines ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreparedEngine:
+    """What `ExtractionEngine.prepare` returns: an engine ready for one backbone on one device.
+
+    `run(x)` takes a normalized float32 NCHW batch on the device and returns (N, D) float32
+    features (on the device, or the CPU). `note` says how it runs (e.g. "CPU provider"), for the
+    run's record. `cleanup()` frees what preparing made (a temporary file); it is called when the
+    engine is not chosen, and at the end of the process otherwise."""
+
+    run: Any
+    note: str = ""
+    cleanup: Any = None
+
+
+class ExtractionEngine(ABC):
+    """A way to run a frozen backbone's forward pass for feature extraction (`zoo train --engine`).
+
+    Extraction is a pure function of the image, so the zoo may compute it with whatever runs
+    fastest here, provided the answer stays the same: every engine is checked against eager fp32
+    on the job's first batch (cosine >= 0.9999 per row for numerics "fp32", >= 0.99 for "bf16"),
+    and one that fails its check, or cannot be prepared, is rejected with its reason (eager is
+    always there). Set `name` (what users type) and `numerics`; implement `prepare`.
+    Features of different numerics are cached apart; fp32 engines share the cache.
+    """
+
+    name: ClassVar[str] = ""
+    #: "fp32" (agrees with eager fp32 to cosine >= 0.9999) or "bf16" (reduced precision: chosen by
+    #: `auto` only where reduced precision is allowed, e.g. `--amp bf16`)
+    numerics: ClassVar[str] = "fp32"
+    #: one line for `zoo train --help` and the docs
+    description: ClassVar[str] = ""
+    #: `--engine auto` considers this engine on jobs of at least this many images (0: always;
+    #: None: never, only when asked by name). Its preparation is paid inside the job.
+    auto_min_images: ClassVar[int | None] = 0
+    #: your guess of this engine's speed relative to the fastest cheap engine (channels_last), for
+    #: machines where it was never measured: `auto` prepares an engine whose preparation is not
+    #: cached only when the job's expected saving (from this, or the rates measured here before)
+    #: exceeds `prepare_seconds`.
+    prior_speedup: ClassVar[float] = 1.0
+
+    def unavailable(self, device: Any) -> str | None:
+        """Why this engine cannot run on `device` (a torch.device) here, e.g. a missing package
+        or instruction set; None when it can. Cheap: imports only. Default: None."""
+        return None
+
+    def prepare_seconds(self, backbone: "nn.Module", workdir: str | None) -> float | None:
+        """What preparing would cost now, in seconds, if known without preparing (0.0: cached or
+        trivial, e.g. an export already on disk under `workdir`); None: unknown, but likely large
+        (then `auto` tries it only where the job's expected saving pays for it). Default: 0.0."""
+        return 0.0
+
+    @abstractmethod
+    def prepare(self, backbone: "nn.Module", example: Any, device: Any, *, workdir: str | None,
+                threads: int | None) -> PreparedEngine:
+        """Make the engine ready for `backbone` (eval mode, on `device`); `example` is the first
+        normalized batch. `workdir`: a persistent folder for reusable preparation (exports), keyed
+        by you (e.g. by `zoo.digest.state_digest(backbone)`); None: use a temporary one. Raise
+        `zoo.EngineRejected` (or anything: it becomes the rejection's reason) if it cannot run."""
+
+
+class EngineRejected(RuntimeError):
+    """An engine could not be prepared here, or its features disagree with eager fp32."""
+
+
 # -- checks the registry applies to what a plugin hands it -----------------------------------------------
-PROVIDER_KINDS = {"backbones": BackboneProvider, "exporters": Exporter}
+PROVIDER_KINDS = {"backbones": BackboneProvider, "exporters": Exporter, "engines": ExtractionEngine}
 
 
 def _public_api(base: type) -> set[str]:
@@ -291,6 +356,8 @@ def check_provider(obj: Any, kind: str) -> Any:
     if not isinstance(getattr(obj, "name", None), str) or not obj.name or "/" in obj.name or obj.name != obj.name.strip():
         raise TypeError(f"{cls.__name__}.name must be a non-empty name without '/': set it as a class attribute, "
                         f"e.g. name = \"myprovider\" (got {getattr(obj, 'name', None)!r})")
+    if kind == "engines" and obj.numerics not in ("fp32", "bf16"):
+        raise TypeError(f"{cls.__name__}.numerics must be \"fp32\" or \"bf16\", got {obj.numerics!r}")
     if kind == "exporters" and (not isinstance(obj.suffix, str) or not obj.suffix.startswith(".")):
         raise TypeError(f"{cls.__name__}.suffix must be the artifact's file ending, e.g. \".onnx\", got {obj.suffix!r}")
     return obj

@@ -2,7 +2,7 @@
 
 A plugin is a module with functions decorated by `zoo.hookimpl`, found through the `zoo`
 entry-point group. Each hook hands the plugin a `register` callable; the plugin calls it with
-provider objects (`zoo.BackboneProvider`, `zoo.Exporter`; see `zoo.plugin.api`). pluggy calls the hooks,
+provider objects (`zoo.BackboneProvider`, `zoo.Exporter`, `zoo.ExtractionEngine`; see `zoo.plugin.api`). pluggy calls the hooks,
 one plugin at a time, so a plugin that fails is isolated. An implementation whose name is not
 a hook below is rejected by name (pluggy's `check_pending`), so a typo never goes unnoticed.
 """
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .api import BackboneProvider, Exporter
+    from .api import BackboneProvider, ExtractionEngine, Exporter
 
 hookspec = pluggy.HookspecMarker("zoo")
 hookimpl = pluggy.HookimplMarker("zoo")
 
-HOOKS = ("zoo_register_backbones", "zoo_register_exporters")
+HOOKS = ("zoo_register_backbones", "zoo_register_exporters", "zoo_register_engines")
 # The plugin API v1 hooks (0.1): named in the error a plugin still implementing them gets.
 V1_HOOKS = ("register_backbones", "register_exporters", "backbone_normalization", "backbone_feature_dim",
             "backbone_layer_groups", "create_backbone")
@@ -41,4 +41,15 @@ def zoo_register_exporters(register: Callable[["Exporter"], None]) -> None:
     """Call `register(exporter)` once per `zoo.Exporter` (export format) this plugin offers.
 
     Same rules as zoo_register_backbones: cheap, isolated, a format name belongs to one plugin.
+    """
+
+
+@hookspec
+def zoo_register_engines(register: Callable[["ExtractionEngine"], None]) -> None:
+    """Call `register(engine)` once per `zoo.ExtractionEngine` (a way to run the forward pass of
+    feature extraction, `zoo train --engine NAME`) this plugin offers.
+
+    Same rules as zoo_register_backbones: cheap (import nothing heavy; prepare later), isolated,
+    an engine name belongs to one plugin (the built-in eager, channels_last, bf16 and compile
+    come first). Every engine is checked against eager fp32 on each job's first batch.
     """

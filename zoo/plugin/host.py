@@ -77,6 +77,7 @@ class PluginStatus:
     providers: list[str] = field(default_factory=list)  # backbone provider names it owns
     backbones: int = 0
     exporters: list[str] = field(default_factory=list)  # format names it owns
+    engines: list[str] = field(default_factory=list)  # extraction engine names it owns
 
     def mark_broken(self, exc: BaseException, during: str) -> None:
         self.status = "broken"

@@ -24,11 +24,12 @@ from ..errors import (
     InvalidRecordError,
     PluginError,
     UnknownBackboneError,
+    UnknownEngineError,
     UnknownExporterError,
     UnknownWeightsError,
 )
 from ..records import BackboneSpec, Normalization
-from .api import BackboneProvider, Exporter, check_provider
+from .api import BackboneProvider, Exporter, ExtractionEngine, check_provider
 from .host import PluginHost, call_hook, get_host, strict_plugins
 
 
@@ -309,8 +310,65 @@ class ExporterRegistry:
         return max(hits, key=lambda e: len(e.suffix)) if hits else None
 
 
+class EngineRegistry:
+    """Extraction engines by name; a name belongs to the first plugin registering it (built-ins
+    first), and "auto" is the zoo's own (the choice among them). The one list of engine names:
+    `zoo train --engine` choices, TrainConfig's check and the choice all read it."""
+
+    RESERVED = ("auto",)
+
+    def __init__(self, host: PluginHost):
+        self.host = host
+        self._engines: dict[str, tuple[ExtractionEngine, str]] = {}
+        call_hook(host, "zoo_register_engines", self._load_plugin)
+
+    def _load_plugin(self, plugin_name: str, registered: list) -> None:
+        staged: dict[str, ExtractionEngine] = {}
+        try:
+            for obj in registered:
+                engine = check_provider(obj, "engines")
+                if engine.name in self.RESERVED:
+                    raise DuplicateBackboneError(f"engine name {engine.name!r} is the zoo's own choice among engines; "
+                                                 f"plugin {plugin_name!r} cannot register it (rename its engine)")
+                if engine.name in self._engines or engine.name in staged:
+                    owner = self._engines[engine.name][1] if engine.name in self._engines else plugin_name
+                    raise DuplicateBackboneError(
+                        f"extraction engine {engine.name!r} belongs to plugin {owner!r}; plugin {plugin_name!r} "
+                        "registers it too and was not loaded (rename its engine, or disable it with "
+                        "ZOO_DISABLE_PLUGINS)")
+                staged[engine.name] = engine
+        except Exception as exc:  # noqa: BLE001
+            self.host.fail(plugin_name, exc, "zoo_register_engines")
+            return
+        for name, engine in staged.items():
+            self._engines[name] = (engine, plugin_name)
+        st = self.host.status[plugin_name]
+        st.engines = sorted(staged)
+
+    def names(self) -> list[str]:
+        """Registered engine names, in registration order (built-ins first)."""
+        return list(self._engines)
+
+    def choices(self) -> list[str]:
+        """What --engine accepts: "auto" and every registered engine."""
+        return list(self.RESERVED) + self.names()
+
+    def get(self, name: str) -> ExtractionEngine:
+        if name not in self._engines:
+            close = difflib.get_close_matches(name, self.choices(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownEngineError(
+                f"unknown extraction engine {name!r}{hint} (available: {', '.join(self.choices())}; `zoo plugins` "
+                "shows engine plugins that failed to load)")
+        return self._engines[name][0]
+
+    def owner(self, name: str) -> str:
+        return self._engines[name][1]
+
+
 _backbones: BackboneRegistry | None = None
 _exporters: ExporterRegistry | None = None
+_engines: EngineRegistry | None = None
 _lock = threading.Lock()
 
 
@@ -334,6 +392,16 @@ def exporters() -> ExporterRegistry:
         return _exporters
 
 
+def engines() -> EngineRegistry:
+    """The process-wide extraction-engine registry (rebuilt after `reset()` or `zoo.plugin.host.reset()`)."""
+    global _engines
+    host = get_host()
+    with _lock:
+        if _engines is None or _engines.host is not host:
+            _engines = EngineRegistry(host)
+        return _engines
+
+
 def default_backbone(with_tag: bool = True) -> str:
     """The zoo's default backbone, "provider/model.tag" (or without its tag, for callers that
     choose the weights themselves): the one its provider declares (`default_backbone`)."""
@@ -349,7 +417,8 @@ def reset() -> None:
     """Forget the registries, keeping the loaded plugins: the next lookup asks every plugin's
     registration hooks again (e.g. after `get_host().register(module, name)` by hand).
     `zoo.plugin.host.reset()` forgets the plugins too."""
-    global _backbones, _exporters
+    global _backbones, _exporters, _engines
     with _lock:
         _backbones = None
         _exporters = None
+        _engines = None
