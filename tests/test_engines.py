@@ -102,6 +102,8 @@ def test_auto_skips_a_broken_engine_and_remembers_the_fastest(tmp_path):
         return eng
 
     m, x, cpu = tiny_backbone(), batch(), torch.device("cpu")
+    # this machine exported this architecture before in no time: an export pays on 5000 images
+    E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 0.0)
     sel = E.select("auto", m, x, cpu, allow_reduced=False, total=5000, cache_root=tmp_path, choice_key="key",
                    say=quiet, _prepare=prep)
     assert sel.how == "probe" and sel.engine.name == "eager"
@@ -123,10 +125,11 @@ def test_auto_skips_a_broken_engine_and_remembers_the_fastest(tmp_path):
 
 def test_only_the_probing_rank_probes_the_others_use_the_remembered_choice(tmp_path):
     m, x, cpu = tiny_backbone(), batch(), torch.device("cpu")
+    E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 0.0)
     common = dict(allow_reduced=False, total=5000, cache_root=tmp_path, choice_key="key", say=quiet)
     other = E.select("auto", m, x, cpu, may_probe=False, **common)  # rank 1 before anything is remembered
     assert other.engine.name == "channels_last" and not other.rates and other.cosine_min >= E.FP32_COSINE
-    assert not (tmp_path / "engines" / "choices.json").exists()
+    assert E.ChoiceStore(tmp_path).get("key") is None  # nothing remembered by a rank that does not probe
     first = E.select("auto", m, x, cpu, **common)  # rank 0 probes and remembers
     assert first.how == "probe" and len(first.rates) >= 2
     later = E.select("auto", m, x, cpu, may_probe=False, **common)
@@ -170,3 +173,85 @@ def test_cache_key_follows_the_engines_numerics(tmp_path):
     assert s3.misses == 20 and s3.engine["numerics"] == "bf16"
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
     assert not torch.equal(f1, f3) and float(E.row_cosine(f1[0], f3[0]).min()) >= E.BF16_COSINE
+
+
+def test_a_costly_engine_is_prepared_only_when_the_job_pays_for_it(tmp_path):
+    prepared = []
+
+    def prep(name, *a, **kw):
+        prepared.append(name)
+        return E.prepare(name, *a, **kw)
+
+    m, x, cpu = tiny_backbone(), batch(), torch.device("cpu")
+    store = E.ChoiceStore(tmp_path)
+    store.put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 1e6)  # an export here costs forever
+    sel = E.select("auto", m, x, cpu, allow_reduced=False, total=5000, cache_root=tmp_path, choice_key="a",
+                   say=quiet, _prepare=prep)
+    assert "onnxruntime" not in prepared and "would cost this job more" in sel.rejected["onnxruntime"]
+    assert sel.engine.name in ("channels_last", "eager") and "channels_last" in sel.rates
+    store.put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 0.0)
+    big = E.select("auto", m, x, cpu, allow_reduced=False, total=10 ** 7, cache_root=tmp_path, choice_key="b",
+                   say=quiet, _prepare=prep)
+    assert "onnxruntime" in prepared and "onnxruntime" in big.rates  # timed on the job's own batches
+
+
+def test_the_probe_computes_no_batch_twice(tmp_path):
+    """auto's timed batches are the job's output: the backbone sees each image once, plus the
+    eager reference rows and each candidate's check rows."""
+    seen = [0]
+    m = tiny_backbone()
+    m.register_forward_pre_hook(lambda mod, args: seen.__setitem__(0, seen[0] + len(args[0])))
+    s = tiny_samples(64)
+    feats, stats = cached_features(m, s, EvalTransform(NORM), NORM, key_fields={"backbone": "tiny"},
+                                   device=torch.device("cpu"), cache_dir=tmp_path / "cache", batch_size=8,
+                                   num_workers=0, engine="auto")
+    assert stats.misses == 64 and stats.engine["how"] == "probe" and len(stats.engine["rates"]) >= 2
+    assert 64 < seen[0] <= 64 + 4 * E.CHECK_ROWS  # reference + checks + the final check-row run
+    with torch.inference_mode():
+        ref = m.to(memory_format=torch.contiguous_format)(
+            torch.stack([torch.from_numpy(EvalTransform(NORM)(s.load(i))) for i in range(64)]).permute(0, 3, 1, 2)
+            .float().div(255).sub(0.5).div(0.25))
+    assert float(E.row_cosine(feats[0], ref).min()) >= E.FP32_COSINE  # every batch right, whoever computed it
+
+
+def test_engine_names_are_the_registrys_and_the_option_check_uses_them():
+    from zoo.options import OptionError, TrainConfig
+
+    names = E.engine_choices()
+    assert names[0] == "auto" and {"eager", "channels_last", "bf16", "compile", "onnxruntime"} <= set(names)
+    with pytest.raises(OptionError, match="(?s)--engine.*one of auto, eager, channels_last"):
+        TrainConfig(engine="fastest")
+
+
+THIRD_PARTY_ENGINE = """
+import zoo
+from zoo import ExtractionEngine, PreparedEngine
+
+
+class Reversed(ExtractionEngine):
+    name = "{name}"
+    description = "eager with its features in reverse order (its check must reject it)"
+
+    def prepare(self, backbone, example, device, *, workdir, threads):
+        return PreparedEngine(lambda x: backbone(x).flatten(1).flip(1), note="test")
+
+
+@zoo.hookimpl
+def zoo_register_engines(register):
+    register(Reversed())
+"""
+
+
+def test_a_third_party_engine_is_registered_and_checked_like_a_builtin(tmp_path, monkeypatch, fresh_plugins):
+    from test_plugins import install
+
+    install(tmp_path, monkeypatch, {"twice": THIRD_PARTY_ENGINE.format(name="twice"),
+                                    "impostor": THIRD_PARTY_ENGINE.format(name="eager")})
+    status = fresh_plugins.get_host().status
+    assert "twice" in E.engine_choices()
+    assert status["twice"].status == "ok" and status["twice"].engines == ["twice"]
+    assert status["impostor"].status == "broken" and "'eager'" in status["impostor"].error
+    assert E._registry().owner("eager") == "engines"  # the built-in keeps its name
+    sel = E.select("twice", tiny_backbone(), batch(), torch.device("cpu"), allow_reduced=False, total=10,
+                   cache_root=None, choice_key="k", say=quiet)
+    assert sel.engine.name == "eager" and "disagree with eager" in sel.rejected["twice"]  # checked, refused

@@ -245,9 +245,12 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) 
 def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike | None = None,
               val_data: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
               strict: bool = False, *, csv_outside_root: bool = False,
-              max_pixels: int | None = None, known_readable=None) -> DataSplit:
+              max_pixels: int | None = None, known_readable=None, defer_decode: bool = False,
+              known_bad=None) -> DataSplit:
     """Everything up front: scan, verify (decode each file once), split, and drop from validation
-    any image whose content is also in training. Raises DataError early."""
+    any image whose content is also in training. Raises DataError early.
+    defer_decode: hash only; the caller's extraction decodes (and so verifies) every file, and
+    reloads with known_bad (file -> reason) if some fail (see verify_images)."""
     if data is None and csv_file is None:
         if val_data is not None:
             raise DataError("--val-data needs --data (or --csv) for the training images")
@@ -265,12 +268,13 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
         val_samples = align_labels(val_samples, samples.classes, f"--val-data {str(val_data)!r}",
                                    "the training data lacks")
     samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels,
-                                   known_readable=known_readable)
+                                   known_readable=known_readable, decode=not defer_decode, known_bad=known_bad)
     if val_samples is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
             val_samples, val_skipped = verify_images(val_samples, strict, already_skipped=val_skipped,
-                                                     max_pixels=max_pixels, known_readable=known_readable)
+                                                     max_pixels=max_pixels, known_readable=known_readable,
+                                                     decode=not defer_decode, known_bad=known_bad)
         if val_skipped:
             warnings.warn(f"skipped {len(val_skipped)} unusable validation files:\n" + _listing(val_skipped),
                           DataWarning, stacklevel=2)

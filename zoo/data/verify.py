@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..errors import DataError
 from ..preprocess import ImageDecodeError, max_image_pixels, printable
@@ -44,6 +44,16 @@ def _try_decode(samples: Samples, i: int, max_pixels: int | None = None) -> tupl
         return f"{type(exc).__name__}: {exc}", 0
 
 
+def _hash_or_reason(samples: Samples, i: int) -> tuple[str | None, str]:
+    """(content hash, "") or (None, why it cannot be read): a file can vanish after the listing."""
+    try:
+        return samples.content_hash(i), ""
+    except FileNotFoundError:
+        return None, "file not found (deleted after the run listed it)"
+    except OSError as exc:
+        return None, f"cannot read ({type(exc).__name__}: {exc.strerror or exc})"
+
+
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: Sequence, chunk: int = 1024) -> list:
     """pool.map in chunks: Executor.map submits every item at once, a future each (~2 KB per item
     held until the end: 200 MB at 10^5 files); a chunk at a time keeps that bounded."""
@@ -55,22 +65,35 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items: Sequence, chunk: int = 102
 
 def verify_images(samples: Samples, strict: bool = False, workers: int | None = None,
                   already_skipped: Sequence[tuple[str, str]] = (),
-                  max_pixels: int | None = None, known_readable=None) -> tuple[Samples, list[tuple[str, str]]]:
+                  max_pixels: int | None = None, known_readable=None, decode: bool = True,
+                  known_bad: Mapping[str, str] | None = None) -> tuple[Samples, list[tuple[str, str]]]:
     """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
     Images over `max_pixels` are skipped before decoding. With strict=True any unreadable or
     skipped file raises DataError instead.
     known_readable: a zoo.features.cache.ReadableSet; files whose content hash it holds decoded before
     (the same bytes cannot fail now) and are only hashed, which is what makes a warm run decode-free;
-    one whose recorded pixel count is over `max_pixels` is checked again (and skipped)."""
-    paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]
+    one whose recorded pixel count is over `max_pixels` is checked again (and skipped).
+    decode=False (a cold run whose extraction decodes every file anyway): files are hashed, not
+    decoded; the extraction's own decode verifies them, and a file that fails there is skipped by
+    the run with the same words (strict=True always decodes up front, to refuse before any work).
+    known_bad: file -> reason, files already known to fail (in this run): skipped as they are."""
+    known_bad = dict(known_bad or {})
+    bad: dict[int, str] = {i: known_bad[samples.describe(i)] for i in range(len(samples))
+                           if samples.describe(i) in known_bad}
+    paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike)) and i not in bad]
     workers = workers or min(8, (os.cpu_count() or 2))
     limit = max_pixels or max_image_pixels()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        if known_readable is not None and paths:
-            paths = [i for i, h in zip(paths, _bounded_map(pool, samples.content_hash, paths))
-                     if not known_readable.trusted(h, limit)]
+        if (known_readable is not None or (not decode and not strict)) and paths:
+            hashes = _bounded_map(pool, lambda i: _hash_or_reason(samples, i), paths)
+            bad.update((i, h[1]) for i, h in zip(paths, hashes) if h[0] is None)
+            trusted = known_readable.trusted if known_readable is not None else (lambda h, n: False)
+            paths = [i for i, h in zip(paths, hashes) if h[0] is not None and not trusted(h[0], limit)]
+        if not decode and not strict:
+            paths = []  # the extraction decodes (and so verifies) them
         results = _bounded_map(pool, lambda i: _try_decode(samples, i, max_pixels), paths)
-    bad = {i: r for i, (r, _) in zip(paths, results) if r is not None}
+    bad.update((i, r) for i, (r, _) in zip(paths, results) if r is not None)
+    bad = dict(sorted(bad.items()))
     if known_readable is not None:
         known_readable.add((samples.content_hash(i), px) for i, (r, px) in zip(paths, results) if r is None)
     skipped = list(already_skipped) + [(samples.describe(i), r) for i, r in bad.items()]

@@ -16,7 +16,7 @@ def extract_features(model, split, cfg, train_tf, eval_tf, norm, *, device, amp_
     # One set of decoding workers for the train and validation passes (started at the first
     # miss, none on a warm run): worker start-up is paid once per run.
     sources = [(split.train, train_tf)] + ([(split.val, eval_tf)] if split.val is not None else [])
-    with DecodePool(sources, device, workers) as pool:
+    with DecodePool(sources, device, workers, max_pixels=cfg.max_image_pixels) as pool:
         common = dict(device=device, cache=cfg.cache, cache_dir=cfg.cache_dir,
                       batch_size=max(cfg.batch_size, 64), amp_dtype=amp_dtype, pool=pool,
                       channels_last=channels_last, progress=cfg.progress, engine=cfg.engine,

@@ -58,15 +58,28 @@ class _Trainer:
         self.amp_dtype, self.use_scaler = amp_settings(device, self.cfg.amp)
         self.channels_last = device.type in ("cuda", "cpu")
 
-    def _load_data(self) -> None:
+    def _load_data(self, known_bad: dict | None = None, verify_now: bool = False) -> None:
         from ..data import load_data
         from ..features import default_workers, readable_hashes
 
         cfg = self.cfg
-        # Images the cache has seen decode are only hashed, not decoded again (the warm path).
+        # Images the cache has seen decode are only hashed, not decoded again (the warm path). A run
+        # that will extract cached features (backbone frozen whole) decodes each new image once, in
+        # the extraction, which is its verification: a file that fails there restarts this phase
+        # with it known (see _prepare_inputs), so the split is what an up-front check would give.
+        self.deferred = (not verify_now and cfg.cache and not cfg.strict and not self.ctx.enabled and str(cfg.freeze) == "all"
+                         and not cfg.bn_adapt and (not cfg.augment or cfg.views > 0))
         self.split = load_data(cfg.data, cfg.csv, cfg.val_data, cfg.val_split, cfg.seed, cfg.strict,
                                csv_outside_root=cfg.csv_outside_root, max_pixels=cfg.max_image_pixels,
-                               known_readable=readable_hashes(cfg.cache_dir) if cfg.cache else None)
+                               known_readable=readable_hashes(cfg.cache_dir) if cfg.cache else None,
+                               defer_decode=self.deferred, known_bad=known_bad)
+        gone = [(f, r) for f, r in (known_bad or {}).items() if f not in {s for s, _ in self.split.skipped}]
+        if gone:  # deleted since the first listing: no longer listed, still this run's skipped files
+            from ..data import DataWarning
+
+            self.split.skipped = list(self.split.skipped) + gone
+            warnings.warn(f"skipped {len(gone)} file(s) that changed under the run: "
+                          + "; ".join(f"{f}: {r}" for f, r in gone), DataWarning, stacklevel=3)
         self.workers = cfg.num_workers if cfg.num_workers is not None else default_workers(self.split.train,
                                                                                            self.device)
 
@@ -133,10 +146,21 @@ class _Trainer:
         model.to(self.device)
         if self.channels_last:
             model.backbone.to(memory_format=torch.channels_last)
+        if self.deferred and not self.cached:  # not extracting after all: verify up front as usual
+            self._load_data(verify_now=True)
         if self.cached:
             self.features, self.cache_info, self.feature_stats = extract_features(
                 self.model, self.split, cfg, self.train_tf, self.eval_tf, self.norm, device=self.device,
                 amp_dtype=self.amp_dtype, workers=self.workers, channels_last=self.channels_last)
+            failed: dict = {}
+            while any(st.unreadable for st in self.feature_stats):
+                # unreadable, or changed/deleted since listed: the data phase again, knowing them (each
+                # round knows one more file at least; every row read before comes from the cache)
+                failed.update(u for st in self.feature_stats for u in st.unreadable)
+                self._load_data(known_bad=failed)
+                self.features, self.cache_info, self.feature_stats = extract_features(
+                    self.model, self.split, cfg, self.train_tf, self.eval_tf, self.norm, device=self.device,
+                    amp_dtype=self.amp_dtype, workers=self.workers, channels_last=self.channels_last)
         elif cfg.views:
             warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=3)
         self._hold_out()

@@ -1,0 +1,181 @@
+"""What a run reads and decodes, and what it does when files change under it.
+
+A cold run reads each image's bytes for its content hash and decodes each image once (the
+extraction's decode is the verification); a warm run decodes nothing. A file deleted, rewritten or
+damaged after the run listed it is skipped with its reason (listed in the run's record), never a
+worker traceback, and the split is the one an up-front check would have given. A damaged cache
+index is rebuilt from its intact lines, or refused naming the file and --no-cache."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
+from zoo.data import decode_count
+from zoo.errors import ZooError
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_weights_file(tmp_path_factory.mktemp("w") / "a.safetensors", seed=0)
+
+
+def _jpegs(root, per_class=6, size=48):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            arr[:, :, 0 if c == "a" else 2] = 230
+            Image.fromarray(arr).save(root / c / f"{c}{i}.jpg", quality=90)
+    return root
+
+
+def _train(tmp_path, data, weights, quiet=True, **kw):
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return zoo.train(BACKBONE, data, weights=str(weights), **train_kwargs(tmp_path, **{"epochs": 1, **kw}))
+
+
+def _count_opens(monkeypatch, root):
+    """Opens of the image files under root, by path (the reads a run makes of each image)."""
+    opened: dict[str, int] = {}
+    real = builtins.open
+
+    def counting(file, *a, **kw):
+        p = os.fspath(file) if isinstance(file, (str, os.PathLike)) else None
+        if p is not None and p.startswith(str(root)):
+            opened[p] = opened.get(p, 0) + 1
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    return opened
+
+
+def test_cold_run_decodes_each_image_once_warm_run_none(tmp_path, weights, monkeypatch):
+    data = _jpegs(tmp_path / "d")
+    n = 12
+    opened = _count_opens(monkeypatch, data)
+    before = decode_count()
+    cold = _train(tmp_path, data, weights)
+    assert cold.cache["misses"] == n
+    assert decode_count() - before == n  # one decode per image: verification is the extraction's decode
+    # each file's bytes: read for its content hash, and read once more by the extraction to decode
+    # (checked against that hash); never a third time
+    assert len(opened) == n and max(opened.values()) == 2, opened
+    opened.clear()
+    before = decode_count()
+    warm = _train(tmp_path, data, weights)
+    assert warm.cache["hits"] == n and decode_count() == before  # warm: hashes only
+    assert max(opened.values()) == 1
+    for k, v in cold.model.head.state_dict().items():  # the same head, cold or warm
+        assert torch.equal(v, warm.model.head.state_dict()[k])
+
+
+def test_strict_still_refuses_a_damaged_file_up_front(tmp_path, weights):
+    data = _jpegs(tmp_path / "d")
+    (data / "a" / "a0.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(ZooError, match=r"(?s)--strict: 1 unusable.*a0\.jpg"):
+        _train(tmp_path, data, weights, strict=True)
+    assert not (tmp_path / "cache" / "features").exists()  # refused before any extraction
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_file_is_skipped_by_the_extraction_with_the_split_of_an_up_front_check(tmp_path, weights,
+                                                                                         workers):
+    data = _jpegs(tmp_path / "d")
+    (data / "b" / "b3.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    cold = _train(tmp_path, data, weights, num_workers=workers, out=str(tmp_path / "run"))
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["skipped"]
+    assert [os.path.basename(f) for f, _ in skipped] == ["b3.jpg"]
+    up_front = _train(tmp_path, data, weights, cache=False)  # decodes up front, as without the cache
+    assert cold.cache["hits"] + cold.cache["misses"] == up_front.cache["misses"] == 11
+    for k, v in cold.model.head.state_dict().items():
+        assert torch.allclose(v, up_front.model.head.state_dict()[k], atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["deleted", "rewritten"])
+def test_a_file_that_changes_after_listing_is_skipped_and_named(tmp_path, weights, monkeypatch, change):
+    from zoo.training import trainer as T
+
+    data = _jpegs(tmp_path / "d")
+    victim = data / "a" / "a2.jpg"
+    real = T._Trainer._build_model
+
+    def build_then_change(self):
+        real(self)  # the files are listed and hashed by now
+        if change == "deleted":
+            victim.unlink()
+        else:
+            Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(victim, quality=90)
+
+    monkeypatch.setattr(T._Trainer, "_build_model", build_then_change)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = zoo.train(BACKBONE, data, weights=str(weights),
+                        **train_kwargs(tmp_path, epochs=1, num_workers=1, out=str(tmp_path / "run")))
+    why = "deleted after the run listed it" if change == "deleted" else "changed on disk after the run listed it"
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["skipped"]
+    assert [(os.path.basename(f), why in r) for f, r in skipped] == [("a2.jpg", True)]
+    assert any("a2.jpg" in str(w.message) and why in str(w.message) for w in caught)
+    assert run.cache["hits"] + run.cache["misses"] == 11
+
+
+def test_jpeg_draft_on_a_damaged_jpeg_skips_it(tmp_path, weights):
+    data = _jpegs(tmp_path / "d", size=160)  # large enough for draft decoding at 32 px
+    (data / "a" / "a1.jpg").write_bytes((data / "a" / "a0.jpg").read_bytes()[:300])  # truncated JPEG
+    run = _train(tmp_path, data, weights, jpeg_draft=True, out=str(tmp_path / "run"))
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["skipped"]
+    assert [os.path.basename(f) for f, _ in skipped] == ["a1.jpg"]
+    assert run.cache["hits"] + run.cache["misses"] == 11
+
+
+def _index(tmp_path):
+    (index,) = (tmp_path / "cache" / "features").glob("*/index.jsonl")
+    return index
+
+
+def test_a_damaged_index_is_rebuilt_from_its_intact_lines(tmp_path, weights):
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    first = _train(tmp_path, data, weights)
+    index = _index(tmp_path)
+    good = index.read_bytes()
+    index.write_bytes(b"\xff\xfe garbage \x80\n" + good)  # non-UTF-8 bytes before the intact line
+    with pytest.warns(UserWarning, match=rf"(?s)feature cache index {index}.*1 damaged line.*rebuilt"):
+        again = _train(tmp_path, data, weights, quiet=False)
+    assert again.cache["hits"] == first.cache["misses"]  # the intact line still serves every row
+    assert index.read_bytes() == good  # rewritten without the damage
+    index.write_bytes(b"\x80\x81 a line that lost its rows\n")
+    with pytest.warns(UserWarning, match="rebuilt"):
+        third = _train(tmp_path, data, weights, quiet=False)
+    assert third.cache["misses"] == first.cache["misses"]  # re-extracted, not wrong
+
+
+def test_a_damaged_index_that_cannot_be_rebuilt_is_refused_naming_it(tmp_path, weights, monkeypatch):
+    import contextlib
+
+    import zoo.io
+
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    _train(tmp_path, data, weights)
+    index = _index(tmp_path)
+    index.write_bytes(b"\xff\xfe\n" + index.read_bytes())
+
+    @contextlib.contextmanager
+    def read_only(path):  # what a read-only cache folder does (tests may run as root, who can write anyway)
+        raise PermissionError(13, "Permission denied", str(path))
+        yield
+
+    monkeypatch.setattr(zoo.io, "atomic_path", read_only)
+    with pytest.raises(ZooError, match=rf"(?s){index}.*damaged.*--no-cache"):
+        _train(tmp_path, data, weights)
