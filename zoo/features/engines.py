@@ -267,6 +267,15 @@ def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor) -> tuple[t
     return got, cos
 
 
+def _load_factor() -> float:
+    """How much busier than one runnable process per core the machine is (>= 1)."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else (os.cpu_count() or 1)))
+    except OSError:
+        return 1.0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -479,7 +488,11 @@ class Chooser:
             s = e.prepare_seconds(self.backbone, str(self.workdir) if self.workdir else None)
         except Exception:  # noqa: BLE001
             s = None
-        return float(s) if s is not None else DEFAULT_PREPARE_SECONDS
+        if s is None:
+            return DEFAULT_PREPARE_SECONDS
+        # An engine's prior is for an idle machine; preparing (an export: mostly single-threaded
+        # Python) slows down with the machine's load while the rates just measured already include it.
+        return float(s) * _load_factor()
 
     def finish(self) -> Selection:
         """The selection, deciding now if the job ended while candidates were still being timed."""
