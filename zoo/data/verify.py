@@ -88,8 +88,13 @@ def verify_images(samples: Samples, strict: bool = False, workers: int | None = 
             hashes = _bounded_map(pool, lambda i: _hash_or_reason(samples, i), paths)
             bad.update((i, h[1]) for i, h in zip(paths, hashes) if h[0] is None)
             trusted = known_readable.trusted if known_readable is not None else (lambda h, n: False)
-            paths = [i for i, h in zip(paths, hashes) if h[0] is not None and not trusted(h[0], limit)]
-        if not decode and not strict:
+            known = known_readable.known() if known_readable is not None else {}
+            paths = [i for i, h in zip(paths, hashes) if h[0] is not None and not trusted(h[0], limit)
+                     # deferred: only new files wait for the extraction's decode; a file decoded before
+                     # but not trusted now (over a lower --max-image-pixels) may be a cache hit, which
+                     # the extraction would not decode: it is checked here
+                     and (decode or strict or h[0] in known)]
+        elif not decode and not strict:
             paths = []  # the extraction decodes (and so verifies) them
         results = _bounded_map(pool, lambda i: _try_decode(samples, i, max_pixels), paths)
     bad.update((i, r) for i, (r, _) in zip(paths, results) if r is not None)
