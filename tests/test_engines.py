@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from zoo.features import engines as E
 from zoo.data import EvalTransform, Samples
 from zoo.features import cached_features
+from zoo.features import engines as E
 from zoo.records import Normalization
 
 NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (3, 24, 24), 24)

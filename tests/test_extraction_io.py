@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
 
 import zoo
-from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
 from zoo.data import decode_count
 from zoo.errors import ZooError
 
@@ -112,12 +112,13 @@ def test_a_file_that_changes_after_listing_is_skipped_and_named(tmp_path, weight
     victim = data / "a" / "a2.jpg"
     real = T._Trainer._build_model
 
-    def build_then_change(self):
-        real(self)  # the files are listed and hashed by now
+    def build_then_change(self, *args):
+        built = real(self, *args)  # the files are listed and hashed by now
         if change == "deleted":
             victim.unlink()
         else:
             Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(victim, quality=90)
+        return built
 
     monkeypatch.setattr(T._Trainer, "_build_model", build_then_change)
     with warnings.catch_warnings(record=True) as caught:

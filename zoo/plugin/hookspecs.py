@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .api import BackboneProvider, ExtractionEngine, Exporter
+    from .api import BackboneProvider, Exporter, ExtractionEngine
 
 hookspec = pluggy.HookspecMarker("zoo")
 hookimpl = pluggy.HookimplMarker("zoo")

@@ -11,8 +11,17 @@ from typing import Any
 
 from .. import records
 from . import hookspecs
-from .api import (BackboneProvider, BuiltBackbone, Exporter, ExportOption, ExportOptions, ExtractionEngine,
-                  PreparedEngine, PretrainedHead, ValidationResult)
+from .api import (
+    BackboneProvider,
+    BuiltBackbone,
+    Exporter,
+    ExportOption,
+    ExportOptions,
+    ExtractionEngine,
+    PreparedEngine,
+    PretrainedHead,
+    ValidationResult,
+)
 
 
 def _doc(obj: Any) -> str:
