@@ -26,7 +26,7 @@ def test_help_names_real_defaults(command):
 
 
 def test_train_help_shows_the_declared_default_backbone():
-    from zoo.registry import default_backbone
+    from zoo.plugin.registry import default_backbone
 
     text = _help("train")
     assert f"--backbone BACKBONE provider/model[.tag] (default {default_backbone()})" in text

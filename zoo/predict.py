@@ -177,7 +177,7 @@ class Predictor:
 def _load_runner(path: str):
     """(run, metadata) from the exporter plugin that writes this format, if it offers a runner;
     (None, None) when it does not (the file is then tried as ONNX)."""
-    from . import registry
+    from .plugin import registry
 
     exporter = registry.exporters().for_artifact(path)
     load = getattr(exporter, "load_runner", None) if exporter is not None else None
