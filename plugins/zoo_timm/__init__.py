@@ -18,6 +18,7 @@ import functools
 import json
 import os
 from importlib import resources
+from pathlib import Path
 
 from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, LayerGroup, Normalization, PretrainedHead, WeightsInfo, hookimpl
 
@@ -128,6 +129,18 @@ def _create(spec, weights, num_classes: int | None = 0):
         raise error from exc
 
 
+def _offline_weights() -> list[str]:
+    """"arch.tag" loadable with no network: the Lite weights packages installed here, then what
+    the Hugging Face cache holds for timm (a snapshot with a weights file; nothing is opened)."""
+    found = [f"{arch}.{lite_packages.TAG}" for arch, package in lite_packages.PACKAGES.items() if package.available()]
+    root = Path(_hf_cache_dir())
+    for repo in sorted(root.glob("models--timm--*")) if root.is_dir() else ():
+        name = repo.name.removeprefix("models--timm--")  # "arch.tag", as timm's hf_hub_id spells it
+        if "." in name and name not in found and any(repo.glob("snapshots/*/model.safetensors")):
+            found.append(name)
+    return found
+
+
 def _pretrained_head(spec, weights):
     """The classifier the weights were trained with (`get_classifier()` of the whole model) and the
     ImageNet class names timm ships offline (`timm.data.ImageNetInfo`). Only a plain Linear on
@@ -197,6 +210,9 @@ class TimmBackbones(BackboneProvider):
 
     def pretrained_head(self, spec, weights):
         return _pretrained_head(spec, weights)
+
+    def offline_weights(self):
+        return _offline_weights()
 
 
 @hookimpl
