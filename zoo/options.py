@@ -289,7 +289,7 @@ class SelectConfig:
     amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))
     engine: str = opt("auto", choice("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"))
     batch_size: int = opt(64, number(1, integer=True))
-    timing_batch: int = opt(32, number(1, integer=True))  # the batch the forward pass is timed at
+    timing_batch: int = opt(8, number(1, integer=True))  # the batch the forward pass is timed at
     strict: bool = opt(False)
     max_image_pixels: int = opt(89_478_485, number(1, integer=True))
     cache: bool = opt(True, flag="--no-cache")
