@@ -56,11 +56,11 @@ def torch_hub_seeded(tmp_path, monkeypatch, shared_dir) -> Path:
 @pytest.fixture
 def fresh_plugins():
     """Forget loaded plugins before and after the test (env vars / sys.path changes apply)."""
-    import zoo.plugins
+    import zoo.plugin.host
 
-    zoo.plugins.reset()
-    yield zoo.plugins
-    zoo.plugins.reset()
+    zoo.plugin.host.reset()
+    yield zoo.plugin.host
+    zoo.plugin.host.reset()
 
 
 def install_distribution(site: Path, package_src: Path, dist_name: str, version: str,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import registry
+from zoo.plugin import registry
 from zoo.testing import ConformanceError, check_backbone, check_backbones, check_exporter
 
 # Always covered: one of each head layout the plugins must discover.

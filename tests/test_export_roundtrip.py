@@ -81,7 +81,7 @@ def test_round_trip_example_third_party_backbone(tmp_path, example_plugin):
 def test_example_plugin_exporter_found_through_discovery(tmp_path, example_plugin, monkeypatch):
     """A third-party format registered by the example package is listed, usable and validated;
     a format with no validate() gets its artifact reported as unvalidated, not as passed."""
-    from zoo import registry
+    from zoo.plugin import registry
 
     reg = registry.exporters()
     names = reg.names()

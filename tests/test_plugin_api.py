@@ -41,8 +41,8 @@ def test_exporter_options_reach_only_their_exporter_and_unknown_ones_fail(tmp_pa
 
 
 def test_a_verdict_is_required(tmp_path, monkeypatch):
-    from zoo import registry
-    from zoo.export import verdict
+    from zoo.plugin import registry
+    from zoo.exporting import verdict
 
     assert verdict("x", zoo.ValidationResult(passed=True)).passed
     for bad in ({"max_abs_logit_diff": 0.0}, None, zoo.ValidationResult(passed=None)):
@@ -61,7 +61,7 @@ def test_a_verdict_is_required(tmp_path, monkeypatch):
 
 
 def test_the_default_backbone_comes_from_its_provider():
-    from zoo import registry
+    from zoo.plugin import registry
 
     assert registry.default_backbone() == "timm/tf_efficientnet_lite0.in1k"
     assert registry.default_backbone(with_tag=False) == "timm/tf_efficientnet_lite0"
@@ -113,11 +113,11 @@ def test_index_key_follows_installed_plugins(example_plugin, tmp_path, monkeypat
 # -- the reference ----------------------------------------------------------------------------------
 def test_docs_carry_the_generated_reference():
     """docs/plugins.md must contain `zoo plugins --reference` verbatim: drift fails here."""
-    from zoo.api import reference_markdown
+    from zoo.plugin.reference import reference_markdown
 
     doc = (ROOT / "docs" / "plugins.md").read_text()
     generated = reference_markdown()
-    assert generated in doc, ("docs/plugins.md is out of date with zoo.api / zoo.hookspecs / zoo.records: "
+    assert generated in doc, ("docs/plugins.md is out of date with zoo.plugin.api / zoo.plugin.hookspecs / zoo.records: "
                               "regenerate its reference section with `zoo plugins --reference`")
     # and the text around it only names parts that exist
     api = set(zoo.__all__) | {"hookimpl"}

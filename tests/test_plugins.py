@@ -9,7 +9,7 @@ import pytest
 
 import zoo
 from conftest import install_distribution
-from zoo import registry
+from zoo.plugin import registry
 from zoo.errors import PluginError
 
 HEADER = textwrap.dedent("""
@@ -140,7 +140,7 @@ def install(tmp_path, monkeypatch, plugins: dict[str, str], site_name="site"):
         install_distribution(site, src, f"zoo-{name.replace('_', '-')}", "1.2.3", {name: f"zoo_{name}"},
                              [f"zoo_{name}"])
     monkeypatch.syspath_prepend(str(site))
-    zoo.plugins.reset()
+    zoo.plugin.host.reset()
     return site
 
 
@@ -151,7 +151,7 @@ def broken_site(tmp_path, monkeypatch, fresh_plugins):
 
 def test_example_plugin_is_discovered_through_its_entry_point(example_plugin):
     assert "example/tinynet" in zoo.list_models()
-    st = zoo.plugins.get_host().status["example"]
+    st = zoo.plugin.host.get_host().status["example"]
     assert (st.status, st.distribution, st.version) == ("ok", "zoo-example-plugin", "0.1.0")
     assert st.hooks == ["zoo_register_backbones", "zoo_register_exporters"] and not st.builtin
     n = zoo.get_normalization("example/tinynet")
@@ -166,7 +166,7 @@ def test_broken_plugins_are_isolated_and_reported(broken_site, capsys):
     names = zoo.list_models()
     assert "torchvision/resnet18" in names and "timm/resnet18" in names  # the others keep working
     assert not any(n.startswith(("badstd/", "badlen/", "sneaky/", "misspelt", "nobuild/")) for n in names)
-    status = zoo.plugins.get_host().status
+    status = zoo.plugin.host.get_host().status
     assert status["bad_import"].status == "broken" and "this_module_does_not_exist" in status["bad_import"].error
     assert "boom in register" in status["bad_hook"].error
     assert "std must be > 0" in status["bad_std"].error
@@ -187,18 +187,18 @@ def rec_of(name):
 
 def test_a_misspelt_hook_is_rejected_naming_it(broken_site):
     zoo.list_models()
-    st = zoo.plugins.get_host().status["misspelt_hook"]
+    st = zoo.plugin.host.get_host().status["misspelt_hook"]
     assert st.status == "broken" and "zoo_register_backbone" in st.error and "zoo_register_backbones" in st.error
-    v1 = zoo.plugins.get_host().status["v1_hooks"]
+    v1 = zoo.plugin.host.get_host().status["v1_hooks"]
     assert v1.status == "broken" and "'register_backbones' is a plugin API v1 hook" in v1.error
 
 
 def test_a_provider_missing_a_required_part_is_told_what_to_write(broken_site):
     zoo.list_models()
-    st = zoo.plugins.get_host().status["no_build"]
+    st = zoo.plugin.host.get_host().status["no_build"]
     assert st.status == "broken"
     assert "does not implement the required build(self, spec: 'BackboneSpec', weights: 'str | None')" in st.error
-    part = zoo.plugins.get_host().status["misspelt_part"]
+    part = zoo.plugin.host.get_host().status["misspelt_part"]
     assert part.status == "broken" and "P.feature_dims is not part of zoo.BackboneProvider" in part.error
     assert "did you mean 'feature_dim'" in part.error
 
@@ -207,9 +207,9 @@ def test_impostor_sorting_first_never_displaces_a_builtin(tmp_path, monkeypatch,
     from zoo.cli.main import main
 
     install(tmp_path, monkeypatch, {"aaa_impostor": IMPOSTOR})
-    eps = [ep.name for ep in zoo.plugins.plugin_entry_points()]
+    eps = [ep.name for ep in zoo.plugin.host.plugin_entry_points()]
     assert eps.index("aaa_impostor") < eps.index("torchvision")  # it really sorts first
-    status = zoo.plugins.get_host().status
+    status = zoo.plugin.host.get_host().status
     zoo.list_models()
     assert status["torchvision"].status == "ok" and status["torchvision"].backbones > 50
     imp = status["aaa_impostor"]
@@ -228,7 +228,7 @@ def test_same_name_claimed_by_two_third_parties_keeps_the_first(tmp_path, monkey
     second = IMPOSTOR.replace('name = "torchvision"', 'name = "shared"')
     install(tmp_path, monkeypatch, {"alpha": second, "beta": second})
     zoo.list_models()
-    status = zoo.plugins.get_host().status
+    status = zoo.plugin.host.get_host().status
     assert status["alpha"].status == "ok" and status["alpha"].providers == ["shared"]
     assert status["beta"].status == "broken" and "'alpha'" in status["beta"].error and "'beta'" in status["beta"].error
     assert rec_of("shared/resnet18").plugin == "alpha"
@@ -273,12 +273,12 @@ def test_allow_list_and_disable(example_plugin, monkeypatch, fresh_plugins):
 def test_env_entries_matching_no_plugin_warn_naming_the_variable(var, monkeypatch, fresh_plugins):
     monkeypatch.setenv(var, "torchvision,nosuch")
     fresh_plugins.reset()
-    with pytest.warns(zoo.plugins.PluginEnvWarning, match=rf"{var} names 'nosuch', which matches no installed plugin"):
+    with pytest.warns(zoo.plugin.host.PluginEnvWarning, match=rf"{var} names 'nosuch', which matches no installed plugin"):
         fresh_plugins.get_host()
     monkeypatch.setenv(var, "torchvision")
     fresh_plugins.reset()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", zoo.plugins.PluginEnvWarning)
+        warnings.simplefilter("error", zoo.plugin.host.PluginEnvWarning)
         fresh_plugins.get_host()  # all entries known: no warning
 
 

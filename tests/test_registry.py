@@ -3,7 +3,7 @@
 import pytest
 
 import zoo
-from zoo import registry
+from zoo.plugin import registry
 from zoo.errors import AmbiguousBackboneError, UnknownBackboneError, UnknownWeightsError
 
 

@@ -11,15 +11,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "hookimpl": "zoo.hookspecs",
-    "hookspec": "zoo.hookspecs",
-    "BackboneProvider": "zoo.api",
-    "BuiltBackbone": "zoo.api",
-    "PretrainedHead": "zoo.api",
-    "Exporter": "zoo.api",
-    "ExportOption": "zoo.api",
-    "ExportOptions": "zoo.api",
-    "ValidationResult": "zoo.api",
+    "hookimpl": "zoo.plugin.hookspecs",
+    "hookspec": "zoo.plugin.hookspecs",
+    "BackboneProvider": "zoo.plugin.api",
+    "BuiltBackbone": "zoo.plugin.api",
+    "PretrainedHead": "zoo.plugin.api",
+    "Exporter": "zoo.plugin.api",
+    "ExportOption": "zoo.plugin.api",
+    "ExportOptions": "zoo.plugin.api",
+    "ValidationResult": "zoo.plugin.api",
     "BackboneSpec": "zoo.records",
     "LayerGroup": "zoo.records",
     "Normalization": "zoo.records",
@@ -35,13 +35,19 @@ _EXPORTS = {
     "pretrained_classifier": "zoo.model",
     "select": "zoo.selection",
     "train": "zoo.training",
-    "export": "zoo.export",
+    "export": "zoo.exporting",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+# subpackages reachable as attributes after a bare `import zoo` (e.g. `zoo.exporting.artifact_metadata`)
+_SUBMODULES = ("exporting", "validation")
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"zoo.{name}")
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import registry
+from .plugin import registry
 from .errors import PluginError, UnknownWeightsError, ZooError
-from .api import BuiltBackbone
+from .plugin.api import BuiltBackbone
 from .records import LayerGroup, Normalization, WeightsInfo
 
 DEFAULT = "default"  # the `weights=` value meaning "the plugin's default pretrained weights"

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PluginError
-from .plugins import ENV_DISABLE, ENV_LOAD, PluginStatus, plugin_entry_points, strict_plugins
+from .plugin.host import ENV_DISABLE, ENV_LOAD, PluginStatus, plugin_entry_points, strict_plugins
 from .records import BackboneSpec, Normalization
-from .registry import BackboneRecord, Catalog
+from .plugin.registry import BackboneRecord, Catalog
 
 INDEX_VERSION = 1
 KEEP = 8  # index files kept (one per set of installed plugins, e.g. several virtualenvs)
@@ -84,7 +84,8 @@ def fingerprint() -> dict[str, Any]:
     core = Path(__file__).parent
     return {
         "index": INDEX_VERSION, "zoo": __version__, "python": list(sys.version_info[:2]),
-        "core": [(n, (core / n).stat().st_mtime_ns) for n in ("api.py", "registry.py", "records.py", "plugins.py")],
+        "core": [(n, (core / n).stat().st_mtime_ns) for n in ("plugin/api.py", "plugin/registry.py", "records.py",
+                                                            "plugin/host.py")],
         "env": {ENV_LOAD: os.environ.get(ENV_LOAD), ENV_DISABLE: os.environ.get(ENV_DISABLE)},
         "plugins": plugins,
     }
@@ -114,7 +115,7 @@ class IndexCatalog(Catalog):
     def normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
         if (rec.name, tag) in self._norm_cache:
             return self._norm_cache[(rec.name, tag)]
-        from . import registry
+        from .plugin import registry
 
         live = registry.backbones()
         return live.normalization(live.resolve(rec.name)[0], tag)
@@ -166,9 +167,9 @@ def catalog(refresh: bool = False) -> Catalog:
 
 
 def build(path: Path | None = None) -> Catalog:
-    from . import registry
+    from .plugin import registry
     from .io import write_json
-    from .plugins import get_host
+    from .plugin.host import get_host
 
     reg = registry.backbones()
     registry.exporters()  # so the recorded plugin statuses cover both kinds
@@ -186,6 +187,6 @@ def plugin_statuses(cat: Catalog) -> list[PluginStatus]:
     """The plugins' statuses behind a catalogue (from the index, or the live host)."""
     if isinstance(cat, IndexCatalog):
         return cat.plugins
-    from .plugins import get_host
+    from .plugin.host import get_host
 
     return list(get_host().status.values())

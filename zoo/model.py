@@ -126,8 +126,8 @@ def pretrained_classifier(backbone: str, weights: Any = "default") -> ZooModel:
 
     The classifier comes from the backbone's provider (`BackboneProvider.pretrained_head`); a
     provider without one, or random-init weights, is a ZooError naming the backbone."""
-    from . import registry
-    from .api import PretrainedHead
+    from .plugin import registry
+    from .plugin.api import PretrainedHead
 
     # -- the backbone, as for training -------------------------------------------------------------------
     module, info = create_backbone(backbone, weights=weights)

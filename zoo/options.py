@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .errors import ZooError
 
-DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.registry.default_backbone
+DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.plugin.registry.default_backbone
 MIN_IMAGE_SIZE = 16  # below this every backbone's stride-16/32 stages see less than one pixel
 MAX_IMAGE_SIZE = 4096
 ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)
@@ -182,7 +182,7 @@ class TrainConfig:
     image_size: int | None = opt(None, number(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, integer=True, optional=True))
     num_workers: int | None = opt(None, number(0, integer=True, optional=True), flag="--workers")
     progress: bool = opt(True, flag="--no-progress")
-    # feature extraction (zoo.engines, zoo.features): the engine, and decoders that change pixels
+    # feature extraction (zoo.features: engines, decoding): the engine, and decoders that change pixels
     # slightly (each cached under its own key)
     engine: str = opt("auto", choice("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"))
     jpeg_draft: bool = opt(False)

@@ -157,7 +157,7 @@ class Predictor:
 def _metadata(path: str, session) -> dict[str, Any]:
     """The zoo metadata in the file, read by the exporter plugin that writes this format (the one
     place that knows where it lives)."""
-    from . import registry
+    from .plugin import registry
 
     reg = registry.exporters()
     exporter = reg.for_artifact(path)

@@ -53,7 +53,7 @@ def check_backbone(name: str, input_size: Sequence[int] | None = None) -> dict[s
     this instead of the record's size (a speed-up for big inputs; fully convolutional models)."""
     import torch
 
-    from . import registry
+    from .plugin import registry
     from .backbones import get_info
     from .layers import check_layer_groups
 
@@ -133,7 +133,7 @@ def check_pretrained_head(name: str, weights: str = "default") -> dict[str, Any]
     backbone's features, one output per label) run first; then a real forward pass."""
     import torch
 
-    from . import registry
+    from .plugin import registry
     from .backbones import get_info
     from .model import pretrained_classifier
 
@@ -205,10 +205,10 @@ def check_exporter(format: str, backbone: str | None = None, preprocess: str = "
     init) through `zoo.export`; validation must run and pass, and the artifact's metadata, when
     the exporter can read it back, must name the model's labels and preprocessing. Returns the
     export report. options: the exporter's own options."""
-    from . import registry
-    from .api import check_provider
+    from .plugin import registry
+    from .plugin.api import check_provider
     from .errors import ExportValidationError
-    from .export import export
+    from .exporting import export
 
     what = f"exporter {format!r}"
     try:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from zoo.cli.table import fmt_count, render
+from zoo.table import fmt_count, render
 from zoo.io import write_json, write_text
 
 ROW_FIELDS = (

@@ -89,7 +89,7 @@ def run(args) -> int:
     from zoo.bench.plots import write_plots
     from zoo.bench.report import render_table, write_outputs
     from zoo.bench.runner import BenchConfig, run_bench
-    from zoo.cli.table import print_json
+    from zoo.table import print_json
 
     if not args.patterns:
         raise ZooError("name at least one backbone or glob, e.g. `zoo bench torchvision/resnet18` "
@@ -118,7 +118,7 @@ def run(args) -> int:
 
 def _run_compare(args) -> int:
     from zoo.bench.report import compare, load, render_compare
-    from zoo.cli.table import print_json
+    from zoo.table import print_json
 
     a, b = load(args.compare[0]), load(args.compare[1])
     rows = compare(a, b)

@@ -16,7 +16,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli.table import print_json
+    from zoo.table import print_json
     from zoo.doctor import collect, render
 
     report = collect(probe=not args.no_probe)

@@ -72,7 +72,7 @@ def add_parser(sub):
 
 
 def _print_table(report) -> None:
-    from zoo.cli.table import render
+    from zoo.table import render
 
     def num(v, fmt):
         return "" if v is None or isinstance(v, str) else format(v, fmt)
@@ -143,7 +143,7 @@ def _source(args):
     if args.weights is not None:
         raise ZooError("--weights applies to --head pretrained only; a run's backbone weights are recorded in the run")
     if not is_run:
-        from zoo import registry
+        from zoo.plugin import registry
 
         try:
             name = registry.backbones().resolve(given)[0].name
@@ -160,9 +160,9 @@ def _source(args):
 def run(args) -> int:
     import sys
 
-    from zoo.cli.table import print_json
+    from zoo.table import print_json
     from zoo.errors import ExportValidationError
-    from zoo.export import export
+    from zoo.exporting import export
 
     def progress(msg):
         if not args.json:

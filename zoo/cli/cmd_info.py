@@ -18,7 +18,7 @@ def run(args) -> int:
 
     from zoo import index
     from zoo.backbones import DEFAULT, create_backbone, get_info
-    from zoo.cli.table import fmt_count, fmt_stats, print_json, render
+    from zoo.table import fmt_count, fmt_stats, print_json, render
 
     weights = args.weights or DEFAULT
     if weights.lower() == "none":

@@ -21,7 +21,7 @@ def run(args) -> int:
     import sys
 
     from zoo import index
-    from zoo.cli.table import fmt_stats, print_json, render
+    from zoo.table import fmt_stats, print_json, render
 
     reg = index.catalog(refresh=args.refresh)
     for st in index.plugin_statuses(reg):

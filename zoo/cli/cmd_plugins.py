@@ -13,7 +13,7 @@ def add_parser(sub):
 
 
 def _exporter_options():
-    from zoo import registry
+    from zoo.plugin import registry
 
     reg = registry.exporters()
     return {name: [{"name": o.name, "default": o.default, "choices": list(o.choices), "help": o.help}
@@ -23,12 +23,12 @@ def _exporter_options():
 def run(args) -> int:
     from dataclasses import asdict
 
-    from zoo import registry
-    from zoo.cli.table import print_json, render
-    from zoo.plugins import get_host
+    from zoo.plugin import registry
+    from zoo.table import print_json, render
+    from zoo.plugin.host import get_host
 
     if args.reference:
-        from zoo.api import reference_markdown
+        from zoo.plugin.reference import reference_markdown
 
         print(reference_markdown(), end="")
         return 0

@@ -124,7 +124,7 @@ def run(args) -> int:
         if "backbone" in opts:
             backbone = opts["backbone"]
         else:
-            from zoo.registry import default_backbone
+            from zoo.plugin.registry import default_backbone
 
             backbone = default_backbone(with_tag="weights" not in opts)
         out = args.out or default_run_dir(backbone)

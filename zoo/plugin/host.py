@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator
 
 import pluggy
 
+from ..errors import PluginError
 from . import hookspecs
-from .errors import PluginError
 
 ENTRY_POINT_GROUP = "zoo"
 DISTRIBUTION = "backbone-zoo"  # plugins shipped in this distribution are the built-ins
@@ -206,13 +206,14 @@ def get_host() -> PluginHost:
 
 
 def reset() -> None:
-    """Forget loaded plugins and registries (tests; after installing a plugin at run time)."""
+    """Forget loaded plugins and registries (tests; after installing a plugin at run time).
+
+    The registries (zoo.plugin.registry) are built from a host and rebuild themselves when the
+    process-wide host is no longer theirs, so forgetting the host forgets them too (and this
+    module needs nothing from the floor above it)."""
     global _host
     with _lock:
         _host = None
-    from . import registry
-
-    registry.reset()
 
 
 def call_hook(host: PluginHost, hook_name: str, on_register: Callable[[str, list], None]) -> None:

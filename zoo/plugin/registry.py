@@ -2,7 +2,7 @@
 
 Each plugin registers into a staging list first; only if all of its providers are valid, every
 spec lies under a provider name the plugin declared, and no name clashes with one an earlier
-plugin owns are they committed. Built-in plugins register first (see zoo.plugins), so a third
+plugin owns are they committed. Built-in plugins register first (see zoo.plugin.host), so a third
 party can never displace one: the clash marks the newcomer broken, naming both. A broken plugin
 never leaves half its backbones behind, and never takes another plugin's down.
 
@@ -18,8 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .api import BackboneProvider, Exporter, check_provider
-from .errors import (
+from ..errors import (
     AmbiguousBackboneError,
     DuplicateBackboneError,
     InvalidRecordError,
@@ -29,8 +28,9 @@ from .errors import (
     UnknownWeightsError,
     ZooError,
 )
-from .plugins import PluginHost, call_hook, get_host, strict_plugins
-from .records import BackboneSpec, Normalization
+from ..records import BackboneSpec, Normalization
+from .api import BackboneProvider, Exporter, check_provider
+from .host import PluginHost, call_hook, get_host, strict_plugins
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ class BackboneRegistry(Catalog):
 
 
 def _is_zoo_error(exc: BaseException) -> bool:
-    from .errors import ZooError
+    from ..errors import ZooError
 
     return isinstance(exc, ZooError)
 
@@ -344,18 +344,22 @@ _lock = threading.Lock()
 
 
 def backbones() -> BackboneRegistry:
+    """The process-wide backbone registry (rebuilt after `reset()` or `zoo.plugin.host.reset()`)."""
     global _backbones
+    host = get_host()
     with _lock:
-        if _backbones is None:
-            _backbones = BackboneRegistry(get_host())
+        if _backbones is None or _backbones.host is not host:
+            _backbones = BackboneRegistry(host)
         return _backbones
 
 
 def exporters() -> ExporterRegistry:
+    """The process-wide exporter registry (rebuilt after `reset()` or `zoo.plugin.host.reset()`)."""
     global _exporters
+    host = get_host()
     with _lock:
-        if _exporters is None:
-            _exporters = ExporterRegistry(get_host())
+        if _exporters is None or _exporters.host is not host:
+            _exporters = ExporterRegistry(host)
         return _exporters
 
 
@@ -371,6 +375,9 @@ def default_backbone(with_tag: bool = True) -> str:
 
 
 def reset() -> None:
+    """Forget the registries, keeping the loaded plugins: the next lookup asks every plugin's
+    registration hooks again (e.g. after `get_host().register(module, name)` by hand).
+    `zoo.plugin.host.reset()` forgets the plugins too."""
     global _backbones, _exporters
     with _lock:
         _backbones = None

@@ -2,7 +2,7 @@
 
 A plugin is a module with functions decorated by `zoo.hookimpl`, found through the `zoo`
 entry-point group. Each hook hands the plugin a `register` callable; the plugin calls it with
-provider objects (`zoo.BackboneProvider`, `zoo.Exporter`; see `zoo.api`). pluggy calls the hooks,
+provider objects (`zoo.BackboneProvider`, `zoo.Exporter`; see `zoo.plugin.api`). pluggy calls the hooks,
 one plugin at a time, so a plugin that fails is isolated. An implementation whose name is not
 a hook below is rejected by name (pluggy's `check_pending`), so a typo never goes unnoticed.
 """
