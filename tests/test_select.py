@@ -20,12 +20,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import zoo  # noqa: E402
-from zoo import registry  # noqa: E402
+from zoo.plugin import registry  # noqa: E402
 from zoo.cli.main import main  # noqa: E402
 
 from trainhelpers import make_image_folder  # noqa: E402
 
-SLOW_MS = 25.0  # per image: far above the tiny backbones' fraction of a millisecond, on any machine
+SLOW_MS = 100.0  # per image: far above the tiny backbones (a fraction of a ms; tens on a loaded machine)
 
 
 class _Good(torch.nn.Module):
@@ -202,7 +202,7 @@ def test_cli_prints_the_ranked_table_and_writes_the_files(only_test_plugin, imag
     lines = [line for line in out.splitlines() if line.startswith(("1 ", "2 ", "- "))]
     assert [line.split()[1] for line in lines] == ["selecttest/good.demo", "selecttest/blind.demo",
                                                     "selecttest/slow.demo"]
-    assert "over 12.5 ms" in lines[2] and "pareto" in lines[0]
+    assert f"over {SLOW_MS / 2:g} ms" in lines[2] and "pareto" in lines[0]
     assert "zoo train --data" in out and "--backbone selecttest/good.demo" in out
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["select.csv", "select.json", "select.png"]
 

@@ -173,7 +173,7 @@ def _say(cfg: SelectConfig, line: str) -> None:
 
 def _candidates(cfg: SelectConfig) -> list[str]:
     """Qualified "provider/model.tag" names, each resolved now (an unknown one is an error naming it)."""
-    from . import registry
+    from .plugin import registry
 
     reg = registry.backbones()
     if not cfg.backbones:
@@ -211,7 +211,7 @@ def _check_out(out: str | Path | None) -> Path | None:
 
 
 def _device(cfg: SelectConfig):
-    from .training import amp_settings, select_device
+    from .device import amp_settings, select_device
 
     device = select_device(cfg.device)
     amp_dtype, _ = amp_settings(device, cfg.amp)
@@ -223,7 +223,7 @@ def _data(cfg: SelectConfig):
     import numpy as np
 
     from .data import load_data
-    from .features import readable_hashes
+    from .features.cache import readable_hashes
 
     split = load_data(cfg.data, cfg.csv, None, 0.0, cfg.seed, cfg.strict, max_pixels=cfg.max_image_pixels,
                       known_readable=readable_hashes(cfg.cache_dir) if cfg.cache else None)
@@ -332,7 +332,8 @@ def extract_features(cfg: SelectConfig, model, samples, eval_tf, device, amp_dty
     """(N, D) features of every image, through the feature cache under exactly the key `zoo train`
     uses for the same backbone, data and defaults (model_key, the eval transform, no view seed),
     so a later `zoo train` finds them all (tests/test_select.py holds the two to that)."""
-    from .features import cached_features, model_key
+    from .digest import model_key
+    from .features.extract import cached_features
 
     key = dict(model_key(model, amp_dtype), transform=eval_tf.describe(), view_seed=None)
     feats, stats = cached_features(
@@ -488,7 +489,7 @@ def plot_pareto(result: SelectResult, path: Path) -> Path:
 
 def render(result: SelectResult) -> str:
     """The ranked table the command prints."""
-    from .cli.table import fmt_count, render as table
+    from .table import fmt_count, render as table
 
     body = []
     for c in result.candidates:
