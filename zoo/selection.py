@@ -505,6 +505,10 @@ def render(result: SelectResult) -> str:
     if result.folds_note:
         lines.append(f"note: {result.folds_note}")
     best = result.best
+    if best is None and result.candidates:
+        fastest = min(result.candidates, key=lambda c: c.ms_per_image)
+        lines.append(f"no backbone is within --budget-ms {result.budget_ms:g} (the fastest, {fastest.name}, takes "
+                     f"{fastest.ms_per_image:.2f} ms/image here): raise the budget or name faster backbones")
     if best is not None:
         lines.append(f"best: {best.name}  ->  zoo train --data {shlex.quote(result.data)} --backbone {best.name}")
     return "\n".join(lines)
