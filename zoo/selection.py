@@ -24,7 +24,6 @@ import contextlib
 import csv
 import gc
 import io
-import math
 import shlex
 import statistics
 import sys
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     import torch
 
 FILES = {"json": "select.json", "csv": "select.csv", "plot": "select.png"}
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 # --------------------------------------------------------------------------- records
@@ -228,18 +226,14 @@ def _data(cfg: SelectConfig):
     split = load_data(cfg.data, cfg.csv, None, 0.0, cfg.seed, cfg.strict, max_pixels=cfg.max_image_pixels,
                       known_readable=readable_hashes(cfg.cache_dir) if cfg.cache else None)
     samples = split.train
+    from .training.fit import plan_folds
+
     counts = np.bincount(samples.labels, minlength=len(samples.classes))
-    smallest = int(counts.min())
-    if smallest < 2:
+    if int(counts.min()) < 2:
         small = [c for c, n in zip(samples.classes, counts) if n < 2]
-        raise DataError(f"class {', '.join(map(repr, small))} of {split.source} has {smallest} usable image(s); "
-                        "cross-validation needs at least 2 per class: add images or remove the class")
-    folds, note = cfg.folds, None
-    if smallest < cfg.folds:
-        folds = smallest
-        weakest = samples.classes[int(counts.argmin())]
-        note = (f"{folds}-fold cross-validation instead of {cfg.folds}: class {weakest!r} has only {smallest} "
-                "images (each fold needs one of every class)")
+        raise DataError(f"class {', '.join(map(repr, small))} of {split.source} has {int(counts.min())} usable "
+                        "image(s); cross-validation needs at least 2 per class: add images or remove the class")
+    folds, note = plan_folds(samples.labels, cfg.folds)
     return samples, split.source, folds, note
 
 
@@ -346,56 +340,24 @@ def extract_features(cfg: SelectConfig, model, samples, eval_tf, device, amp_dty
 
 
 # --------------------------------------------------------------------------- cross-validation
-def stratified_folds(labels, folds: int, seed: int) -> list:
-    """Fold index of each image: every class dealt round-robin over the folds after a seeded shuffle."""
-    import numpy as np
-
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    assign = np.empty(len(labels), dtype=np.int64)
-    offset = 0
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        assign[idx] = (np.arange(len(idx)) + offset) % folds
-        offset += len(idx)  # classes start where the last one stopped: folds stay balanced in size
-    return assign.tolist()
-
-
-def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion correct/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
-
-
 def default_cross_validate(features: "torch.Tensor", labels: "torch.Tensor", *, folds: int = 5,
                            seed: int = 0) -> CVScore:
-    """Stratified k-fold CV of a linear head on standardized features (the probe head of
-    `zoo bench --probe`: softmax regression, full-batch Adam, fixed steps and seed)."""
-    import torch
+    """`zoo train`'s own choice of epoch and weight decay by stratified k-fold CV
+    (`zoo.training.fit.cross_validate`: the default linear head on standardized features, AdamW,
+    the same Fitter.fit as training), scored as the chosen setting's mean fold top-1."""
+    from .training.evaluation import wilson_interval
+    from .training.fit import cross_validate
 
-    from .bench.probe import PROBE_LR, PROBE_STEPS, PROBE_WEIGHT_DECAY, fit_linear_head
-
-    assign = torch.as_tensor(stratified_folds(labels.tolist(), folds, seed))
-    num_classes = int(labels.max()) + 1
-    correct, fold_top1 = 0, []
-    for k in range(folds):
-        test = assign == k
-        predict = fit_linear_head(features[~test], labels[~test], num_classes, seed)
-        with torch.no_grad():
-            hits = int((predict(features[test]).argmax(1) == labels[test]).sum())
-        correct += hits
-        fold_top1.append(hits / int(test.sum()))
-    low, high = wilson(correct, len(labels))
-    return CVScore(top1=correct / len(labels), low=low, high=high,
-                   sd=statistics.stdev(fold_top1) if len(fold_top1) > 1 else 0.0,
-                   fold_top1=tuple(round(v, 4) for v in fold_top1), folds=folds,
-                   method=f"stratified {folds}-fold CV, linear head on standardized features (Adam lr={PROBE_LR} "
-                          f"wd={PROBE_WEIGHT_DECAY}, {PROBE_STEPS} full-batch steps); 95% Wilson interval over "
-                          "the out-of-fold predictions")
+    cv = cross_validate(features, labels, folds=folds, seed=seed)
+    # Folds differ by at most one image per class, so the mean fold top-1 is, to within that, the
+    # share of out-of-fold predictions that are right: its Wilson interval over all the images.
+    low, high = wilson_interval(round(cv.cv_top1 * cv.images), cv.images) or (0.0, 1.0)
+    return CVScore(top1=cv.cv_top1, low=low, high=high, sd=cv.cv_sd, fold_top1=tuple(cv.fold_top1),
+                   folds=cv.folds,
+                   method=f"zoo train's default head (linear, standardized features, AdamW), {cv.folds}-fold "
+                          f"stratified CV choosing epoch {cv.epoch} and weight decay {cv.weight_decay:g} "
+                          f"({cv.rule}); top1 is that choice's mean fold top-1, slightly optimistic as the "
+                          "choice was made on the same folds; 95% Wilson interval over the images")
 
 
 # --------------------------------------------------------------------------- ranking and files
