@@ -12,9 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-import zoo  # noqa: E402
-from zoo.errors import WeightsUnavailableError  # noqa: E402
-from zoo_timm import lite_packages  # noqa: E402
+from zoo_timm import lite_packages
+
+import zoo
+from zoo.errors import WeightsUnavailableError
 
 VARIANTS = [0, 1, 2]
 # Egyptian cat (ImageNet 285) for Lite1/2 at p = 0.433 / 0.602 (the figures); Lite0 says

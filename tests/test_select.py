@@ -19,11 +19,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import zoo  # noqa: E402
-from zoo.plugin import registry  # noqa: E402
-from zoo.cli.main import main  # noqa: E402
+from trainhelpers import make_image_folder
 
-from trainhelpers import make_image_folder  # noqa: E402
+import zoo
+from zoo.cli.main import main
+from zoo.plugin import registry
 
 SLOW_MS = 100.0  # per image: far above the tiny backbones (a fraction of a ms; tens on a loaded machine)
 
@@ -62,7 +62,14 @@ MODULES = {"good": _Good, "blind": _Blind, "slow": _Slow}
 
 
 def _plugin_module():
-    from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, Normalization, WeightsInfo, hookimpl
+    from zoo import (
+        BackboneProvider,
+        BackboneSpec,
+        BuiltBackbone,
+        Normalization,
+        WeightsInfo,
+        hookimpl,
+    )
 
     class SelectTest(BackboneProvider):
         name = "selecttest"

