@@ -245,3 +245,19 @@ def test_a_provider_listing_a_backbone_it_lacks_is_named(only_test_plugin, monke
     monkeypatch.setattr(type(provider), "offline_weights", lambda self: ["good.demo", "ghost.demo"])
     with pytest.raises(zoo.errors.PluginError, match="'ghost.demo', which is not one of its backbones"):
         registry.backbones().offline_backbones()
+
+
+def test_every_select_option_is_a_flag_with_the_configs_default():
+    """The parser offers each SelectConfig field and passes only what was given (so the defaults are
+    SelectConfig's, written once)."""
+    from dataclasses import fields
+
+    from zoo.cli.main import build_parser
+    from zoo.options import SelectConfig
+
+    sub = build_parser()._subparsers._group_actions[0].choices["select"]
+    assert {f.name for f in fields(SelectConfig)} <= {a.dest for a in sub._actions}
+    given = {k for k in vars(sub.parse_args(["--data", "d"])) if not k.startswith("_")}
+    assert given <= {"data", "out", "json", "backbones"}
+    ns = sub.parse_args(["--data", "d", "a/b", "c/d", "--budget-ms", "5", "--folds", "3"])
+    assert (ns.backbones, ns.budget_ms, ns.folds) == (["a/b", "c/d"], 5.0, 3)
