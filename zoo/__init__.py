@@ -36,6 +36,7 @@ _EXPORTS = {
     "ZooModel": "zoo.model",
     "build_model": "zoo.model",
     "pretrained_classifier": "zoo.model",
+    "select": "zoo.selection",
     "train": "zoo.training",
     "export": "zoo.exporting",
 }

