@@ -227,11 +227,34 @@ def test_tolerance_is_configurable(exported, images):
     from zoo_onnx import validate_onnx
 
     model, out, report = exported
-    diff = report["artifacts"]["onnx"]["validation"]["max_abs_logit_diff"]
-    assert 0 < diff <= 1e-4
-    tight = validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff / 10))
-    assert tight["passed"] is False
-    assert validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff * 2))["passed"]
+    v = report["artifacts"]["onnx"]["validation"]
+    diff = v["max_abs_logit_diff"]
+    assert 0 < diff and 0 < v["logit_diff_to_bound"] <= 1 and "max|eager logit|" in v["rule"]
+    tight = validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff / 10, logits_rtol=0))
+    assert tight["passed"] is False and tight["logit_diff_to_bound"] > 1
+    assert validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff * 2, logits_rtol=0))["passed"]
+
+
+def test_scale_aware_bound_separates_float_noise_from_a_wrong_export():
+    """Per batch: |d| <= atol + rtol x max|eager logit| of the rows run together. Relative float
+    noise on large logits passes; a 1e-3 relative error, or a small error on small logits, fails."""
+    from zoo.validation import compare
+    from zoo.validation.compare import logit_bounds
+
+    rng = np.random.default_rng(0)
+    ref = {"logits": (rng.standard_normal((16, 5)) * 50).astype(np.float32)}
+    ref["logits"][8:] /= 100  # the second half: small logits
+    noise = ref["logits"] * (1 + 2e-6 * rng.standard_normal(ref["logits"].shape)).astype(np.float32)
+    assert compare(ref, {8: {"logits": noise}})["passed"]
+    bounds = logit_bounds(ref["logits"], 8, Tolerance())
+    assert bounds[0] > 10 * bounds[8] and len(set(bounds[:8])) == 1  # one scale per batch of 8
+    wrong = ref["logits"] * np.float32(1 + 1e-3)
+    r = compare(ref, {8: {"logits": wrong}})
+    assert r["passed"] is False and r["logit_diff_to_bound"] > 1 and "bound" in r["problems"][0]
+    small_off = ref["logits"].copy()
+    small_off[9, 0] += 3e-4  # below the big rows' bound, above the small rows' one
+    assert compare(ref, {8: {"logits": small_off}})["passed"] is False
+    assert compare(ref, {16: {"logits": small_off}})["passed"] is True  # run with the big rows: their scale
 
 
 def test_preprocess_none_with_ort_offline_optimization(exported, tmp_path):

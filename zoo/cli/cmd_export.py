@@ -60,7 +60,8 @@ def add_parser(sub):
                    help="shorthand for -O dynamic_size=true: dynamic input height and width where the backbone "
                         "allows (verified at a second size)")
     p.add_argument("--tolerance", type=float, default=d["tolerance"], metavar="TOL",
-                   help="max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4)")
+                   help="the absolute part of the fp32 bound |logit diff| <= TOL + 1e-4 x max|eager logit| per batch "
+                        "(default 1e-4)")
     p.add_argument("--int8-agreement", type=float, default=d["int8_agreement"], metavar="FRAC",
                    help="min top-1 agreement with eager PyTorch for int8 (default 0.9)")
     p.add_argument("--images", default=d["images"], metavar="DIR",
@@ -87,7 +88,8 @@ def _print_table(report) -> None:
     imgs = report.get("images", {})
     tol = report.get("tolerance", {})
     print(f"\nvalidated on {imgs.get('count')} images ({imgs.get('source')}) at batch sizes "
-          f"{report['options']['batch_sizes']}; fp32 tolerance {tol.get('logits')}, int8 top-1 agreement >= "
+          f"{report['options']['batch_sizes']}; fp32 bound |dlogit| <= {tol.get('logits')} + {tol.get('logits_rtol')} x "
+          f"max|logit| per batch, int8 top-1 agreement >= "
           f"{tol.get('int8_agreement')}; report: {report['out']}/export-report.json")
     for name, a in report["artifacts"].items():
         v = a.get("validation") or {}

@@ -235,7 +235,7 @@ def verdict(name: str, result: Any):
 def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not v:
         return None
-    keys = ("passed", "kind", "max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
+    keys = ("passed", "kind", "max_abs_logit_diff", "logit_diff_to_bound", "rule", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
             "min_embedding_cosine", "max_batch_size_diff", "batch_sizes", "tolerance", "images", "accuracy",
             "dynamic_batch")
     return {k: v[k] for k in keys if k in v}
