@@ -67,6 +67,8 @@ def add_parser(sub):
     p.add_argument("--images", default=d["images"], metavar="DIR",
                    help="validation images (default: scikit-image sample photos + synthetic images); "
                         "class-named subfolders also give an accuracy delta")
+    p.add_argument("--strict", action="store_true", help="refuse unreadable --images files up front (default: they "
+                   "are listed, skipped, and named in the report)")
     p.add_argument("--no-embedding", action="store_true", help="leave the embedding output out")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p
@@ -175,6 +177,7 @@ def run(args) -> int:
         report = export(source, formats=args.format or "all", out=out, preprocess=args.preprocess,
                         quantize=args.quantize, tolerance=args.tolerance, images=args.images,
                         embedding=not args.no_embedding, int8_agreement=args.int8_agreement, progress=progress,
+                        strict=args.strict,
                         options=_options(args))
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)

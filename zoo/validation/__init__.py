@@ -84,12 +84,23 @@ def validate_torch_module(module, meta: Mapping[str, Any], model, images, *, pre
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.float().numpy() for n, o in zip(names, out)}
 
-    if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
-        report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
-    else:
-        reference = reference if reference is not None else eager_outputs(model, images)
-        x = model_inputs(images, model.meta.normalization, preprocess)
-        report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
+    # One intra-op thread for the artifact's runs: validation feeds small batches (1, 3, 8), where
+    # torch's intra-op parallelism gains little, and on a shared CPU its spinning OpenMP threads
+    # contend (lite0 at batch 1 on a loaded 2-core machine: ~1 s per call with 2 threads, ~0.1 s
+    # with 1; the .pt2 and TorchScript checks were 120 s and 50 s of a 242 s export). The numbers
+    # compared do not depend on it beyond float noise, which the bound allows.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
+            report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
+        else:
+            reference = reference if reference is not None else eager_outputs(model, images)
+            x = model_inputs(images, model.meta.normalization, preprocess)
+            report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, targets=targets)
+    finally:
+        torch.set_num_threads(threads)
+    report["threads"] = 1
     problems = metadata_problems(meta, model, preprocess)
     if problems:
         report["problems"] = list(report["problems"]) + problems
