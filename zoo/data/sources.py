@@ -1,56 +1,30 @@
-"""Datasets for training a head: an image folder (one subfolder per class), a CSV of path,label,
-or the embedded Fashion-MNIST sample; a stratified seeded split; transforms from the backbone's
-Normalization record.
+"""Where the labelled images come from: an image folder (one subfolder per class), a CSV of
+path,label, or the embedded Fashion-MNIST sample; a stratified seeded split; validation images
+that repeat a training image are dropped.
 
 Everything that can be wrong with the data is found before any training work starts: a missing
 folder, an empty class folder, a single class (`DataError`); corrupt, truncated or non-image files
-are decoded once up front and skipped with a warning that lists them (`strict=True` refuses them).
-
-Eval transform = zoo.preprocess.resize_crop, normalization = zoo.preprocess.normalize_uint8's
-arithmetic (done on the device by :func:`normalize_batch`), so training, export validation and the
-torch-free predictor see the same pixels. The train transform is a RandomResizedCrop + horizontal
-flip whose randomness comes from an explicit per-sample seed, so it is reproducible whatever the
-number of DataLoader workers.
+are decoded once up front (zoo.data.verify) and skipped with a warning that lists them.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import math
+import io
 import os
-import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
-from .io import file_sha256
-from .preprocess import (IMAGE_SUFFIXES, ImageDecodeError, _RESAMPLE, load_image, max_image_pixels, printable,
-                         resize_crop, special_file_reason, to_rgb, to_uint8_hwc)
-from .records import Normalization
-
-
-class DataWarning(UserWarning):
-    """Some files were skipped (listed in the message)."""
-
-
-_DECODES = [0]
-
-
-def count_decode(n: int = 1) -> None:
-    _DECODES[0] += n
-
-
-def decode_count() -> int:
-    """Image files decoded by this process so far (Samples.load and the extraction datasets): the
-    warm-path tests and benchmarks count decodes with it, not with timings."""
-    return _DECODES[0]
+from ..errors import DataError
+from ..io import file_sha256
+from ..preprocess import IMAGE_SUFFIXES, load_image, printable, special_file_reason, to_rgb
+from .verify import DataWarning, _listing, count_decode, verify_images
 
 
 @dataclass
@@ -171,6 +145,10 @@ def _check_classes(classes: Sequence[str], where: str, min_classes: int = 2) -> 
                         "(one subfolder per class)")
 
 
+CSV_PATH_HEADERS = ("path", "file", "filename", "image")
+CSV_LABEL_HEADERS = ("label", "class", "target")
+
+
 def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
              classes: Sequence[str] | None = None, allow_outside_root: bool = False,
              min_classes: int = 2) -> tuple[Samples, list[tuple[str, str]]]:
@@ -186,25 +164,39 @@ def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
     rows: dict[str, str] = {}  # real path -> label, in first-seen order
     where: dict[str, int] = {}
     conflicts, outside = [], []
-    with open(csv_file, newline="", encoding="utf-8-sig") as f:
-        for n, row in enumerate(csv.reader(f), start=1):
-            if not row or all(not c.strip() for c in row):
+    raw = csv_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{csv_file}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the CSV as UTF-8") from None
+    first = True
+    for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
+        path, label = row[0].strip(), row[1].strip()
+        if first:
+            first = False
+            if path.lower() in CSV_PATH_HEADERS and label.lower() in CSV_LABEL_HEADERS:
                 continue
-            if len(row) < 2:
-                raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
-            path, label = row[0].strip(), row[1].strip()
-            if n == 1 and path.lower() in ("path", "file", "filename", "image") and label.lower() in (
-                    "label", "class", "target"):
-                continue
-            if not label:
-                raise DataError(f"{csv_file}:{n}: empty label for {path!r}")
-            full = os.path.realpath(path if os.path.isabs(path) else base / path)
-            if os.path.commonpath([full, base_real]) != base_real:
-                outside.append(printable(path))
-            if full in rows and rows[full] != label:
-                conflicts.append(f"{printable(path)} ({rows[full]!r} on line {where[full]}, {label!r} on line {n})")
-            elif full not in rows:
-                rows[full], where[full] = label, n
+            resolved = path if os.path.isabs(path) else base / path
+            if (path.lower() in CSV_PATH_HEADERS or label.lower() in CSV_LABEL_HEADERS
+                    or (not path.lower().endswith(IMAGE_SUFFIXES) and not os.path.lexists(resolved))):
+                raise DataError(f"{csv_file}:{n}: unrecognized header {','.join(row)!r}: a header must be "
+                                f"{'|'.join(CSV_PATH_HEADERS)} then {'|'.join(CSV_LABEL_HEADERS)} (or no header, "
+                                "rows of path,label only)")
+        if not label:
+            raise DataError(f"{csv_file}:{n}: empty label for {path!r}")
+        full = os.path.realpath(path if os.path.isabs(path) else base / path)
+        if os.path.commonpath([full, base_real]) != base_real:
+            outside.append(printable(path))
+        if full in rows and rows[full] != label:
+            conflicts.append(f"{printable(path)} ({rows[full]!r} on line {where[full]}, {label!r} on line {n})")
+        elif full not in rows:
+            rows[full], where[full] = label, n
     if conflicts:
         raise DataError(f"{csv_file}: {len(conflicts)} file(s) listed with two labels: {'; '.join(conflicts[:5])}"
                         f"{' ...' if len(conflicts) > 5 else ''}; give each file one label")
@@ -246,74 +238,11 @@ def align_labels(samples: Samples, labels: Sequence[str], where: str, hint: str 
 
 
 def embedded_samples() -> tuple[Samples, Samples]:
-    from .embedded import load_embedded_dataset
+    from ..embedded import load_embedded_dataset
 
     ds = load_embedded_dataset()
     return (Samples(list(ds.train_images), ds.train_labels, ds.classes),
             Samples(list(ds.val_images), ds.val_labels, ds.classes))
-
-
-def _try_decode(samples: Samples, i: int, max_pixels: int | None = None) -> tuple[str | None, int]:
-    """(why the image is unusable or None, its pixel count)."""
-    try:
-        img = samples.load(i, max_pixels)
-        return None, img.width * img.height
-    except ImageDecodeError as exc:
-        return str(exc.__cause__ or exc.reason), 0
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}", 0
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn, items: Sequence, chunk: int = 1024) -> list:
-    """pool.map in chunks: Executor.map submits every item at once, a future each (~2 KB per item
-    held until the end: 200 MB at 10^5 files); a chunk at a time keeps that bounded."""
-    out: list = []
-    for i in range(0, len(items), chunk):
-        out.extend(pool.map(fn, items[i:i + chunk]))
-    return out
-
-
-def verify_images(samples: Samples, strict: bool = False, workers: int | None = None,
-                  already_skipped: Sequence[tuple[str, str]] = (),
-                  max_pixels: int | None = None, known_readable=None) -> tuple[Samples, list[tuple[str, str]]]:
-    """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
-    Images over `max_pixels` are skipped before decoding. With strict=True any unreadable or
-    skipped file raises DataError instead.
-    known_readable: a zoo.features.cache.ReadableSet; files whose content hash it holds decoded before
-    (the same bytes cannot fail now) and are only hashed, which is what makes a warm run decode-free;
-    one whose recorded pixel count is over `max_pixels` is checked again (and skipped)."""
-    paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]
-    workers = workers or min(8, (os.cpu_count() or 2))
-    limit = max_pixels or max_image_pixels()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        if known_readable is not None and paths:
-            paths = [i for i, h in zip(paths, _bounded_map(pool, samples.content_hash, paths))
-                     if not known_readable.trusted(h, limit)]
-        results = _bounded_map(pool, lambda i: _try_decode(samples, i, max_pixels), paths)
-    bad = {i: r for i, (r, _) in zip(paths, results) if r is not None}
-    if known_readable is not None:
-        known_readable.add((samples.content_hash(i), px) for i, (r, px) in zip(paths, results) if r is None)
-    skipped = list(already_skipped) + [(samples.describe(i), r) for i, r in bad.items()]
-    if skipped and strict:
-        raise DataError(f"--strict: {len(skipped)} unusable files:\n" + _listing(skipped)
-                        + "\nremove or fix them, or drop --strict to skip them with a warning")
-    good = samples.subset([i for i in range(len(samples)) if i not in bad]) if bad else samples
-    before, counts = samples.class_counts(), good.class_counts()  # classes absent from the start are fine
-    lost = [good.classes[c] for c in range(len(good.classes)) if before[c] > 0 and counts[c] == 0]
-    if lost:
-        raise DataError(f"class(es) {lost} have no readable images left after skipping unreadable files:\n"
-                        + _listing(skipped))
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unusable files:\n" + _listing(skipped), DataWarning, stacklevel=2)
-    return good, skipped
-
-
-def _listing(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:
-    lines = [f"  {printable(f)}: {printable(r)}" for f, r in skipped[:limit]]
-    if len(skipped) > limit:
-        lines.append(f"  ... and {len(skipped) - limit} more")
-    return "\n".join(lines)
-
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per class: shuffle with `seed`, send round(n * fraction) (at least 1 when the class has two
@@ -335,9 +264,11 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) 
 def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike | None = None,
               val_data: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
               strict: bool = False, *, csv_outside_root: bool = False,
-              max_pixels: int | None = None, known_readable=None) -> DataSplit:
-    """Everything up front: scan, verify (decode each file once), split, and drop from validation
-    any image whose content is also in training. Raises DataError early."""
+              max_pixels: int | None = None, known_readable=None, allow_duplicates: bool = False) -> DataSplit:
+    """Everything up front: scan, verify (decode each file once), refuse a class left without
+    images and the same content under two labels (allow_duplicates: keep them, with a warning),
+    split, and drop from validation any image whose content is also in training. Raises DataError
+    early."""
     if data is None and csv_file is None:
         if val_data is not None:
             raise DataError("--val-data needs --data (or --csv) for the training images")
@@ -356,6 +287,8 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
                                    "the training data lacks")
     samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels,
                                    known_readable=known_readable)
+    _check_no_empty_class(samples, skipped, source)
+    _check_duplicates(samples, allow_duplicates)
     if val_samples is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
@@ -376,6 +309,38 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
     return DataSplit(train, val, samples.classes, skipped + val_skipped, source)
 
 
+def _check_no_empty_class(samples: Samples, skipped: Sequence[tuple[str, str]], source: str) -> None:
+    """A class named by the data (a CSV label) whose every file is missing or unusable would stay a
+    label with no images: an error naming it."""
+    counts = samples.class_counts()
+    empty = [samples.classes[c] for c in range(len(samples.classes)) if counts[c] == 0]
+    if empty:
+        raise DataError(f"{source}: class(es) {empty} have no usable images (their files are missing or unreadable"
+                        f"{': ' + printable(skipped[0][0]) + ' ' + skipped[0][1] if skipped else ''}); "
+                        "fix the paths or remove those rows")
+
+
+def _check_duplicates(samples: Samples, allow: bool) -> None:
+    """The same content (sha256 of the bytes) under two labels in the training data teaches both
+    answers for one image: an error naming both files, or with allow=True a warning."""
+    first: dict[str, int] = {}
+    clashes = []
+    for i in range(len(samples)):
+        h = samples.content_hash(i)
+        j = first.setdefault(h, i)
+        if j != i and samples.labels[j] != samples.labels[i]:
+            clashes.append(f"{printable(samples.describe(j))} ({samples.classes[samples.labels[j]]!r}) and "
+                           f"{printable(samples.describe(i))} ({samples.classes[samples.labels[i]]!r})")
+    if not clashes:
+        return
+    listed = "; ".join(clashes[:3]) + (f" ... and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+    if not allow:
+        raise DataError(f"{len(clashes)} training image(s) have identical content under two labels: {listed}; "
+                        "remove or relabel one of each pair, or pass --allow-duplicates to keep them")
+    warnings.warn(f"--allow-duplicates: keeping {len(clashes)} image(s) with identical content under two labels: "
+                  f"{listed}", DataWarning, stacklevel=3)
+
+
 def drop_leaked(train: Samples, val: Samples) -> tuple[Samples | None, list[tuple[str, str]]]:
     """Validation images whose content (sha256 of the bytes) is also a training image are
     dropped, with a warning that lists them: they would score memory, not generalization."""
@@ -389,108 +354,3 @@ def drop_leaked(train: Samples, val: Samples) -> tuple[Samples | None, list[tupl
     dropped = set(leaked)
     keep = [i for i in range(len(val)) if i not in dropped]
     return (val.subset(keep) if keep else None), listed
-
-
-# --------------------------------------------------------------------------- transforms
-
-
-def with_image_size(norm: Normalization, size: int | None) -> Normalization:
-    """The record for another input size, keeping its crop ratio (resize = floor(size / crop_pct))."""
-    if not size or size == norm.input_size[-1]:
-        return norm
-    resize = max(1, int(math.floor(size / norm.crop_pct)))
-    return replace(norm, input_size=(norm.input_size[0], int(size), int(size)), resize_size=resize)
-
-
-class EvalTransform:
-    """PIL RGB -> uint8 HWC array: the reference resize + center crop."""
-
-    def __init__(self, norm: Normalization):
-        self.norm = norm
-
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        return to_uint8_hwc(resize_crop(img, self.norm))
-
-    def describe(self) -> dict:
-        return {"kind": "eval", "normalization": self.norm.to_dict()}
-
-
-class TrainTransform:
-    """RandomResizedCrop (torchvision's sampling algorithm) + horizontal flip, seeded per call."""
-
-    def __init__(self, norm: Normalization, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True):
-        self.norm, self.scale, self.ratio, self.hflip = norm, tuple(scale), tuple(ratio), hflip
-
-    def _box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-        area = width * height
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = rng.randint(0, height - h)
-                left = rng.randint(0, width - w)
-                return left, top, w, h
-        in_ratio = width / height  # fallback: central crop, as torchvision does
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            h, w = height, int(round(height * max(self.ratio)))
-        else:
-            w, h = width, height
-        return (width - w) // 2, (height - h) // 2, w, h
-
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        rng = rng or random.Random()
-        left, top, w, h = self._box(img.width, img.height, rng)
-        _, out_h, out_w = self.norm.input_size
-        out = img.resize((out_w, out_h), _RESAMPLE[self.norm.interpolation], box=(left, top, left + w, top + h))
-        if self.hflip and rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_uint8_hwc(out)
-
-    def describe(self) -> dict:
-        return {"kind": "random_resized_crop", "scale": list(self.scale), "ratio": list(self.ratio),
-                "hflip": self.hflip, "normalization": self.norm.to_dict()}
-
-
-def sample_seed(*parts) -> int:
-    """A stable 63-bit seed from (run seed, epoch/view, image index...)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class ImageDataset:
-    """torch-style dataset over Samples. Keys are an index, or (index, seed) for seeded transforms.
-    Returns (uint8 HWC tensor, label, index)."""
-
-    def __init__(self, samples: Samples, transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        import torch
-
-        i, seed = (key if isinstance(key, tuple) else (key, None))
-        rng = random.Random(seed) if seed is not None else None
-        arr = self.transform(self.samples.load(i), rng)
-        return torch.from_numpy(np.require(arr, requirements=["C", "W"])), int(self.samples.labels[i]), i
-
-
-def normalize_batch(batch_hwc, norm: Normalization, device=None, channels_last: bool = False):
-    """uint8 (N, H, W, 3) tensor -> float32 (N, 3, H, W) with exactly normalize_uint8's arithmetic
-    ((x / 255 - mean) / std in float32), done on `device`."""
-    import torch
-
-    x = batch_hwc.to(device, non_blocking=True) if device is not None else batch_hwc
-    # Reorder while the pixels are one byte each, then one float32 buffer normalized in place: the
-    # same operations as (x / 255 - mean) / std, without four full-size temporaries per batch.
-    x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last if channels_last else
-                                          torch.contiguous_format).to(torch.float32)
-    x.div_(torch.tensor(255.0, dtype=torch.float32, device=x.device))
-    x.sub_(torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1))
-    return x.div_(torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1))
