@@ -60,8 +60,7 @@ def add_parser(sub):
                    help="shorthand for -O dynamic_size=true: dynamic input height and width where the backbone "
                         "allows (verified at a second size)")
     p.add_argument("--tolerance", type=float, default=d["tolerance"], metavar="TOL",
-                   help="the absolute part of the fp32 bound |logit diff| <= TOL + 1e-4 x max|eager logit| per batch "
-                        "(default 1e-4)")
+                   help="the fp32 bound: |logit diff| <= TOL x (1 + max|eager logit| of the batch) (default 1e-4)")
     p.add_argument("--int8-agreement", type=float, default=d["int8_agreement"], metavar="FRAC",
                    help="min top-1 agreement with eager PyTorch for int8 (default 0.9)")
     p.add_argument("--images", default=d["images"], metavar="DIR",

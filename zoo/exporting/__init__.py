@@ -80,7 +80,8 @@ def export(
     quantize: e.g. "int8": adds each chosen format's quantized variant (`onnx` -> `onnx-int8`,
         onnxruntime dynamic quantization), validated with the int8 tolerance (top-1 agreement
         >= int8_agreement, default 0.9).
-    tolerance: max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4).
+    tolerance: the fp32 bound |logit diff| <= tolerance x (1 + max|eager logit| of the batch)
+        (default 1e-4; zoo.validation.Tolerance).
     images: validation images (a folder, files, or a uint8 NHWC array); default: scikit-image's
         sample photos topped up with deterministic synthetic images (8 in all).
     validate=False skips validation (the report says so; the artifacts are marked unvalidated).

@@ -123,7 +123,9 @@ def _reference(model, run_dir, plan: Plan, preprocess, tolerance, int8_agreement
     """The images, eager PyTorch's outputs on them and the calibration images."""
     from ..validation import Tolerance, eager_outputs, full_validation_images
 
-    tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
+    # `tolerance` (--tolerance TOL) sets the fp32 bound TOL x (1 + max|eager logit|): atol = rtol = TOL
+    tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("logits_rtol", tolerance),
+                                         ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
     full = preprocess == "full"
     vimages = _validation_images(images, model, run_dir, say, raw=full, strict=strict)
