@@ -47,7 +47,8 @@ def _torch_home(work: Path) -> bool:
 
 
 def configs(count: int, mobilenet: bool):
-    backbones = [None] + (["torchvision/mobilenet_v2"] if mobilenet else [])
+    # the ImageNet-1k V1 weights: the file ../shared holds (torchvision's default tag is V2)
+    backbones = [None] + (["torchvision/mobilenet_v2.IMAGENET1K_V1"] if mobilenet else [])
     heads = ["linear", "mlp"]
     decays = [None, 0.0, 1e-3]  # None: the default (tuned for linear heads)
     grid = list(itertools.product(decays, heads, backbones))
