@@ -1,4 +1,15 @@
-"""ResNet-18 inference: eager PyTorch (NCHW and channels_last) vs TorchScript vs ONNX Runtime,
+"""Two benchmarks.
+
+`--seconds`: how long the main job's `zoo export RUN` (all formats) takes, per step and format
+(export and validation seconds from export-report.json, wall and CPU time of the whole command),
+for this checkout ("after") and a git ref ("before", default main), in alternating rounds:
+
+    python benchmarks/bench_export.py --seconds [--run RUN] [--before main] [--rounds 2]
+
+RUN defaults to a fresh `zoo.train()` with no options (lite0 on the embedded sample). The
+"before" checkout is a temporary `git worktree` run through PYTHONPATH.
+
+Default: ResNet-18 inference: eager PyTorch (NCHW and channels_last) vs TorchScript vs ONNX Runtime,
 and our exported ONNX (baked uint8 preprocessing, softmax, embedding, metadata) vs a bare ONNX
 Runtime run of the same network. All measured in one run, interleaved round-robin so that load
 from other processes hits every engine alike.
@@ -124,7 +135,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="batch-1 calls per engine per round")
     ap.add_argument("--iters8", type=int, default=4, help="batch-8 calls per engine per round")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--seconds", action="store_true", help="time the main job's `zoo export RUN` before/after")
+    ap.add_argument("--run", default=None, help="with --seconds: the run to export (default: a fresh zoo.train())")
+    ap.add_argument("--before", default="main", help="with --seconds: the git ref to compare with ('' to skip)")
     args = ap.parse_args(argv)
+    if args.seconds:
+        return export_seconds(args)
 
     import onnxruntime as ort
     import torch
@@ -185,6 +201,63 @@ def main(argv=None) -> int:
                                                "ours_over_bare_b1_p50": lat_ratio,
                                                "ours_over_bare_b8_cpu_1thread": cpu_ratio, **info,
                                                "args": vars(args)}, indent=2))
+    return 0
+
+
+def export_seconds(args) -> int:
+    """`zoo export RUN` (all formats) for this checkout and `args.before`, alternating rounds."""
+    import resource
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    work = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    run = args.run
+    if run is None:
+        import zoo
+
+        run = str(zoo.train(out=str(work / "run")).dir)
+    checkouts = {"after": None}
+    if args.before:
+        before = work / "before"
+        before.mkdir()
+        archive = subprocess.run(["git", "-C", str(repo), "archive", args.before], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+        checkouts["before"] = before
+    rows: dict[str, list[dict]] = {k: [] for k in checkouts}
+    try:
+        for r in range(args.rounds):
+            for name, tree in (checkouts.items() if r % 2 == 0 else reversed(list(checkouts.items()))):
+                env = dict(os.environ)
+                if tree is not None:
+                    env["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in ("", "exporters", "plugins"))
+                out = work / f"{name}-{r}"
+                usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-c", "from zoo.cli.main import main; raise SystemExit(main())",
+                                       "export", run, "--out", str(out)], env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t
+                usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+                report = json.loads((out / "export-report.json").read_text()) if (out / "export-report.json").exists() else {}
+                per = {n: (a.get("export_seconds"), (a.get("validation") or {}).get("seconds"))
+                       for n, a in report.get("artifacts", {}).items()}
+                rows[name].append({"exit": proc.returncode, "wall": round(wall, 1), "cpu": round(cpu, 1), "formats": per,
+                                   "steps": report.get("seconds")})
+                print(f"round {r} {name:<6} exit {proc.returncode} wall {wall:6.1f} s cpu {cpu:6.1f} s  " + "  ".join(
+                    f"{n}: export {e} s validate {v} s" for n, (e, v) in per.items()), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n{os.cpu_count()} cores, load average {load:.1f} (other processes share the CPU: compare ratios)")
+    med = {k: statistics.median(x["wall"] for x in v) for k, v in rows.items() if v}
+    medc = {k: statistics.median(x["cpu"] for x in v) for k, v in rows.items() if v}
+    for k in med:
+        print(f"{k:<6} median wall {med[k]:.1f} s, CPU {medc[k]:.1f} s")
+    if "before" in med:
+        print(f"after / before: wall {med['after'] / med['before']:.2f}x, CPU {medc['after'] / medc['before']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 

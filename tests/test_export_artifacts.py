@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -185,24 +186,92 @@ def _patched_onnx_export(monkeypatch, exported, mutate):
     monkeypatch.setitem(reg._exporters, "onnx", (Mutated(), reg.owner("onnx")))
 
 
-def test_failed_validation_leaves_no_artifact_and_reports_numbers(exported, tmp_path, monkeypatch):
+def test_failed_validation_keeps_the_previous_artifact_and_reports_numbers(exported, tmp_path, monkeypatch):
     model = exported[0]
     _patched_onnx_export(monkeypatch, exported, lambda good, path: onnx_initializer_perturbed(good, path))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"an older export")  # must not survive looking current
+    (out / "model.onnx").write_bytes(b"an earlier validated export")  # the user's: must survive, unchanged
     (out / "model.onnx.json").write_text("{}")
     with pytest.raises(ExportValidationError) as info:
         zoo.export(model, formats="onnx", out=out, quantize="int8")
     assert info.value.exit_code == 3
-    assert "onnx" in str(info.value) and "logit diff" in str(info.value)
-    assert sorted(p.name for p in out.iterdir()) == ["export-report.json"]
+    assert "onnx" in str(info.value) and "logit diff" in str(info.value) and "earlier export is kept" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["export-report.json", "model.onnx", "model.onnx.json"]
+    assert (out / "model.onnx").read_bytes() == b"an earlier validated export"
     report = json.loads((out / "export-report.json").read_text())
     assert report["status"] == "failed"
-    assert report["artifacts"]["onnx"]["status"] == "failed"
-    assert report["artifacts"]["onnx"]["validation"]["max_abs_logit_diff"] > 1e-4
+    entry = report["artifacts"]["onnx"]
+    assert entry["status"] == "failed" and entry["path"] is None
+    assert entry["previous"]["kept"] is True and "not this one" in entry["previous"]["note"]
+    assert entry["validation"]["max_abs_logit_diff"] > 1e-4 and entry["validation"]["logit_diff_to_bound"] > 1
     assert report["artifacts"]["onnx-int8"]["status"] == "skipped"
     assert info.value.report["status"] == "failed"
+
+
+def test_stale_staging_is_swept_and_a_live_one_kept(exported, tmp_path):
+    from zoo.exporting.run import sweep_staging
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".model.onnx.{int(dead.stdout)}.abc{'.staging'}"
+    old_style = out / ".model.pt2.xyz.staging"  # written before the pid was in the name
+    live = out / f".model.onnx.{os.getppid()}.def.staging"
+    for d in (stale, old_style, live):
+        d.mkdir(parents=True)
+        (d / "model.onnx").write_bytes(b"x" * 1000)
+    assert sorted(sweep_staging(out)) == sorted([stale.name, old_style.name])
+    assert live.exists() and not stale.exists() and not old_style.exists()
+
+
+def test_sigint_during_export_leaves_no_staging(exported, tmp_path):
+    """Ctrl-C while an exporter runs: the staging folder goes, the earlier artifact stays, exit 130."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.torchscript.pt").write_bytes(b"earlier")
+    run = tmp_path / "run"
+    from zoo.model import save_model
+
+    save_model(exported[0], run)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import zoo_torchscript
+        real = zoo_torchscript.TorchScript.export
+        def slow(self, model, path, options):
+            open(path, "wb").write(b"half-written")
+            print("STAGED", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C delivers
+            import time; time.sleep(30)
+        zoo_torchscript.TorchScript.export = slow
+        from zoo.cli.main import main
+        sys.exit(main(["export", {str(run)!r}, "--format", "torchscript", "--out", {str(out)!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "STAGED" in proc.stderr, proc.stderr
+    assert proc.returncode == 130, proc.stderr
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".staging")]
+    assert (out / "model.torchscript.pt").read_bytes() == b"earlier"
+    assert json.loads((out / "export-report.json").read_text())["status"] == "interrupted"
+
+
+def test_unreadable_validation_images_are_listed_and_skipped_or_refused_with_strict(exported, tmp_path):
+    from PIL import Image
+
+    from zoo.errors import DataError
+
+    model = exported[0]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 70), (40 * i, 90, 200)).save(folder / f"ok{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    report = zoo.export(model, formats="onnx", out=tmp_path / "a", images=folder, batch_sizes=(1, 3))
+    imgs = report["images"]
+    assert imgs["count"] == 3 and len(imgs["skipped"]) == 1 and "broken.jpg" in imgs["skipped"][0]
+    with pytest.raises(DataError, match="broken.jpg") as info:
+        zoo.export(model, formats="onnx", out=tmp_path / "b", images=folder, strict=True)
+    assert info.value.exit_code == 2 and "--strict" in str(info.value)
+    assert not (tmp_path / "b" / "model.onnx").exists()
 
 
 def test_frozen_batch_axis_fails_closed(exported, tmp_path, monkeypatch):
@@ -227,11 +296,34 @@ def test_tolerance_is_configurable(exported, images):
     from zoo_onnx import validate_onnx
 
     model, out, report = exported
-    diff = report["artifacts"]["onnx"]["validation"]["max_abs_logit_diff"]
-    assert 0 < diff <= 1e-4
-    tight = validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff / 10))
-    assert tight["passed"] is False
-    assert validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff * 2))["passed"]
+    v = report["artifacts"]["onnx"]["validation"]
+    diff = v["max_abs_logit_diff"]
+    assert 0 < diff and 0 < v["logit_diff_to_bound"] <= 1 and "max|eager logit|" in v["rule"]
+    tight = validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff / 10, logits_rtol=0))
+    assert tight["passed"] is False and tight["logit_diff_to_bound"] > 1
+    assert validate_onnx(model, out / "model.onnx", images, tolerance=Tolerance(logits=diff * 2, logits_rtol=0))["passed"]
+
+
+def test_scale_aware_bound_separates_float_noise_from_a_wrong_export():
+    """Per batch: |d| <= atol + rtol x max|eager logit| of the rows run together. Relative float
+    noise on large logits passes; a 1e-3 relative error, or a small error on small logits, fails."""
+    from zoo.validation import compare
+    from zoo.validation.compare import logit_bounds
+
+    rng = np.random.default_rng(0)
+    ref = {"logits": (rng.standard_normal((16, 5)) * 50).astype(np.float32)}
+    ref["logits"][8:] /= 100  # the second half: small logits
+    noise = ref["logits"] * (1 + 2e-6 * rng.standard_normal(ref["logits"].shape)).astype(np.float32)
+    assert compare(ref, {8: {"logits": noise}})["passed"]
+    bounds = logit_bounds(ref["logits"], 8, Tolerance())
+    assert bounds[0] > 10 * bounds[8] and len(set(bounds[:8])) == 1  # one scale per batch of 8
+    wrong = ref["logits"] * np.float32(1 + 1e-3)
+    r = compare(ref, {8: {"logits": wrong}})
+    assert r["passed"] is False and r["logit_diff_to_bound"] > 1 and "bound" in r["problems"][0]
+    small_off = ref["logits"].copy()
+    small_off[9, 0] += 3e-4  # below the big rows' bound, above the small rows' one
+    assert compare(ref, {8: {"logits": small_off}})["passed"] is False
+    assert compare(ref, {16: {"logits": small_off}})["passed"] is True  # run with the big rows: their scale
 
 
 def test_preprocess_none_with_ort_offline_optimization(exported, tmp_path):

@@ -125,3 +125,21 @@ def test_fold_static_shapes_keeps_numbers(models, tmp_path):
     a = runner("onnxruntime", raw)[0](x)
     b = runner("onnxruntime", tmp_path / "folded.onnx")[0](x)
     assert np.abs(a["logits"] - b["logits"]).max() <= 1e-5
+
+
+def test_dynamic_size_never_hangs_on_size_dependent_padding(models, tmp_path):
+    """lite0's SAME padding at a symbolic size never finished in the dynamo exporter (886 s):
+    asked for dynamo it is refused before any tracing, with the reason; "auto" takes the
+    TorchScript-based exporter, said out loud (the opencv-target test exports it that way)."""
+    import time
+
+    from zoo.errors import ZooError
+    from zoo_onnx.graph import size_dependent_padding
+
+    assert size_dependent_padding(models["lite0"]) == ["Conv2dSame"]
+    assert size_dependent_padding(models["resnet18"]) == []
+    t = time.perf_counter()
+    with pytest.raises(ZooError, match=r"SAME padding.*--onnx-exporter auto or legacy"):
+        zoo.export(models["lite0"], formats="onnx", out=tmp_path, dynamic_size=True, onnx_exporter="dynamo")
+    assert time.perf_counter() - t < 120  # refused up front, not after minutes of tracing
+    assert not (tmp_path / "model.onnx").exists()

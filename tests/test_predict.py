@@ -120,3 +120,57 @@ def test_predictor_reports_unreadable_inputs(artifacts, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     [row] = predictor.predict_files([tmp_path / "broken.jpg"])  # a per-file error, not an abort
     assert "not a readable image" in row["error"] and "top" not in row
+
+
+def _with_metadata(src, dst, **changes):
+    """A copy of an exported ONNX file whose zoo metadata has `changes` ("normalization.x" keys
+    reach into the normalization)."""
+    import onnx
+    from zoo_onnx import read_metadata, set_metadata
+
+    meta = read_metadata(src)
+    for key, value in changes.items():
+        if key.startswith("normalization."):
+            meta["normalization"][key.split(".", 1)[1]] = value
+        else:
+            meta[key] = value
+    proto = onnx.load(str(src))
+    set_metadata(proto, meta)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"normalization.resize_size": -5}, "normalization.resize_size"),
+    ({"normalization.resize_size": 0}, "normalization.resize_size"),
+    ({"normalization.resize_size": 10 ** 9}, "normalization.resize_size"),
+    ({"normalization.resize_size": "48"}, "normalization.resize_size"),
+    ({"normalization.interpolation": "cubic-ish"}, "normalization.interpolation"),
+    ({"normalization.crop_mode": "random"}, "normalization.crop_mode"),
+    ({"normalization.input_size": [3, 41, 40]}, "normalization.input_size"),
+    ({"normalization.input_size": "3x40x40"}, "normalization.input_size"),
+    ({"normalization.std": [0.2, 0.0, 0.2]}, "normalization.std"),
+    ({"normalization.mean": [0.5, "x", 0.5]}, "normalization.mean"),
+    ({"preprocess": "magic"}, "preprocess"),
+    ({"labels": ["a", 2, "c"]}, "labels"),
+])
+def test_damaged_metadata_is_one_clear_error(artifacts, tmp_path, change, key):
+    _, root, images = artifacts
+    bad = _with_metadata(root / "normalize" / "model.onnx", tmp_path / "bad.onnx", **change)
+    proc = subprocess.run([sys.executable, "-c", "from zoo.cli.main import main; raise SystemExit(main())",
+                           "predict", str(bad), str(images[0])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"metadata is damaged: {key} " in proc.stderr and "zoo export" in proc.stderr
+    assert "unexpected" not in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def test_labels_are_printed_escaped(artifacts, tmp_path):
+    _, root, images = artifacts
+    hostile = ["\x1b[2J\x1b]0;pwned\x07cat", "dog", "bird"]
+    bad = _with_metadata(root / "normalize" / "model.onnx", tmp_path / "esc.onnx", labels=hostile)
+    proc = subprocess.run([sys.executable, "-c", "from zoo.cli.main import main; raise SystemExit(main())",
+                           "predict", str(bad), *map(str, images[:3]), "--top-k", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    assert "\\x1b[2J" in proc.stdout and "dog" in proc.stdout

@@ -265,6 +265,7 @@ class ExportConfig:
     int8_agreement: float | None = opt(None, number(0, 1, lo_open=True, optional=True))
     images: Any = opt(None)
     embedding: bool = opt(True, flag="--no-embedding")
+    strict: bool = opt(False)
 
     def __post_init__(self):
         validate_fields(self)

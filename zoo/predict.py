@@ -24,7 +24,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import DataError, ZooError
-from .preprocess import ImageDecodeError, list_images, load_image, normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
+from .preprocess import (ImageDecodeError, list_images, load_image, normalize_uint8, printable, resize_crop, to_rgb,
+                         to_uint8_hwc)
 
 BATCH = 16
 
@@ -88,17 +89,13 @@ class Predictor:
                 raise ZooError(self._label_mismatch(width))
 
     def _check_metadata(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The zoo metadata, checked: a list of labels and a normalization."""
-        bad = f"{self.path!r}: its zoo metadata is damaged"
-        fix = "export the model again with `zoo export`"
-        if not isinstance(meta, dict):
-            raise ZooError(f"{bad}: not a JSON object; {fix}")
-        labels = meta.get("labels")
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-            raise ZooError(f"{bad}: 'labels' is not a list of class names; {fix}")
-        norm = meta.get("normalization")
-        if not isinstance(norm, dict) or not all(k in norm for k in ("mean", "std", "input_size", "resize_size")):
-            raise ZooError(f"{bad}: 'normalization' is missing or incomplete; {fix}")
+        """The zoo metadata, checked field by field before anything uses it (types, ranges, known
+        interpolations, crop and preprocess modes, the input size against the graph's input):
+        one ZooError (exit 2) "metadata is damaged: KEY ...", never a crash further down."""
+        problem = metadata_problem(meta, self.session.get_inputs()[0].shape if self.session is not None else None)
+        if problem:
+            raise ZooError(f"{self.path!r}: its zoo metadata is damaged: {problem}; export the model again with "
+                           "`zoo export`")
         return meta
 
     def _label_mismatch(self, width: int) -> str:
@@ -204,6 +201,64 @@ def torch_runner(module, names: Sequence[str]):
         return {n: o.float().numpy() for n, o in zip(names, out)}
 
     return run
+
+
+MAX_SIDE = 8192  # a resize or input side beyond this is damage, not a model (it would exhaust memory)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metadata_problem(meta: Any, input_shape: Sequence[Any] | None = None) -> str | None:
+    """What is wrong with an artifact's zoo metadata, as "KEY ...", or None. Checks what the
+    predictor relies on: labels, preprocess, and the normalization's mean, std, input_size,
+    resize_size, interpolation and crop_mode; with the graph's input shape, that its fixed
+    height and width are the input_size."""
+    from .records import CROP_MODES, INTERPOLATIONS
+
+    if not isinstance(meta, dict):
+        return f"the metadata is a {type(meta).__name__}, not a JSON object"
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        return "labels is not a non-empty list of class names"
+    mode = meta.get("preprocess", "none")
+    if mode not in ("normalize", "none", "full"):
+        return f"preprocess is {printable(repr(mode))}, not one of normalize, none, full"
+    norm = meta.get("normalization")
+    if not isinstance(norm, dict):
+        return "normalization is missing or not an object"
+    size = norm.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) and 0 < v <= MAX_SIDE for v in size)
+            and size[0] == 3):
+        return f"normalization.input_size is {printable(repr(size))}, not [3, H, W] with 0 < H, W <= {MAX_SIDE}"
+    for key in ("mean", "std"):
+        vals = norm.get(key)
+        if not (isinstance(vals, list) and len(vals) == 3 and all(_is_number(v) for v in vals)):
+            return f"normalization.{key} is {printable(repr(vals))}, not 3 finite numbers"
+    if not all(v > 0 for v in norm["std"]):
+        return f"normalization.std is {norm['std']!r}: every value must be > 0"
+    resize = norm.get("resize_size")
+    if not (_is_int(resize) and 0 < resize <= min(MAX_SIDE, 8 * max(size[1:]))):
+        return (f"normalization.resize_size is {printable(repr(resize))}, not an integer in 1.."
+                f"{min(MAX_SIDE, 8 * max(size[1:]))}")
+    interp = norm.get("interpolation", "bilinear")
+    if interp not in INTERPOLATIONS:
+        return f"normalization.interpolation is {printable(repr(interp))}, not one of {', '.join(INTERPOLATIONS)}"
+    crop = norm.get("crop_mode", "center")
+    if crop not in CROP_MODES:
+        return f"normalization.crop_mode is {printable(repr(crop))}, not one of {', '.join(CROP_MODES)}"
+    if input_shape is not None and mode != "full" and len(input_shape) == 4:
+        hw = (input_shape[1], input_shape[2]) if mode == "normalize" else (input_shape[2], input_shape[3])
+        if all(_is_int(v) for v in hw) and list(hw) != size[1:]:
+            return f"normalization.input_size is {size!r} but the graph takes {hw[0]}x{hw[1]} images"
+    return None
 
 
 def _metadata(path: str, session) -> dict[str, Any]:

@@ -125,6 +125,31 @@ def _ort_optimize(path: Path) -> None:
         onnx.save(after, str(path))
 
 
+def size_dependent_padding(model) -> list[str]:
+    """Layers whose padding is computed from the input size at run time (TensorFlow-style "SAME"
+    padding: timm's Conv2dSame / MaxPool2dSame / AvgPool2dSame, as in tf_efficientnet_lite*)."""
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Same")})
+
+
+def _dynamic_size_exporter(model, onnx_exporter: str) -> tuple[str, dict[str, str] | None]:
+    """The exporter for --dynamic-size: torch's dynamo exporter does not finish on size-dependent
+    padding traced with symbolic height and width (lite0: still tracing after 886 s, no message),
+    so for such a backbone "auto" takes the TorchScript-based exporter (loudly: stderr and the
+    report's fallback) and "dynamo" is refused before any tracing, with the reason."""
+    from zoo.errors import ZooError
+
+    layers = size_dependent_padding(model)
+    if not layers or onnx_exporter == "legacy":
+        return onnx_exporter, None
+    reason = (f"{model.meta.backbone} pads by the input size at run time ({', '.join(layers)}: TensorFlow-style "
+              "SAME padding), which the dynamo exporter cannot trace with symbolic height and width")
+    if onnx_exporter == "dynamo":
+        raise ZooError(f"--dynamic-size with --onnx-exporter dynamo: {reason}; use --onnx-exporter auto or legacy "
+                       "(the TorchScript-based exporter handles it), or drop --dynamic-size")
+    print(_fallback_notice(reason), file=sys.stderr, flush=True)
+    return "legacy", {"from": "dynamo", "to": "legacy", "reason": reason}
+
+
 def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "normalize", embedding: bool = True,
                 optimize: bool = False, onnx_exporter: str = "auto", target: str | None = None,
                 dynamic_size: bool = False, **_: Any) -> dict[str, Any]:
@@ -148,6 +173,9 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
         raise ZooError(f"the dynamo ONNX exporter writes opset >= {MIN_DYNAMO_OPSET}; for opset {opset} use "
                        "onnx_exporter='legacy' or 'auto'")
     full = preprocess == "full"
+    padding_fallback = None
+    if dynamic_size:
+        onnx_exporter, padding_fallback = _dynamic_size_exporter(model, onnx_exporter)
     if full:  # the model graph takes float NCHW; the preprocessing graph goes in front of it below
         from .preprocess_graph import MIN_OPSET
 
@@ -165,6 +193,7 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     try:
         proto, chosen, fallback = _export_with_fallback(module, example, opset, input_name, outputs, onnx_exporter,
                                                         dynamic_size)
+        fallback = fallback or padding_fallback
     finally:
         model.eval()  # the exporters toggle train/eval on the way
 

@@ -60,12 +60,14 @@ def add_parser(sub):
                    help="shorthand for -O dynamic_size=true: dynamic input height and width where the backbone "
                         "allows (verified at a second size)")
     p.add_argument("--tolerance", type=float, default=d["tolerance"], metavar="TOL",
-                   help="max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4)")
+                   help="the fp32 bound: |logit diff| <= TOL x (1 + max|eager logit| of the batch) (default 1e-4)")
     p.add_argument("--int8-agreement", type=float, default=d["int8_agreement"], metavar="FRAC",
                    help="min top-1 agreement with eager PyTorch for int8 (default 0.9)")
     p.add_argument("--images", default=d["images"], metavar="DIR",
                    help="validation images (default: scikit-image sample photos + synthetic images); "
                         "class-named subfolders also give an accuracy delta")
+    p.add_argument("--strict", action="store_true", help="refuse unreadable --images files up front (default: they "
+                   "are listed, skipped, and named in the report)")
     p.add_argument("--no-embedding", action="store_true", help="leave the embedding output out")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p
@@ -87,7 +89,8 @@ def _print_table(report) -> None:
     imgs = report.get("images", {})
     tol = report.get("tolerance", {})
     print(f"\nvalidated on {imgs.get('count')} images ({imgs.get('source')}) at batch sizes "
-          f"{report['options']['batch_sizes']}; fp32 tolerance {tol.get('logits')}, int8 top-1 agreement >= "
+          f"{report['options']['batch_sizes']}; fp32 bound |dlogit| <= {tol.get('logits')} + {tol.get('logits_rtol')} x "
+          f"max|logit| per batch, int8 top-1 agreement >= "
           f"{tol.get('int8_agreement')}; report: {report['out']}/export-report.json")
     for name, a in report["artifacts"].items():
         v = a.get("validation") or {}
@@ -177,6 +180,7 @@ def run(args) -> int:
         report = export(source, formats=args.format or "all", out=out, preprocess=args.preprocess,
                         quantize=args.quantize, tolerance=args.tolerance, images=args.images,
                         embedding=not args.no_embedding, int8_agreement=args.int8_agreement, progress=progress,
+                        strict=args.strict,
                         options=_options(args))
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)

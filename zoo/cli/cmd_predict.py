@@ -40,7 +40,7 @@ def run(args) -> int:
         for res in results:
             if "error" not in res:
                 print(f"{printable(res['path'])}: "
-                      + ", ".join(f"{t['label']} ({t['probability']:.3f})" for t in res["top"]))
+                      + ", ".join(f"{printable(t['label'])} ({t['probability']:.3f})" for t in res["top"]))
     for res in failed:
         print(f"zoo predict: error: {res['error']}", file=sys.stderr)
     if failed:

@@ -61,6 +61,7 @@ def export(
     batch_sizes: Iterable[int] = (1, 3, 8),
     int8_agreement: float | None = None,
     validate: bool = True,
+    strict: bool = False,
     progress=None,
     options: Mapping[str, Any] | None = None,
     **exporter_options: Any,
@@ -79,10 +80,13 @@ def export(
     quantize: e.g. "int8": adds each chosen format's quantized variant (`onnx` -> `onnx-int8`,
         onnxruntime dynamic quantization), validated with the int8 tolerance (top-1 agreement
         >= int8_agreement, default 0.9).
-    tolerance: max |logit diff| vs eager PyTorch for fp32 artifacts (default 1e-4).
+    tolerance: the fp32 bound |logit diff| <= tolerance x (1 + max|eager logit| of the batch)
+        (default 1e-4; zoo.validation.Tolerance).
     images: validation images (a folder, files, or a uint8 NHWC array); default: scikit-image's
         sample photos topped up with deterministic synthetic images (8 in all).
     validate=False skips validation (the report says so; the artifacts are marked unvalidated).
+    strict=True refuses unreadable `images` files up front (default: they are listed in the
+        report's images.skipped and left out).
     options / **exporter_options: the exporters' own options by name, e.g. opset=17,
         onnx_exporter="legacy", optimize=True, int8_ops="matmul" for the ONNX exporters
         (`zoo plugins --json` lists each exporter's options). An option no chosen format
@@ -97,12 +101,12 @@ def export(
 
     ExportConfig(formats=formats, out=None if out is None else os.fspath(out), preprocess=preprocess,
                  quantize=quantize, tolerance=tolerance, int8_agreement=int8_agreement, images=images,
-                 embedding=embedding)  # checks the common options; each exporter parses its own
+                 embedding=embedding, strict=strict)  # checks the common options; each exporter parses its own
     model, run_dir = _load(run_or_model)
     given = {**(options or {}), **exporter_options}
     was_training = model.training
     try:
         return run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
-                          batch_sizes, int8_agreement, validate, progress, given)
+                          batch_sizes, int8_agreement, validate, progress, given, strict)
     finally:
         model.train(was_training)  # exporting never leaves a model in training switched to eval

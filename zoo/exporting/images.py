@@ -32,18 +32,19 @@ def _pixels(samples, indices, norm, raw: list | None = None):
     return np.stack(out)
 
 
-def _validation_images(images, model, run_dir, say, raw: bool = False):
+def _validation_images(images, model, run_dir, say, raw: bool = False, strict: bool = False):
     """The images every artifact is checked on: those given; else the run's own validation split
     (labelled, so the report has accuracy); else scikit-image's photos. A run whose split cannot
     be read is said, never passed over quietly. raw=True keeps them at their own sizes too
     (`ValidationImages.raw`, for --preprocess full)."""
     from ..errors import DataError
+    from ..preprocess import ImageDecodeError
     from ..runs import RunDirError, recorded_validation
     from ..validation import ValidationImages, load_validation_images
 
     norm, labels = model.meta.normalization, model.meta.labels
     if images is not None or run_dir is None:
-        return load_validation_images(images, norm, labels, raw=raw)
+        return load_validation_images(images, norm, labels, raw=raw, strict=strict)
     decoded: list | None = [] if raw else None
     try:
         samples, described = recorded_validation(run_dir, labels)
@@ -51,7 +52,7 @@ def _validation_images(images, model, run_dir, say, raw: bool = False):
         if not picked:
             raise RunDirError("its validation split is empty")
         pixels = _pixels(samples, picked, norm, decoded)
-    except (RunDirError, DataError, OSError) as exc:
+    except (RunDirError, DataError, ImageDecodeError, OSError) as exc:
         fallback = load_validation_images(None, norm, labels, raw=raw)
         reason = str(exc).split(";")[0]
         say(f"validation images: the run's own split is not usable ({reason}); using {fallback.source}")

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -45,10 +44,13 @@ class Reference:
 
 
 def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
-               batch_sizes, int8_agreement, validate, progress, given) -> dict[str, Any]:
+               batch_sizes, int8_agreement, validate, progress, given, strict=False) -> dict[str, Any]:
     say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
     plan = _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given)
-    ref = _reference(model, run_dir, plan, preprocess, tolerance, int8_agreement, images, validate, say)
+    t1 = time.perf_counter()
+    ref = _reference(model, run_dir, plan, preprocess, tolerance, int8_agreement, images, validate, say, strict)
+    seconds: dict[str, Any] = {"plan": round(t1 - t0, 2), "reference": round(time.perf_counter() - t1, 2)}
     report: dict[str, Any] = {
         "status": "running",
         "model": {"backbone": model.meta.backbone, "weights": model.meta.weights,
@@ -61,22 +63,30 @@ def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, im
         **({"calibration": {"source": ref.calibration[1], "count": int(len(ref.calibration[0]))}}
            if ref.calibration else {}),
         "versions": versions(),
+        "seconds": seconds,  # per step: plan, reference (images + eager outputs), then per format
         "artifacts": {},
     }
     validated: dict[str, str] = {}  # format -> final path, for exporters that build on another (int8)
     failed: list[str] = []
     for name in plan.names:
+        t = time.perf_counter()
         entry = _export_one(model, name, plan, ref, preprocess, embedding, validate, validated, report, say)
+        seconds[name] = {"export": entry.get("export_seconds"), "validate": (entry.get("validation") or {}).get("seconds"),
+                         "total": round(time.perf_counter() - t, 2)}
         if entry["status"] in ("failed", "skipped"):
             failed.append(name)
         else:
             validated[name] = entry["path"]
     report["status"] = "failed" if failed else "passed"
+    seconds["total"] = round(time.perf_counter() - t0, 2)
     _write_report(plan.out, report)
     if failed:
         err = ExportValidationError(
-            "export failed validation for " + ", ".join(failed) + "; nothing was left in place for "
-            + ("it" if len(failed) == 1 else "them") + f"; numbers in {plan.out / 'export-report.json'}: "
+            "export failed validation for " + ", ".join(failed) + "; nothing of this export was put in place for "
+            + ("it" if len(failed) == 1 else "them")
+            + "".join(f" ({Path(report['artifacts'][n]['previous']['path']).name}: the earlier export is kept)"
+                      for n in failed if report["artifacts"][n].get("previous"))
+            + f"; numbers in {plan.out / 'export-report.json'}: "
             + " | ".join(f"{n}: " + "; ".join((report['artifacts'][n].get('validation') or {}).get('problems')
                                                  or [report['artifacts'][n].get('reason', '')]) for n in failed))
         err.report = report
@@ -103,17 +113,24 @@ def _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given
             raise ZooError(f"export format {name!r} does not write --preprocess {preprocess} artifacts (it writes "
                            f"{', '.join(spec.preprocess_modes)}); choose another format or preprocessing mode")
     own_options = exporter_options(specs, given)
-    return Plan(names, specs, own_options, _output_folder(Path(out)), batch_sizes)
+    out = _output_folder(Path(out))
+    sweep_staging(out)
+    return Plan(names, specs, own_options, out, batch_sizes)
 
 
-def _reference(model, run_dir, plan: Plan, preprocess, tolerance, int8_agreement, images, validate, say) -> Reference:
+def _reference(model, run_dir, plan: Plan, preprocess, tolerance, int8_agreement, images, validate, say,
+               strict: bool = False) -> Reference:
     """The images, eager PyTorch's outputs on them and the calibration images."""
     from ..validation import Tolerance, eager_outputs, full_validation_images
 
-    tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("int8_agreement", int8_agreement)) if v is not None})
+    # `tolerance` (--tolerance TOL) sets the fp32 bound TOL x (1 + max|eager logit|): atol = rtol = TOL
+    tol = Tolerance(**{k: v for k, v in (("logits", tolerance), ("logits_rtol", tolerance),
+                                         ("int8_agreement", int8_agreement)) if v is not None})
     model.eval()
     full = preprocess == "full"
-    vimages = _validation_images(images, model, run_dir, say, raw=full)
+    vimages = _validation_images(images, model, run_dir, say, raw=full, strict=strict)
+    for line in vimages.skipped:
+        say(f"validation images: skipped unreadable {line}")
     if full:  # the artifact gets the images at their own sizes; the reference, Pillow's resize of them
         vimages = full_validation_images(vimages, model.meta.normalization)
     outputs = eager_outputs(model, vimages.pixels) if validate else None
@@ -137,9 +154,10 @@ def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedd
     final = out / f"{ARTIFACT_STEM}{spec.suffix}"
     if spec.builds_on in plan.names and spec.builds_on not in validated:
         entry.update(status="skipped", reason=f"the {spec.builds_on!r} export it builds on did not pass")
-        _remove_artifact(out, final)
+        _keep_previous(entry, final)
         return entry
-    staging = Path(tempfile.mkdtemp(prefix=f".{ARTIFACT_STEM}.{name}.", suffix=".staging", dir=out))
+    # the pid in the name: a later export sweeps the folders of processes that died (`sweep_staging`)
+    staging = Path(tempfile.mkdtemp(prefix=f".{ARTIFACT_STEM}.{name}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=out))
     staged = staging / final.name
     full = preprocess == "full"
     calibration = ref.calibration
@@ -183,21 +201,61 @@ def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedd
     except ExportValidationError as exc:
         entry["status"] = "failed"
         entry["validation"] = _jsonable(getattr(exc, "report", None) or {"passed": False, "problems": [str(exc)]})
-    except Exception as exc:
+    except BaseException as exc:  # an exporter's error, or Ctrl-C / SystemExit: the staging folder goes too
         shutil.rmtree(staging, ignore_errors=True)
-        entry.update(status="error", error=f"{type(exc).__name__}: {exc}")
-        report["status"] = "error"
+        interrupted = not isinstance(exc, Exception)
+        entry.update(status="interrupted" if interrupted else "error", error=f"{type(exc).__name__}: {exc}")
+        _keep_previous(entry, final)
+        report["status"] = "interrupted" if interrupted else "error"
         _write_report(out, report)
         raise
     if entry["status"] == "failed":
         shutil.rmtree(staging, ignore_errors=True)  # the bad artifact goes, never into place
-        _remove_artifact(out, final)  # nor does an older one stay looking current
         entry["path"] = None
+        _keep_previous(entry, final)  # an earlier validated file stays; the report says it is not this one
         say(f"{name}: FAILED validation: {'; '.join(entry['validation'].get('problems', []))}")
         return entry
     _commit(staging, staged, final, entry, export_report)
     say(f"{name}: {entry['status']} -> {final}")
     return entry
+
+
+STAGING_SUFFIX = ".staging"
+
+
+def sweep_staging(out: Path) -> list[str]:
+    """Remove staging folders left in `out` by exports that died (kill -9, power loss): those
+    whose process id is no longer running, or that carry none. Returns their names."""
+    swept = []
+    for item in out.glob(f".{ARTIFACT_STEM}.*{STAGING_SUFFIX}"):
+        parts = item.name.split(".")
+        pid = int(parts[3]) if len(parts) > 4 and parts[3].isdigit() else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue  # another export writing into the same folder right now
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+            swept.append(item.name)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _keep_previous(entry: dict[str, Any], final: Path) -> None:
+    """A format that did not pass leaves an earlier artifact in `out` as it was (nothing the
+    user had is lost); its entry says that file is the previous export, not this one."""
+    if final.exists():
+        sidecar = final.with_name(final.name + ".json")
+        entry["previous"] = {"path": str(final), "kept": True,
+                             "sidecar": str(sidecar) if sidecar.exists() else None,
+                             "note": f"{final.name} in place is an earlier export, not this one (which did not pass)"}
 
 
 def _commit(staging: Path, staged: Path, final: Path, entry: dict[str, Any], export_report: Mapping[str, Any]) -> None:
@@ -235,16 +293,10 @@ def verdict(name: str, result: Any):
 def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not v:
         return None
-    keys = ("passed", "kind", "max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
+    keys = ("passed", "kind", "max_abs_logit_diff", "logit_diff_to_bound", "rule", "mean_abs_logit_diff", "max_abs_prob_diff", "top1_agreement",
             "min_embedding_cosine", "max_batch_size_diff", "batch_sizes", "tolerance", "images", "accuracy",
             "dynamic_batch")
     return {k: v[k] for k in keys if k in v}
-
-
-def _remove_artifact(out: Path, final: Path) -> None:
-    for p in (final, final.with_name(final.name + ".json")):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
 
 
 def _write_report(out: Path, report: Mapping[str, Any]) -> None:

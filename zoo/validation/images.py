@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import DataError
-from ..preprocess import list_images, load_image, resize_crop, to_uint8_hwc
+from ..preprocess import ImageDecodeError, list_images, load_image, printable, resize_crop, to_uint8_hwc
 
 NUM_DEFAULT_IMAGES = 8
 MAX_IMAGES = 256
@@ -34,10 +34,12 @@ class ValidationImages:
     source: str
     targets: list[int | None]
     raw: list[np.ndarray] | None = None
+    skipped: list[str] = field(default_factory=list)  # "path: reason" for each unreadable file left out
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": int(len(self.names)), "source": self.source, "names": self.names[:16],
-                "labelled": sum(t is not None for t in self.targets)}
+                "labelled": sum(t is not None for t in self.targets),
+                **({"skipped": self.skipped} if self.skipped else {})}
 
 
 def synthetic_image(index: int, size: int = 256):
@@ -78,13 +80,15 @@ def sample_photos(limit: int = NUM_DEFAULT_IMAGES) -> list[tuple[str, Any]]:
 
 
 def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count: int = NUM_DEFAULT_IMAGES,
-                           raw: bool = False) -> ValidationImages:
+                           raw: bool = False, strict: bool = False) -> ValidationImages:
     """Resolve what the user passed into reference-preprocessed validation images.
 
     images: None (scikit-image's sample photos, topped up with deterministic synthetic images to
     `count`), a directory or image file, a list of image files, or a uint8 (N, H, W, 3) array
     already at the input size. Images in a folder named like a class label are labelled.
-    raw=True also keeps the decoded images at their own sizes (`.raw`), for `--preprocess full`."""
+    raw=True also keeps the decoded images at their own sizes (`.raw`), for `--preprocess full`.
+    An unreadable file (corrupt, truncated, not an image) is left out and listed in `.skipped`;
+    strict=True refuses them all, named, before anything is exported (DataError)."""
     c, h, w = tuple(norm.input_size)
     if isinstance(images, np.ndarray):
         arr = np.asarray(images)
@@ -113,15 +117,27 @@ def load_validation_images(images: Any, norm, labels: Sequence[str] = (), count:
     if len(paths) > MAX_IMAGES:
         paths = paths[:: math.ceil(len(paths) / MAX_IMAGES)]
     index = {name: i for i, name in enumerate(labels)}
-    if raw:  # decoded once, kept at their own sizes
-        if len(paths) > MAX_FULL_IMAGES:  # each runs alone through the artifact
-            paths = paths[:: math.ceil(len(paths) / MAX_FULL_IMAGES)]
-        decoded = [load_image(p) for p in paths]
-    pixels = np.stack([to_uint8_hwc(resize_crop(decoded[i] if raw else load_image(p), norm))
-                       for i, p in enumerate(paths)])
-    targets = [index.get(Path(p).parent.name) for p in paths]
-    return ValidationImages(pixels, [str(p) for p in paths], f"{len(paths)} files", targets,
-                            [to_uint8_hwc(img) for img in decoded] if raw else None)
+    if raw and len(paths) > MAX_FULL_IMAGES:  # each runs alone through the artifact
+        paths = paths[:: math.ceil(len(paths) / MAX_FULL_IMAGES)]
+    pixels, decoded, kept, skipped = [], [], [], []
+    for p in paths:  # decoded once; raw: also kept at their own sizes
+        try:
+            img = load_image(p)
+            pixels.append(to_uint8_hwc(resize_crop(img, norm)))
+            if raw:
+                decoded.append(to_uint8_hwc(img))
+            kept.append(p)
+        except (ImageDecodeError, OSError) as exc:
+            skipped.append(str(exc) if isinstance(exc, ImageDecodeError) else f"{printable(p)}: {exc}")
+    if skipped and strict:
+        raise DataError(f"validation images: {len(skipped)} unreadable file(s): {'; '.join(skipped[:5])}"
+                        f"{' ...' if len(skipped) > 5 else ''}; remove or fix them, or drop --strict to skip them")
+    if not kept:
+        raise DataError(f"validation images: none of the {len(paths)} files could be read: {'; '.join(skipped[:5])}")
+    targets = [index.get(Path(p).parent.name) for p in kept]
+    source = f"{len(kept)} files" + (f" ({len(skipped)} unreadable skipped)" if skipped else "")
+    return ValidationImages(np.stack(pixels), [str(p) for p in kept], source, targets, decoded if raw else None,
+                            skipped)
 
 
 # -- images at their own sizes, for --preprocess full ------------------------------------------------
