@@ -37,7 +37,15 @@ from typing import Any
 from zoo import Exporter, ExportOption, ExportOptions, ValidationResult, hookimpl
 from zoo.options import ONNX_OPSETS
 
-from .int8 import INT8_MODES, INT8_OPS, INT8_RUNTIMES, export_onnx_int8, validate_onnx_int8  # noqa: F401
+from .int8 import (  # noqa: F401
+    DEFAULT_RECIPE,
+    INT8_MODES,
+    INT8_OPS,
+    INT8_RECIPES,
+    INT8_RUNTIMES,
+    export_onnx_int8,
+    validate_onnx_int8,
+)
 
 DEFAULT_OPSET = 18
 MIN_DYNAMO_OPSET = 18
@@ -375,6 +383,8 @@ class OnnxInt8(Onnx):
                      choices=tuple(INT8_OPS)),
         ExportOption("int8_mode", "static", "static (QDQ, calibrated on your images, batch-independent; ONNX Runtime "
                      "and OpenVINO) or dynamic (activation scales per batch; ONNX Runtime only)", choices=INT8_MODES),
+        ExportOption("int8_recipe", DEFAULT_RECIPE, "static int8 recipe: " + "; ".join(
+            f"{k}: {v}" for k, v in INT8_RECIPES.items()) + f" (default {DEFAULT_RECIPE})", choices=tuple(INT8_RECIPES)),
     )
     in_all = False
     builds_on = "onnx"

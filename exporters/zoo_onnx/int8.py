@@ -60,12 +60,84 @@ def _calibration_batches(model, calibration, preprocess: str, batch: int = 8):
     return [x[i:i + batch] for i in range(0, len(x), batch)]
 
 
-def _quantize_static(model, source: str, path: Path, calibration, preprocess: str, int8_ops: str, tmp: str) -> str:
-    """QDQ int8 with per-channel weights and activation ranges calibrated (MinMax) on the user's
-    images, so every scale is a constant of the file: an image's output never depends on what
-    else is in its batch (dynamic int8 computes activation scales per batch). MinMax rather than
-    percentile/entropy: with the frozen backbone's real activations and a small sample it keeps
-    the rare large activations that ReLU6-style networks clip to anyway."""
+# The recipes `-O int8_recipe=...` selects (benchmarks/bench_int8.py compares them). All are static
+# QDQ with per-channel int8 weights and per-tensor 8-bit activations calibrated on the user's
+# images; all keep the head and the first KEEP_FIRST_CONVS convolutions (the stem and the first
+# block) in float.
+INT8_RECIPES = {
+    "nncf": "NNCF post-training quantization (nncf.quantize on the ONNX graph), fast bias correction",
+    "nncf-bc": "NNCF post-training quantization, full bias correction",
+    "ort-minmax": "ONNX Runtime quantize_static, MinMax ranges",
+    "ort-percentile": "ONNX Runtime quantize_static, 99.999th-percentile ranges",
+}
+DEFAULT_RECIPE = "nncf"
+# Measured by keeping one block at a time in float (MobileNetV2 on real photos, NNCF): the stem and
+# the first inverted-residual block cost the most agreement (0.90 all-int8; 0.95 with block 1 in
+# float); the first three convolutions are the stem and that block in both MobileNetV2 and
+# EfficientNet-Lite (lite0 main job: NNCF 0.935 -> 0.955 agreement, ONNX Runtime 0.92 -> 0.94).
+KEEP_FIRST_CONVS = 3
+
+
+def _kept_in_float(graph) -> list[str]:
+    """The head's nodes and the first KEEP_FIRST_CONVS convolutions."""
+    convs = [n.name for n in graph.node if n.op_type == "Conv"][:KEEP_FIRST_CONVS]
+    return _head_nodes(graph) + convs
+
+
+def _quantize_static(model, source: str, path: Path, calibration, preprocess: str, int8_ops: str, tmp: str,
+                     recipe: str = DEFAULT_RECIPE) -> str:
+    """QDQ int8 with per-channel weights and activation ranges calibrated on the user's images, so
+    every scale is a constant of the file: an image's output never depends on what else is in its
+    batch (dynamic int8 computes activation scales per batch)."""
+    batches = _calibration_batches(model, calibration, preprocess)
+    if recipe.startswith("nncf"):
+        return _quantize_nncf(source, path, batches, int8_ops, fast=recipe == "nncf")
+    return _quantize_ort(source, path, batches, int8_ops, tmp,
+                         method="Percentile" if recipe == "ort-percentile" else "MinMax")
+
+
+def _quantize_nncf(source: str, path: Path, batches, int8_ops: str, fast: bool) -> str:
+    """NNCF's post-training quantization: min/max-style ranges per activation, quantizers placed where
+    OpenVINO fuses them, then bias correction (the shift int8 weights give each channel's mean
+    output, measured on the calibration images and folded back into the bias). Against ONNX
+    Runtime's MinMax quantizer on the main job (lite0, Fashion-MNIST, 200 validation images) it
+    halves the top-1 disagreements with fp32, and OpenVINO runs its file as ONNX Runtime does
+    (benchmarks/bench_int8.py has the numbers)."""
+    import logging
+
+    import numpy as np
+    import onnx
+
+    nncf = _import_nncf()
+    nncf.set_log_level(logging.ERROR)
+    proto = onnx.load(str(source))
+    input_name = proto.graph.input[0].name
+    keep = _kept_in_float(proto.graph)
+    images = [np.ascontiguousarray(b[i:i + 1]) for b in batches for i in range(len(b))]
+    scope = nncf.IgnoredScope(names=keep, types=[] if int8_ops == "all" else ["Conv"], validate=False)
+    quantized = nncf.quantize(proto, nncf.Dataset(images, lambda x: {input_name: x}),
+                              preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(images),
+                              fast_bias_correction=fast, ignored_scope=scope)
+    onnx.save(quantized, str(path))
+    what = "every backbone op" if int8_ops == "all" else "MatMul/Gemm only"
+    return (f"QDQ static int8 by NNCF {nncf.__version__} (per-channel int8 weights, uint8 activations calibrated on "
+            f"{len(images)} images, {'fast ' if fast else ''}bias correction; {what}; first {KEEP_FIRST_CONVS} convolutions and head fp32)")
+
+
+def _import_nncf():
+    try:
+        import nncf
+    except ImportError as exc:
+        from zoo.errors import ZooError
+
+        raise ZooError(f"the int8 recipe 'nncf' needs NNCF, which is not installed ({exc}): pip install nncf, "
+                       "or choose another recipe (-O int8_recipe=ort-minmax)") from None
+    return nncf
+
+
+def _quantize_ort(source: str, path: Path, batches, int8_ops: str, tmp: str, method: str = "MinMax") -> str:
+    """ONNX Runtime's quantize_static. MinMax keeps the rare large activations that ReLU6-style
+    networks clip to anyway; Percentile clips the top 0.001%."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
@@ -77,27 +149,21 @@ def _quantize_static(model, source: str, path: Path, calibration, preprocess: st
         prepared = str(source)
     graph = onnx.load(prepared, load_external_data=False).graph
     input_name = graph.input[0].name
-    # The first convolution stays fp32: it sees the normalized pixels (3 channels, few weights,
-    # little speed to gain) and quantizing its input costs the most accuracy of any layer
-    # (MobileNetV2 on 8 photos: top-1 agreement 0.75 -> 1.0, file 0.28x fp32 either way).
-    first_conv = next((n.name for n in graph.node if n.op_type == "Conv"), None)
-    excluded = [first_conv] if first_conv else []
-    if int8_ops == "all":
-        # The whole backbone in int8 (every op type: Add, pooling and Clip too, so activations stay
-        # int8 between convolutions instead of round-tripping through float), the head in float: it
-        # is a few weights, and its logits are what the user reads (lite0 on Fashion-MNIST, 200
-        # validation images: 74.5% -> 78.5% against fp32's 79.5%, agreement 0.855 -> 0.975).
-        excluded += _head_nodes(graph)
-    reader = _Calibration(input_name, _calibration_batches(model, calibration, preprocess))
+    # The rest of the backbone in int8 (every op type: Add, pooling and Clip too, so activations stay
+    # int8 between convolutions instead of round-tripping through float).
+    excluded = _kept_in_float(graph) if int8_ops == "all" else [
+        n.name for n in graph.node if n.op_type == "Conv"][:KEEP_FIRST_CONVS]
+    reader = _Calibration(input_name, batches)
     quantize_static(prepared, str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=None if int8_ops == "all" else INT8_OPS[int8_ops],
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                    calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=excluded,
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibStridedMinMax": 1})
-    what = ("every backbone op; first convolution and head fp32" if int8_ops == "all"
-            else f"{'/'.join(INT8_OPS[int8_ops])}; first convolution fp32")
-    return (f"QDQ static int8 (per-channel QInt8 weights, QUInt8 activations, MinMax calibration on {len(calibration)} "
-            f"images; {what})")
+    what = (f"every backbone op; first {KEEP_FIRST_CONVS} convolutions and head fp32" if int8_ops == "all"
+            else f"{'/'.join(INT8_OPS[int8_ops])} only")
+    images = sum(len(b) for b in batches)
+    return (f"QDQ static int8 by ONNX Runtime (per-channel QInt8 weights, QUInt8 activations, {method} calibration "
+            f"on {images} images; {what})")
 
 
 def _head_nodes(graph) -> list[str]:
@@ -156,7 +222,8 @@ def _value(fp32: str, int8: Path, model, calibration, preprocess: str) -> dict[s
 
 
 def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, int8_ops: str = "all",
-                     int8_mode: str = "static", calibration=None, **options: Any) -> dict[str, Any]:
+                     int8_mode: str = "static", int8_recipe: str = DEFAULT_RECIPE, calibration=None,
+                     **options: Any) -> dict[str, Any]:
     """int8 ONNX of the validated fp32 export (exported first when there is none).
 
     int8_mode="static" (default): QDQ, per-channel weights, activation ranges calibrated on the
@@ -177,6 +244,10 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
         raise ZooError(f"int8_ops must be one of {sorted(INT8_OPS)}, got {int8_ops!r}")
     if int8_mode not in INT8_MODES:
         raise ZooError(f"int8_mode must be one of {INT8_MODES}, got {int8_mode!r}")
+    if int8_recipe not in INT8_RECIPES:
+        raise ZooError(f"int8_recipe must be one of {', '.join(INT8_RECIPES)}, got {int8_recipe!r}")
+    if int8_mode == "static" and int8_recipe.startswith("nncf"):
+        _import_nncf()  # before the fp32 work
     preprocess = options.get("preprocess", "normalize")
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -186,7 +257,7 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
             source = os.path.join(tmp, "fp32.onnx")
             fp32_report = export_onnx(model, source, **options)
         if int8_mode == "static":
-            how = _quantize_static(model, source, path, calibration, preprocess, int8_ops, tmp)
+            how = _quantize_static(model, source, path, calibration, preprocess, int8_ops, tmp, int8_recipe)
         else:
             quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS[int8_ops])
             how = f"onnxruntime dynamic int8 (QInt8 weights, activation scales per batch; {'/'.join(INT8_OPS[int8_ops])})"
@@ -195,6 +266,7 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
     target = meta.get("target", "onnxruntime")
     runtimes = [r for r in INT8_RUNTIMES[int8_mode] if r in (meta.get("runtimes") or [r])]
     meta.update(format="onnx-int8", int8_ops=int8_ops, int8_mode=int8_mode, runtimes=runtimes, quantization=how,
+                **({"int8_recipe": int8_recipe} if int8_mode == "static" else {}),
                 quantized_from=os.path.basename(str(source)) if fp32_report is None else "fresh fp32 export")
     if target not in runtimes:
         raise ZooError(f"{int8_mode} int8 does not run in the {target!r} target (it runs in {', '.join(runtimes)}); "
