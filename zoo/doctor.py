@@ -64,7 +64,7 @@ def devices() -> dict[str, Any]:
                                 "memory_gib": round(props.total_memory / 2 ** 30, 1), "bf16": bf16})
     mps = getattr(torch.backends, "mps", None)
     out["mps_available"] = bool(mps is not None and mps.is_available())
-    from .training import select_device
+    from .device import select_device
 
     out["auto_device"] = str(select_device("auto"))
     return out
@@ -94,7 +94,7 @@ def dynamo_export_probe() -> dict[str, Any]:
     try:
         import onnxruntime as ort
 
-        from .export import quiet
+        from .exporting import quiet
 
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
