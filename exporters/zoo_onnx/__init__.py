@@ -142,11 +142,19 @@ class OnnxInt8(Onnx):
     # quantizing the in-graph resize (and judging int8 on the full criteria) is not built yet
     preprocess_modes = ("normalize", "none")
 
+    def __init__(self) -> None:
+        # export's metadata dict by staged path: the core writes the sidecar from it after
+        # validate(), which drops the runtimes where the int8 gate failed
+        self._metadata: dict[str, dict[str, Any]] = {}
+
     def export(self, model, path, options: ExportOptions):
-        return export_onnx_int8(model, path, **options.as_kwargs())
+        report = export_onnx_int8(model, path, **options.as_kwargs())
+        self._metadata[str(path)] = report["metadata"]
+        return report
 
     def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
-        report = validate_onnx_int8(model, path, images, reference=reference, tolerance=tolerance,
+        report = validate_onnx_int8(model, path, images, metadata=self._metadata.pop(str(path), None),
+                                    reference=reference, tolerance=tolerance,
                                     batch_sizes=batch_sizes, targets=targets, **options.as_kwargs())
         return ValidationResult.from_report(report)
 
