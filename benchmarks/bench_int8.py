@@ -74,7 +74,7 @@ def photos():
         for n in SKIMAGE_PHOTOS:
             try:
                 a = d.__getattribute__(n)()
-            except Exception:  # noqa: BLE001 - a sample that needs a download
+            except Exception:  # noqa: BLE001, S112 - a sample that needs a download
                 continue
             out.append((f"skimage:{n}", Image.fromarray(np.asarray(a, np.uint8)).convert("RGB")))
     except ImportError:
@@ -147,9 +147,10 @@ def speed_ratios(fp32: Path, int8: Path, x: np.ndarray, rounds: int = 5) -> dict
 
 
 def measure(model, name: str, pixels, targets, calibration, recipes, work: Path) -> list[dict]:
-    from zoo.validation import Tolerance, eager_outputs
     from zoo_onnx import export_onnx
     from zoo_onnx.int8 import _consumer_runner, _quantize_static, _top1, int8_gate
+
+    from zoo.validation import Tolerance, eager_outputs
 
     fp32 = work / f"{name}-fp32.onnx"
     export_onnx(model, fp32, preprocess="normalize")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 # The fp32 side (export_onnx, read_metadata, session, ...) is imported inside the functions: the
@@ -117,7 +117,10 @@ def _quantize_nncf(source: str, path: Path, batches, int8_ops: str, fast: bool) 
     keep = _kept_in_float(proto.graph) if int8_ops == "all" else []  # matmul: every Conv in float, the head int8
     images = [np.ascontiguousarray(b[i:i + 1]) for b in batches for i in range(len(b))]
     scope = nncf.IgnoredScope(names=keep, types=[] if int8_ops == "all" else ["Conv"], validate=False)
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        QuantizationParameters,
+    )
 
     # per-tensor activation scales: NNCF may pick per-channel ones (MobileNetV3's squeeze-excite
     # convolutions), which ONNX Runtime's QLinearConv refuses at run time
@@ -146,8 +149,13 @@ def _quantize_ort(source: str, path: Path, batches, int8_ops: str, tmp: str, met
     """ONNX Runtime's quantize_static. MinMax keeps the rare large activations that ReLU6-style
     networks clip to anyway; Percentile clips the top 0.001%."""
     import onnx
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     prepared = os.path.join(tmp, "prepared.onnx")
     try:  # shape inference + ORT's basic fusions first, as onnxruntime recommends for static quantization
@@ -225,7 +233,7 @@ def _value(fp32: str, int8: Path, model, calibration, preprocess: str) -> dict[s
         notes.append(f"the int8 file is not faster than fp32 in ONNX Runtime on this CPU ({speed:.2f}x)")
     return {"fp32_bytes": os.path.getsize(fp32), "int8_bytes": int8.stat().st_size, "size_ratio": round(size_ratio, 4),
             "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3), "speedup": None if speed is None else round(speed, 3),
-            "batch": int(len(x)), "smaller": size_ratio < 1, "faster": bool(speed and speed > 1), "notes": notes}
+            "batch": len(x), "smaller": size_ratio < 1, "faster": bool(speed and speed > 1), "notes": notes}
 
 
 def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, int8_ops: str = "all",
@@ -447,11 +455,12 @@ def _measured_alternatives(model, path, x, ref_top1, targets, tol, calibration, 
                     _import_nncf()
                 _quantize_static(model, fp32, alt, calibration, preprocess, o, tmp, r)
                 g = int8_gate(ref_top1, _top1(_consumer_runner("onnxruntime", alt), x), targets, tol)
-            except Exception:  # noqa: BLE001 - an alternative that cannot be built is not suggested
+            except Exception:  # noqa: BLE001, S112 - an alternative that cannot be built is not suggested
                 continue
             if score(g) > score(base):
                 flags = (f"-O int8_recipe={r}" if r != recipe else "") + (" --int8-ops matmul" if o != ops else "")
-                better.append((score(g), f"{flags.strip()} measured better here ({_say_gate('onnxruntime', g)}"
-                                         f"{'; passes the gate' if g['passed'] else ''})"))
+                text = (f"{flags.strip()} measured better here ({_say_gate('onnxruntime', g)}"
+                        f"{'; passes the gate' if g['passed'] else ''})")
+                better.append((score(g), text))
     better.sort(key=lambda t: t[0], reverse=True)
     return [f"try {text}" for _, text in better]
