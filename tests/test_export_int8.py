@@ -59,8 +59,16 @@ def _relative(a, b) -> float:
 def test_static_int8_is_the_default_and_batch_independent(exported):
     out, report = exported
     meta = json.loads((out / "model.int8.onnx.json").read_text())
-    assert meta["int8_mode"] == "static" and "QDQ" in meta["quantization"]
-    assert set(meta["runtimes"]) >= {"onnxruntime", "openvino"}
+    assert meta["int8_mode"] == "static" and "QDQ" in meta["quantization"] and meta["int8_recipe"] == "nncf"
+    # every runtime the file lists passed the int8 gate there (OpenVINO at compile_model defaults),
+    # and every one it could have listed but does not failed it
+    gates = report["artifacts"]["onnx-int8"]["validation"]["runtime_gates"]
+    assert "onnxruntime" in meta["runtimes"] and set(meta["runtimes"]) <= set(gates)
+    assert all(gates[r]["passed"] for r in meta["runtimes"])
+    assert not any(g.get("passed") for r, g in gates.items() if r not in meta["runtimes"])
+    from zoo_onnx import read_metadata
+
+    assert read_metadata(out / "model.int8.onnx")["runtimes"] == meta["runtimes"]  # the file says the same
     alone, in_batch = _alone_and_in_a_batch(out / "model.int8.onnx", meta)
     assert _relative(alone, in_batch) < 1e-4
 
@@ -94,6 +102,42 @@ def test_report_gives_accuracy_on_the_run_validation_split_size_and_speed(export
     assert value["fp32_ms"] > 0 and value["int8_ms"] > 0
     assert value["faster"] == (value["speedup"] > 1)
     assert bool(value["notes"]) == (not value["smaller"] or not value["faster"])
+
+
+def test_int8_is_judged_on_the_whole_validation_split(run_dir, tmp_path, monkeypatch):
+    """fp32 formats check a sample of the run's split; int8 is judged on all of it (up to 1,000)."""
+    from zoo.exporting import images as imgs
+
+    _, run = run_dir
+    monkeypatch.setattr(imgs, "RUN_VALIDATION_IMAGES", 4)
+    report = zoo.export(run, formats="onnx", quantize="int8", out=tmp_path, int8_recipe="ort-minmax")
+    recorded = json.loads((Path(run) / "validation.json").read_text())["items"]
+    assert report["images"]["count"] == 4 < len(recorded)
+    int8 = report["artifacts"]["onnx-int8"]
+    assert int8["images"]["count"] == len(recorded) and int8["validation"]["accuracy"]["images"] == len(recorded)
+    gate = int8["validation"]["gate"]
+    assert gate["labelled"] == len(recorded) and gate["interval"] == "95% paired bootstrap"
+    lo, hi = gate["drop_interval95"]
+    assert lo <= gate["drop"] <= hi and gate["passed"] == (gate["drop"] <= 0.01 + 1e-12)
+    assert "int8_recipe" in json.loads((tmp_path / "model.int8.onnx.json").read_text())
+
+
+def test_int8_gate_gives_the_drop_with_a_paired_interval():
+    from zoo.validation import Tolerance
+    from zoo_onnx.int8 import int8_gate
+
+    y = [0, 1] * 100
+    ref = np.array(y)
+    same = int8_gate(ref, ref.copy(), y, Tolerance())
+    assert same["passed"] and same["drop"] == 0 and same["drop_interval95"] == [0.0, 0.0]
+    worse = ref.copy()
+    worse[:6] = 1 - worse[:6]  # 6 of 200 lost: 3 points
+    g = int8_gate(ref, worse, y, Tolerance())
+    assert not g["passed"] and g["drop"] == pytest.approx(0.03) and g["top1_agreement"] == pytest.approx(0.97)
+    lo, hi = g["drop_interval95"]
+    assert 0 < lo < 0.03 < hi < 0.06  # paired: only the 6 discordant images carry the spread
+    unlabelled = int8_gate(ref, worse, None, Tolerance(int8_agreement=0.98))
+    assert not unlabelled["passed"] and "drop" not in unlabelled and "agreement" in unlabelled["rule"]
 
 
 def test_accuracy_drop_beyond_one_point_fails_closed():

@@ -71,8 +71,8 @@ def test_mobilenet_v2_imagenet_top5_matches_eager(torch_hub_seeded, photos, tmp_
     assert {"top1_agreement", "min_embedding_cosine", "max_abs_logit_diff", "agreement_delta"} <= set(q_all)
     assert q_all["top1_agreement"] >= reports["dynamic"]["top1_agreement"]
     assert q_all["mean_embedding_cosine"] > reports["dynamic"]["mean_embedding_cosine"]
-    if not q_all["passed"]:
-        assert any("int8_ops='matmul'" in p for p in q_all["problems"])
+    if not q_all["passed"]:  # a suggestion only where it was measured to do better
+        assert all("measured better" in p for p in q_all["problems"] if p.startswith("try "))
 
     # eager: torchvision's own full model and its own transforms (not the zoo's preprocessing)
     reference = torchvision.models.mobilenet_v2(weights=weights).eval()

@@ -35,7 +35,15 @@ from zoo.options import ONNX_OPSETS
 
 from .graph import (DEFAULT_OPSET, MAX_BATCH, MIN_DYNAMO_OPSET, _export_graph, _export_with_fallback,  # noqa: F401
                     batch_axis_is_dynamic, dynamo_unavailable_reason, export_module, export_onnx, graph_opset)
-from .int8 import INT8_MODES, INT8_OPS, INT8_RUNTIMES, export_onnx_int8, validate_onnx_int8  # noqa: F401
+from .int8 import (  # noqa: F401
+    DEFAULT_RECIPE,
+    INT8_MODES,
+    INT8_OPS,
+    INT8_RECIPES,
+    INT8_RUNTIMES,
+    export_onnx_int8,
+    validate_onnx_int8,
+)
 from .metadata import METADATA_PREFIX, read_metadata, set_metadata  # noqa: F401
 
 
@@ -125,6 +133,8 @@ class OnnxInt8(Onnx):
                      choices=tuple(INT8_OPS)),
         ExportOption("int8_mode", "static", "static (QDQ, calibrated on your images, batch-independent; ONNX Runtime "
                      "and OpenVINO) or dynamic (activation scales per batch; ONNX Runtime only)", choices=INT8_MODES),
+        ExportOption("int8_recipe", DEFAULT_RECIPE, "static int8 recipe: " + "; ".join(
+            f"{k}: {v}" for k, v in INT8_RECIPES.items()) + f" (default {DEFAULT_RECIPE})", choices=tuple(INT8_RECIPES)),
     )
     in_all = False
     builds_on = "onnx"
@@ -132,11 +142,19 @@ class OnnxInt8(Onnx):
     # quantizing the in-graph resize (and judging int8 on the full criteria) is not built yet
     preprocess_modes = ("normalize", "none")
 
+    def __init__(self) -> None:
+        # export's metadata dict by staged path: the core writes the sidecar from it after
+        # validate(), which drops the runtimes where the int8 gate failed
+        self._metadata: dict[str, dict[str, Any]] = {}
+
     def export(self, model, path, options: ExportOptions):
-        return export_onnx_int8(model, path, **options.as_kwargs())
+        report = export_onnx_int8(model, path, **options.as_kwargs())
+        self._metadata[str(path)] = report["metadata"]
+        return report
 
     def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
-        report = validate_onnx_int8(model, path, images, reference=reference, tolerance=tolerance,
+        report = validate_onnx_int8(model, path, images, metadata=self._metadata.pop(str(path), None),
+                                    reference=reference, tolerance=tolerance,
                                     batch_sizes=batch_sizes, targets=targets, **options.as_kwargs())
         return ValidationResult.from_report(report)
 

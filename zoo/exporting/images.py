@@ -9,6 +9,9 @@ import os
 
 RUN_VALIDATION_IMAGES = 64  # enough to see accuracy move, few enough to export in seconds
 CALIBRATION_IMAGES = 128
+# Quantized formats are judged on the run's whole validation split, up to this many images: on 64,
+# one image is 1.6 points of accuracy, the whole int8 tolerance.
+QUANTIZED_VALIDATION_IMAGES = 1000
 
 
 def _spread(n: int, limit: int) -> list[int]:
@@ -32,7 +35,8 @@ def _pixels(samples, indices, norm, raw: list | None = None):
     return np.stack(out)
 
 
-def _validation_images(images, model, run_dir, say, raw: bool = False, strict: bool = False):
+def _validation_images(images, model, run_dir, say, raw: bool = False, strict: bool = False,
+                       limit: int | None = None):
     """The images every artifact is checked on: those given; else the run's own validation split
     (labelled, so the report has accuracy); else scikit-image's photos. A run whose split cannot
     be read is said, never passed over quietly. raw=True keeps them at their own sizes too
@@ -48,7 +52,7 @@ def _validation_images(images, model, run_dir, say, raw: bool = False, strict: b
     decoded: list | None = [] if raw else None
     try:
         samples, described = recorded_validation(run_dir, labels)
-        picked = _spread(len(samples), RUN_VALIDATION_IMAGES)
+        picked = _spread(len(samples), limit or RUN_VALIDATION_IMAGES)
         if not picked:
             raise RunDirError("its validation split is empty")
         pixels = _pixels(samples, picked, norm, decoded)

@@ -17,7 +17,7 @@ from ..errors import ExportValidationError, ZooError
 from ..io import file_sha256, write_json
 from ..plugin.api import ExportOptions
 from .artifact import ARTIFACT_STEM, check_preprocess, quiet, versions
-from .images import _calibration_images, _validation_images
+from .images import QUANTIZED_VALIDATION_IMAGES, _calibration_images, _validation_images
 from .plan import _implements, _output_folder, check_requirements, exporter_options, resolve_formats
 
 
@@ -41,6 +41,9 @@ class Reference:
     vimages: Any
     outputs: dict[str, Any] | None
     calibration: tuple[Any, str] | None
+    # quantized formats: the run's whole validation split (capped) and eager outputs on it
+    qimages: Any = None
+    qoutputs: dict[str, Any] | None = None
 
 
 def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
@@ -134,9 +137,17 @@ def _reference(model, run_dir, plan: Plan, preprocess, tolerance, int8_agreement
     if full:  # the artifact gets the images at their own sizes; the reference, Pillow's resize of them
         vimages = full_validation_images(vimages, model.meta.normalization)
     outputs = eager_outputs(model, vimages.pixels) if validate else None
-    calibration = (_calibration_images(model, run_dir, vimages, say)
-                   if any(getattr(spec, "quantization", None) for spec in plan.specs.values()) else None)
-    return Reference(tol, vimages, outputs, calibration)
+    quantized = any(getattr(spec, "quantization", None) for spec in plan.specs.values())
+    calibration = _calibration_images(model, run_dir, vimages, say) if quantized else None
+    qimages, qoutputs = vimages, outputs
+    if quantized and images is None and run_dir is not None and not full:
+        qimages = _validation_images(images, model, run_dir, lambda msg: None, limit=QUANTIZED_VALIDATION_IMAGES)
+        if len(qimages.pixels) != len(vimages.pixels):
+            say(f"quantized formats: validating on {qimages.source}")
+            qoutputs = eager_outputs(model, qimages.pixels) if validate else None
+        else:
+            qimages = vimages
+    return Reference(tol, vimages, outputs, calibration, qimages, qoutputs)
 
 
 def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedding, validate,
@@ -180,10 +191,13 @@ def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedd
             say(f"{name}: validating against eager PyTorch at batch sizes {list(plan.batch_sizes)}")
             t1 = time.perf_counter()
             try:
+                vimages, outputs = ((ref.qimages, ref.qoutputs) if spec.quantization and ref.qimages is not None
+                                    else (ref.vimages, ref.outputs))
+                if vimages is not ref.vimages:
+                    entry["images"] = vimages.to_dict()
                 with quiet():
-                    result = spec.validate(model, str(staged), ref.vimages.raw if full else ref.vimages.pixels,
-                                           options, ref.outputs, ref.tolerance, plan.batch_sizes,
-                                           ref.vimages.targets)
+                    result = spec.validate(model, str(staged), vimages.raw if full else vimages.pixels,
+                                           options, outputs, ref.tolerance, plan.batch_sizes, vimages.targets)
                 vrep = verdict(name, result).to_dict()
             except ExportValidationError:
                 raise
