@@ -44,7 +44,7 @@ def write_jpegs(root: Path, n: int, px: int) -> Path:
 def raw_rates(name: str, batch: int, threads: int) -> dict[str, float]:
     import torch
 
-    from zoo import engines as E
+    from zoo.features import engines as E
     from zoo.backbones import create_backbone, get_info
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from zoo import engines as E
+from zoo.features import engines as E
 from zoo.data import EvalTransform, Samples
 from zoo.features import cached_features
 from zoo.records import Normalization

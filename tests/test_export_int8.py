@@ -134,7 +134,7 @@ def test_calibration_uses_the_training_sample_the_run_recorded(exported, run_dir
 
 def test_calibration_reader_reduces_batch_by_batch():
     """The reader speaks onnxruntime's strided protocol: each range yields only its own batches."""
-    from zoo_onnx import _Calibration
+    from zoo_onnx.int8 import _Calibration
 
     reader = _Calibration("image", [np.full((2, 1), i) for i in range(3)])
     assert len(reader) == 3

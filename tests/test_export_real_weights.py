@@ -57,7 +57,7 @@ def test_mobilenet_v2_imagenet_top5_matches_eager(torch_hub_seeded, photos, tmp_
 
     # the convolutions too: static QDQ calibrated on the photos against ONNX Runtime's dynamic int8
     # (0.75 top-1 agreement measured here before static int8 existed) on the same photos
-    from zoo_onnx import export_onnx_int8, validate_onnx_int8
+    from zoo_onnx.int8 import export_onnx_int8, validate_onnx_int8
     from zoo.validation import load_validation_images
 
     pixels = load_validation_images(None, model.meta.normalization).pixels

@@ -11,6 +11,7 @@ import torch
 
 import zoo
 import zoo.features as F
+import zoo.features.cache as FC
 from test_engines import NORM, tiny_backbone, tiny_samples
 from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
 from zoo.data import EvalTransform, decode_count
@@ -29,7 +30,7 @@ def _dir(tmp_path):
 
 
 def test_shards_stream_and_an_interrupted_run_keeps_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(F, "SHARD_ROWS", 8)
+    monkeypatch.setattr(FC, "SHARD_ROWS", 8)
     real = F.FeatureCache.write_shard
     written = []
 
@@ -52,11 +53,11 @@ def test_shards_stream_and_an_interrupted_run_keeps_them(tmp_path, monkeypatch):
 
 
 def test_lookup_reads_the_index_and_only_the_shards_it_needs(tmp_path, monkeypatch):
-    monkeypatch.setattr(F, "SHARD_ROWS", 4)
+    monkeypatch.setattr(FC, "SHARD_ROWS", 4)
     _run(tmp_path)  # 20 images -> 5 shards
     opened = []
-    real = F._mmap_matrix
-    monkeypatch.setattr(F, "_mmap_matrix", lambda p: (opened.append(p.name), real(p))[1])
+    real = FC._mmap_matrix
+    monkeypatch.setattr(FC, "_mmap_matrix", lambda p: (opened.append(p.name), real(p))[1])
     samples = tiny_samples()
     fc = F.FeatureCache(tmp_path / "cache", {"backbone": "tiny", "transform": None} | {})
     fc.dir = _dir(tmp_path)
@@ -65,7 +66,7 @@ def test_lookup_reads_the_index_and_only_the_shards_it_needs(tmp_path, monkeypat
 
 
 def test_a_damaged_shard_is_a_miss_reported_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(F, "SHARD_ROWS", 8)
+    monkeypatch.setattr(FC, "SHARD_ROWS", 8)
     first, _ = _run(tmp_path)
     victim = sorted(_dir(tmp_path).glob("*.safetensors"))[0]
     raw = bytearray(victim.read_bytes())
@@ -131,7 +132,7 @@ def _jpeg_folder(root, n=6, size=(70, 50)):
 @pytest.mark.parametrize("mode", ["gpu", "draft"])
 def test_alternative_decoders_are_close_to_the_reference_and_cached_apart(tmp_path, monkeypatch, mode):
     from zoo.data import scan_folder
-    from zoo.engines import row_cosine
+    from zoo.features.engines import row_cosine
 
     samples, _ = scan_folder(_jpeg_folder(tmp_path / "jpegs", size=(200, 160)))
     norm = type(NORM)(NORM.mean, NORM.std, (3, 24, 24), 28)

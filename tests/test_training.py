@@ -257,7 +257,7 @@ def test_mixed_precision_extraction_matches_fp32(tmp_path, data, weights, amp):
             for p in ("off", amp)}
     assert runs["off"].val_top1 >= 0.85, runs["off"].history  # 8 of 9, honestly reported
     assert abs(runs[amp].val_top1 - runs["off"].val_top1) <= 0.01, (runs[amp].history, runs["off"].history)
-    if amp == "bf16":  # the extraction engines have a bf16 engine (zoo.engines), none for fp16
+    if amp == "bf16":  # the extraction engines have a bf16 engine (zoo.features.engines), none for fp16
         feats = _cached_features(tmp_path / "cache")
         assert set(feats) == {"fp32", "bf16"}, set(feats)
         a = torch.stack([feats["fp32"][k] for k in sorted(feats["fp32"])])

@@ -279,7 +279,7 @@ def verify_images(samples: Samples, strict: bool = False, workers: int | None = 
     """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
     Images over `max_pixels` are skipped before decoding. With strict=True any unreadable or
     skipped file raises DataError instead.
-    known_readable: a zoo.features.ReadableSet; files whose content hash it holds decoded before
+    known_readable: a zoo.features.cache.ReadableSet; files whose content hash it holds decoded before
     (the same bytes cannot fail now) and are only hashed, which is what makes a warm run decode-free;
     one whose recorded pixel count is over `max_pixels` is checked again (and skipped)."""
     paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]

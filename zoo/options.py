@@ -182,7 +182,7 @@ class TrainConfig:
     image_size: int | None = opt(None, number(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, integer=True, optional=True))
     num_workers: int | None = opt(None, number(0, integer=True, optional=True), flag="--workers")
     progress: bool = opt(True, flag="--no-progress")
-    # feature extraction (zoo.engines, zoo.features): the engine, and decoders that change pixels
+    # feature extraction (zoo.features: engines, decoding): the engine, and decoders that change pixels
     # slightly (each cached under its own key)
     engine: str = opt("auto", choice("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"))
     jpeg_draft: bool = opt(False)

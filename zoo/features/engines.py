@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import ZooError
+from ..errors import ZooError
 
 ENGINES = ("eager", "channels_last", "bf16", "onnxruntime", "compile")
 ENGINE_CHOICES = ("auto",) + ENGINES
@@ -189,8 +189,8 @@ def _prepare_ort(backbone, example, device, onnx_dir, threads) -> Prepared:
 def _export_onnx(backbone, example, path: Path) -> None:
     """Dynamic-batch export through the ONNX exporter plugin (zoo.export.bare_module_to_onnx: one
     graph path for every ONNX file the zoo writes), atomically; any failure rejects the engine."""
-    from .export import bare_module_to_onnx
-    from .io import atomic_path
+    from ..export import bare_module_to_onnx
+    from ..io import atomic_path
 
     module = backbone.to(memory_format=torch.contiguous_format).eval()
     try:
@@ -206,7 +206,7 @@ def _export_onnx(backbone, example, path: Path) -> None:
 
 
 def _module_digest(module: nn.Module) -> str:
-    from .features import state_digest
+    from ..digest import state_digest
 
     return hashlib.sha256(f"{type(module).__qualname__}|{state_digest(module)}|{torch.__version__}".encode()
                           ).hexdigest()[:24]
@@ -290,7 +290,7 @@ class ChoiceStore:
     def put(self, key: str, engine: str, rates: dict[str, float]) -> None:
         if self.path is None:
             return
-        from .io import write_json
+        from ..io import write_json
 
         data = self._read()
         data[key] = {"engine": engine, "rates": {k: round(v, 1) for k, v in rates.items()},
@@ -342,7 +342,7 @@ def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.devic
     file, and need no collective (a rank whose rows are all cached never gets here)."""
     say = say or (lambda msg: print(msg, file=sys.stderr))
     if asked not in ENGINE_CHOICES:
-        from .errors import ZooError
+        from ..errors import ZooError
 
         raise ZooError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {asked!r}")
     onnx_dir = Path(cache_root) / "engines" / "onnx" if cache_root is not None else None
