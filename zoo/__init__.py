@@ -20,6 +20,7 @@ _EXPORTS = {
     "ExportOption": "zoo.plugin.api",
     "ExportOptions": "zoo.plugin.api",
     "ValidationResult": "zoo.plugin.api",
+    "SelfCheck": "zoo.plugin.api",
     "BackboneSpec": "zoo.records",
     "LayerGroup": "zoo.records",
     "Normalization": "zoo.records",

@@ -471,6 +471,7 @@ def _export(model, run_dir, formats, out, preprocess, quantize, tolerance, image
             os.replace(item, out / item.name)
             moved.append(item.name)
         shutil.rmtree(staging, ignore_errors=True)
+        entry["export"] = _rebased(entry["export"], str(staging), str(out))  # no staging path leaks out
         entry.update(path=str(final), files=moved, size_bytes=final.stat().st_size, sha256=sidecar["sha256"])
         validated[name] = str(final)
         say(f"{name}: {entry['status']} -> {final}")
@@ -630,6 +631,17 @@ def _summary(v: Mapping[str, Any] | None) -> dict[str, Any] | None:
             "min_embedding_cosine", "max_batch_size_diff", "batch_sizes", "tolerance", "images", "accuracy",
             "dynamic_batch")
     return {k: v[k] for k in keys if k in v}
+
+
+def _rebased(obj: Any, old: str, new: str) -> Any:
+    """An exporter's report with the paths it gave into its staging folder pointed at the final place."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj.startswith(old) else obj
+    if isinstance(obj, dict):
+        return {k: _rebased(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebased(v, old, new) for v in obj]
+    return obj
 
 
 def _remove_artifact(out: Path, final: Path) -> None:

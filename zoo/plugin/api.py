@@ -192,6 +192,24 @@ class ValidationResult:
                 **({"runtime": self.runtime} if self.runtime else {})}
 
 
+@dataclass(frozen=True)
+class SelfCheck:
+    """What `Exporter.self_check` tells `zoo doctor`: can this machine export (and run) the format?
+
+    ok: True (works), False (does not; `problems` says why, with the fix) or None (not checked,
+    e.g. the probe was skipped). summary: one line for the doctor's text output. problems: one
+    line each, naming the fix; they go to the doctor's "problems". details: JSON-ready facts (the
+    runtime's version and providers, the probe's numbers) for `zoo doctor --json`."""
+
+    ok: bool | None
+    summary: str = ""
+    problems: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "summary": self.summary, "problems": list(self.problems), "details": dict(self.details)}
+
+
 class Exporter(ABC):
     """An export format. Set `name` (the format users type) and `suffix` (the artifact's file
     ending, e.g. ".onnx"); implement `export`, and `validate` so `zoo export` can check the file
@@ -221,7 +239,10 @@ class Exporter(ABC):
     def export(self, model: "ZooModel", path: str, options: ExportOptions) -> Mapping[str, Any]:
         """Write the whole model (`model.backbone`, `model.head`) as one artifact at `path`.
 
-        `model.meta` holds the backbone, weights, `Normalization` and class labels: write them
+        `path` has the artifact's final file name (e.g. "model.onnx") inside a staging folder; after
+        validation the zoo moves it, and any file you write beside it, into the output folder (a
+        failed artifact never gets there). Paths in the report you return that point into the staging
+        folder are rewritten to the final place. `model.meta` holds the backbone, weights, `Normalization` and class labels: write them
         into the artifact so it describes itself (`zoo.export.artifact_metadata(model, ...)`
         gives all of it). Return a small JSON-ready report; "metadata" in it goes to the sidecar."""
 
@@ -253,6 +274,13 @@ class Exporter(ABC):
         """Export a bare module (one float NCHW tensor "input" in, "output" out, dynamic batch),
         for `zoo bench`. Optional: raise NotImplementedError if the format cannot."""
         raise NotImplementedError(f"exporter {self.name!r} cannot export a bare module")
+
+    def self_check(self, probe: bool = True) -> SelfCheck | None:
+        """Whether this machine can export (and run) the format, for `zoo doctor`: the runtime's
+        presence and version, and with `probe` a real export of a tiny model (a few seconds at most).
+        Runs in a child process of the doctor, so a crash or hang cannot take it down. Default: None
+        (nothing to check)."""
+        return None
 
 
 # -- checks the registry applies to what a plugin hands it -----------------------------------------------

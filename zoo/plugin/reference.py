@@ -11,7 +11,8 @@ from typing import Any
 
 from .. import records
 from . import hookspecs
-from .api import BackboneProvider, BuiltBackbone, Exporter, ExportOption, ExportOptions, PretrainedHead, ValidationResult
+from .api import (BackboneProvider, BuiltBackbone, Exporter, ExportOption, ExportOptions, PretrainedHead, SelfCheck,
+                  ValidationResult)
 
 
 def _doc(obj: Any) -> str:
@@ -59,7 +60,7 @@ def reference_markdown() -> str:
         lines += ["  " + line if line else "" for line in _doc(fn).splitlines()] + [""]
     for cls in (BackboneProvider, Exporter):
         lines += _class_section(cls)
-    for cls in (BuiltBackbone, PretrainedHead, ExportOptions, ExportOption, ValidationResult, records.BackboneSpec,
+    for cls in (BuiltBackbone, PretrainedHead, ExportOptions, ExportOption, ValidationResult, SelfCheck, records.BackboneSpec,
                 records.WeightsInfo, records.Normalization, records.LayerGroup):
         lines += _dataclass_section(cls)
     return "\n".join(lines).rstrip() + "\n"
