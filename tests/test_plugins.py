@@ -427,3 +427,36 @@ def test_registering_by_hand_goes_through_the_same_checks(fresh_plugins):
     assert zoo.list_models("byhand/*") == ["byhand/net"]
     _, info = zoo.create_backbone("byhand/net", weights=None)
     assert info.feature_dim == 8 and info.plugin == "by_hand"
+
+
+def test_the_kit_refuses_to_test_another_plugins_provider(tmp_path, monkeypatch, fresh_plugins):
+    """The real plugin's own check_backbones(provider=...) test never passes on an impostor."""
+    import importlib.util
+
+    from zoo.testing import ConformanceError, check_backbones
+
+    second = IMPOSTOR.replace('name = "torchvision"', 'name = "shared"')
+    install(tmp_path, monkeypatch, {"alpha": second, "beta": second})
+    with pytest.raises(ConformanceError, match="claimed by plugins 'alpha', 'beta'"):
+        check_backbones(provider="shared", plugin="beta")  # in conflict: nobody's
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=alpha")
+    fresh_plugins.reset()
+    with pytest.raises(ConformanceError, match=r"shared/\w+: is registered by plugin 'alpha' \(distribution "
+                                               r"zoo-alpha\), not by the plugin under test \(plugin='beta'"):
+        check_backbones(provider="shared", plugin="beta")
+    assert len(check_backbones(provider="shared", plugin="zoo-alpha")) == 2
+    # Inferred: beta's own test file, beside beta's pyproject.toml, tests beta.
+    project = tmp_path / "zoo-beta"
+    (project / "tests").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "zoo-beta"\n\n[project.entry-points.zoo]\n'
+                                            'beta = "zoo_beta"\n')
+    (project / "tests" / "test_beta.py").write_text(
+        "from zoo.testing import check_backbones\n\ndef test_it():\n    check_backbones(provider='shared')\n")
+    spec = importlib.util.spec_from_file_location("beta_tests", project / "tests" / "test_beta.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(ConformanceError, match=r"not by the plugin under test \(the plugins of .*pyproject.toml: beta"):
+        module.test_it()
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=beta")
+    fresh_plugins.reset()
+    module.test_it()  # its own provider: passes
