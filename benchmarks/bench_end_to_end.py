@@ -57,7 +57,8 @@ def naive(data: Path, weights: Path, epochs: int, batch: int, lr: float, size: i
     from zoo.data import EvalTransform, load_data, normalize_batch, with_image_size
     from zoo.freezer import build_optimizer
     from zoo.model import build_model
-    from zoo.training import _cosine, seed_everything
+    from zoo.device import seed_everything
+    from zoo.training.fit import _cosine
 
     t0 = time.perf_counter()
     split = load_data(data, val_split=0.2, seed=seed)

@@ -188,6 +188,7 @@ def test_resume_refuses_changed_options_saves_allowed_ones_and_explains_damage(b
 # --------------------------------------------------------------------------- 4. non-finite guard
 def test_divergence_stops_with_a_clear_error_and_saves_no_model(base, tmp_path):
     import zoo.training as T
+    from zoo.training.trainer import _Trainer
 
     data, weights, d = base
     out = tmp_path / "run"
@@ -195,26 +196,26 @@ def test_divergence_stops_with_a_clear_error_and_saves_no_model(base, tmp_path):
 
     def explode_after_first(epoch, rec):  # the second epoch diverges: the first's checkpoint stays
         calls.append(epoch)
-        T._Trainer._lr_bomb = True
+        _Trainer._lr_bomb = True
 
     import torch
 
-    original = T._Trainer._train_epoch
+    original = _Trainer._train_epoch
 
     def train_epoch(self, epoch):
-        if getattr(T._Trainer, "_lr_bomb", False):
+        if getattr(_Trainer, "_lr_bomb", False):
             with torch.no_grad():
                 next(self.model.head.parameters()).fill_(float("nan"))
         return original(self, epoch)
 
-    T._Trainer._train_epoch = train_epoch
+    _Trainer._train_epoch = train_epoch
     try:
         with pytest.raises(T.NonFiniteError, match="diverged in epoch 2.*last good checkpoint \\(epoch 1\\)"):
             T.train(BACKBONE, data, out=out, weights=str(weights), on_epoch_end=explode_after_first,
                     **train_kwargs(d, epochs=3))
     finally:
-        T._Trainer._train_epoch = original
-        T._Trainer._lr_bomb = False
+        _Trainer._train_epoch = original
+        _Trainer._lr_bomb = False
     assert calls == [1] and not (out / "model.json").exists()
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["trainable"].values())

@@ -220,7 +220,7 @@ def test_errors_come_before_any_work(tmp_path, data, weights, monkeypatch):
 
 
 def test_device_auto_is_cpu_without_accelerators():
-    from zoo.training import select_device
+    from zoo.device import select_device
 
     if torch.cuda.is_available():
         assert select_device("auto").type == "cuda"

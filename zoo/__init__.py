@@ -37,7 +37,7 @@ _EXPORTS = {
     "build_model": "zoo.model",
     "pretrained_classifier": "zoo.model",
     "train": "zoo.training",
-    "export": "zoo.export",
+    "export": "zoo.exporting",
 }
 
 if TYPE_CHECKING:  # what type checkers see: the real names (re-exported: `X as X`), not __getattr__'s Any
@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # what type checkers see: the real names (re-exported: `X as 
     from .backbones import get_info as get_info
     from .backbones import get_normalization as get_normalization
     from .backbones import list_models as list_models
-    from .export import export as export
+    from .exporting import export as export
     from .layers import auto_layer_groups as auto_layer_groups
     from .model import build_model as build_model
     from .model import pretrained_classifier as pretrained_classifier
@@ -70,7 +70,13 @@ if TYPE_CHECKING:  # what type checkers see: the real names (re-exported: `X as 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+# subpackages reachable as attributes after a bare `import zoo` (e.g. `zoo.exporting.artifact_metadata`)
+_SUBMODULES = ("exporting", "validation")
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"zoo.{name}")
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

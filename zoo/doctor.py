@@ -66,7 +66,7 @@ def devices() -> dict[str, Any]:
                                 "memory_gib": round(props.total_memory / 2 ** 30, 1), "bf16": bf16})
     mps = getattr(torch.backends, "mps", None)
     out["mps_available"] = bool(mps is not None and mps.is_available())
-    from .training import select_device
+    from .device import select_device
 
     out["auto_device"] = str(select_device("auto"))
     return out

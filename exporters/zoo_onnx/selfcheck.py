@@ -36,7 +36,7 @@ def dynamo_export_probe() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from zoo.export import quiet
+    from zoo.exporting import quiet
     from zoo_onnx import DEFAULT_OPSET, MAX_BATCH, dynamo_unavailable_reason
 
     reason = dynamo_unavailable_reason()

@@ -33,7 +33,7 @@ _env_lock = threading.Lock()
 def export_pt2(model, path, *, preprocess: str = "normalize", embedding: bool = True, **_: Any) -> dict[str, Any]:
     import torch
 
-    from zoo.export import artifact_metadata, deploy_module, example_input
+    from zoo.exporting import artifact_metadata, deploy_module, example_input
 
     module = deploy_module(model, preprocess, embedding)
     example = example_input(model, preprocess, batch=2)  # batch 2: the batch axis is never specialized to 1

@@ -50,8 +50,8 @@ class BenchConfig:
 
 
 def resolve_device(device: str) -> str:
-    """zoo.training.select_device without MPS (the bench runtimes are CPU and CUDA)."""
-    from zoo.training import select_device
+    """zoo.device.select_device without MPS (the bench runtimes are CPU and CUDA)."""
+    from zoo.device import select_device
 
     return str(select_device(device, allow_mps=False))
 

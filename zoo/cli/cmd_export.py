@@ -162,7 +162,7 @@ def run(args) -> int:
 
     from zoo.table import print_json
     from zoo.errors import ExportValidationError
-    from zoo.export import export
+    from zoo.exporting import export
 
     def progress(msg):
         if not args.json:

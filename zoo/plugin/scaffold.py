@@ -257,7 +257,7 @@ class NpzExporter(zoo.Exporter):
 
     def export(self, model, path, options):
         import numpy as np
-        from zoo.export import artifact_metadata
+        from zoo.exporting import artifact_metadata
 
         meta = artifact_metadata(model, self.name, options.preprocess, options.embedding)
         tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -1,185 +1,22 @@
-"""zoo.train: a classifier head on a frozen (or partly frozen) backbone, on GPU or CPU.
-
-Two paths, chosen automatically:
-  cached   the backbone is fully frozen and the transform deterministic (no augmentation, or N
-           pre-drawn augmented views): features are extracted once (zoo.features, cached on disk)
-           and the head trains on tensors. This is the default wherever it is valid.
-  full     augmentation without views, or a partial freeze: images go through the model each step
-           (DataLoader workers, pinned memory; AMP and channels_last on CUDA).
-
-Both use the same global-batch schedule (zoo.distributed), AdamW over trainable parameters only,
-label smoothing, a per-step cosine schedule, early stopping on validation top-1 (the best epoch's
-weights are kept), and seeded RNG everywhere, so a run is reproducible and a resumed run ends
-where an uninterrupted one would.
-"""
+"""_Trainer: one training run, as named phases in execution order (see `run`)."""
 
 from __future__ import annotations
 
 import math
-import os
-import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ZooError
-
-from .options import DEFAULT_BACKBONE, RESUMABLE_OVERRIDES, OptionError, TrainConfig, flag_of  # noqa: F401
-
-
-class NonFiniteError(ZooError):
-    """Training produced a NaN or infinite loss or weight."""
-
-
-def select_device(preference: str = "auto", allow_mps: bool = True):
-    """The one device selection: auto = CUDA, then MPS (when allowed), then CPU; an explicit
-    device that is not there is an error naming the fix."""
-    import torch
-
-    pref = (preference or "auto").lower()
-    if pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if allow_mps and mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise ZooError(f"--device {preference}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
-                       "use --device auto or --device cpu")
-    if pref == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ZooError("--device mps: Apple MPS is not available here; use --device auto or --device cpu")
-    if pref == "mps" and not allow_mps:
-        raise ZooError("--device mps is not supported here; use --device auto, cpu or cuda")
-    if pref not in ("cpu", "mps") and not pref.startswith("cuda"):
-        raise ZooError(f"--device must be auto, cpu, cuda[:N] or mps, got {preference!r}")
-    return torch.device(pref)
-
-
-def amp_settings(device, amp: str):
-    """-> (autocast dtype or None, use GradScaler)."""
-    import torch
-
-    amp = (amp or "auto").lower()
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None, False
-    if amp == "auto":
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    if amp == "bf16":
-        return torch.bfloat16, False
-    if amp == "fp16":
-        return torch.float16, device.type == "cuda"
-    raise ZooError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def _cosine(total_steps: int):
-    def f(step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
-    return f
-
-
-def _metrics(loss_sum: float, confusion) -> dict:
-    cm = np.asarray(confusion, dtype=np.int64)
-    count = int(cm.sum())
-    per_class = [float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None for i in range(len(cm))]
-    return {"loss": loss_sum / max(1, count), "top1": float(np.trace(cm) / max(1, count)), "count": count,
-            "per_class": per_class, "confusion": cm.tolist()}
-
-
-def train(backbone: str | None = None, data: str | os.PathLike | None = None, *,
-          out: str | os.PathLike | None = None, resume: bool = False,
-          on_epoch_end: Callable[[int, dict], None] | None = None, **options) -> "Run":  # noqa: F821
-    """Train a classifier head; returns a zoo.runs.Run (model, history, metrics, run dir).
-
-    backbone: qualified name (default: the one a plugin declares; timm/tf_efficientnet_lite0.in1k,
-    offline ImageNet weights, with the built-ins).
-    data: image folder with one subfolder per class; None (and no csv) = the embedded
-    Fashion-MNIST sample. options: any TrainConfig field (csv, val_data, val_split, freeze,
-    head, hidden, epochs, lr, batch_size, device, seed, strict, cache, augment, views,
-    image_size, ...), checked on construction (OptionError names the flag). out: run directory
-    (None: nothing is written). resume: continue the run in `out` with its saved config; only
-    RESUMABLE_OVERRIDES (epochs, device, workers, progress, cache, patience) may change, and the
-    changes are saved; any other option that differs from the saved one is refused.
-    on_epoch_end(epoch, record): called after each epoch's checkpoint is written (an exception
-    raised there stops the run; `resume=True` continues it).
-    """
-    unknown = set(options) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"train() got unknown options {sorted(unknown)}")
-    from . import runs
-
-    given = dict(options)
-    if backbone is not None:
-        given["backbone"] = backbone
-    if data is not None:
-        given["data"] = os.fspath(data)
-    for k in ("val_data", "csv", "cache_dir"):  # paths given as Path objects, like `data`
-        if isinstance(given.get(k), os.PathLike):
-            given[k] = os.fspath(given[k])
-    if resume:
-        if out is None:
-            raise ZooError("resume needs the run directory (--out DIR)")
-        runs.prepare(out, resume=True)
-        cfg = resumed_config(TrainConfig.from_dict(runs.read_config(out)), given, out)
-    else:
-        given.setdefault("backbone", DEFAULT_BACKBONE)
-        if given["backbone"] == DEFAULT_BACKBONE:
-            from .plugin.registry import default_backbone
-
-            given["backbone"] = default_backbone(with_tag=given.get("weights", "default") == "default")
-        cfg = TrainConfig(**given)
-    return _Trainer(cfg, Path(out) if out is not None else None, resume, on_epoch_end).run()
-
-
-def resumed_config(saved: TrainConfig, given: dict, out) -> TrainConfig:
-    """The saved config with the allowed changes applied; any other option given with a value
-    other than the saved one is refused (listing each), since the run would silently ignore it."""
-    saved_d = saved.to_dict()
-    differ = []
-    for k, v in given.items():
-        if k in RESUMABLE_OVERRIDES:
-            continue
-        v = list(v) if isinstance(v, tuple) else v
-        if v != saved_d.get(k):
-            differ.append(f"{flag_of(TrainConfig, k)} {v!r} (saved: {saved_d.get(k)!r})")
-    if differ:
-        raise OptionError(f"--resume continues {str(out)!r} with its saved options, but these differ: "
-                          f"{', '.join(differ)}; drop them to resume, or start a new run with another --out "
-                          f"(only {', '.join(flag_of(TrainConfig, k) for k in RESUMABLE_OVERRIDES)} may change)")
-    return replace(saved, **{k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
-
-
-# The weight-decay grid (AdamW, decoupled, lr 1e-3 by default). It reaches 10 because standardized
-# features want strong decay: on Fashion-MNIST lite0 features 0..0.1 tied on the holdout and only
-# ~10 improved it (+1 point), as scikit-learn's chosen C does for its logistic regression.
-TUNE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
-MIN_HOLDOUT_IMAGES = 10
-
-
-@dataclass
-class _FitState:
-    """Where the epoch loop stands: what a checkpoint saves and a resume restores."""
-
-    history: list = field(default_factory=list)
-    best_epoch: int = 0
-    best_top1: float = -1.0
-    best_loss: float = math.inf
-    best_state: dict | None = None
-    next_epoch: int = 1
-    stale: int = 0  # epochs since the best one (early stopping)
+from ..device import amp_settings, seed_everything, select_device
+from ..errors import ZooError
+from ..options import TrainConfig
+from .evaluation import _metrics, score
+from .fit import TUNE_WEIGHT_DECAYS, NonFiniteError, _cosine, _FitState
+from .inputs import MIN_HOLDOUT_IMAGES, extract_features
 
 
 class _Trainer:
@@ -211,7 +48,7 @@ class _Trainer:
     def _select_device(self) -> None:
         import torch
 
-        from . import distributed as D
+        from .. import distributed as D
 
         device = select_device(self.cfg.device)
         self.ctx = D.init_from_env(device.type)
@@ -222,8 +59,8 @@ class _Trainer:
         self.channels_last = device.type in ("cuda", "cpu")
 
     def _load_data(self) -> None:
-        from .data import load_data
-        from .features import default_workers, readable_hashes
+        from ..data import load_data
+        from ..features import default_workers, readable_hashes
 
         cfg = self.cfg
         # Images the cache has seen decode are only hashed, not decoded again (the warm path).
@@ -234,10 +71,10 @@ class _Trainer:
                                                                                            self.device)
 
     def _build_model(self) -> None:
-        from .data import with_image_size
-        from .freezer import freeze, is_fully_frozen
-        from .heads import HeadConfig
-        from .model import build_model
+        from ..data import with_image_size
+        from ..freezer import freeze, is_fully_frozen
+        from ..heads import HeadConfig
+        from ..model import build_model
 
         cfg = self.cfg
         seed_everything(cfg.seed)  # the head's initial weights
@@ -261,7 +98,7 @@ class _Trainer:
     def _open_run_dir(self) -> None:
         """Create the run directory and write config.json (on resume: with the allowed changes,
         e.g. more epochs, so a later resume sees them)."""
-        from . import runs
+        from .. import runs
 
         self.created_dir = False
         if self.out is not None and self.ctx.is_main:
@@ -272,7 +109,7 @@ class _Trainer:
     def _discard_unstarted_run_dir(self) -> None:
         """A run that fails before its first checkpoint leaves nothing behind (its config.json
         would only block reusing --out)."""
-        from . import runs
+        from .. import runs
 
         if self.out is None or not self.ctx.is_main or self.resume or (self.out / runs.CHECKPOINT).exists():
             return
@@ -285,7 +122,7 @@ class _Trainer:
         images through the model every step."""
         import torch
 
-        from .data import EvalTransform, TrainTransform
+        from ..data import EvalTransform, TrainTransform
 
         cfg, model = self.cfg, self.model
         self.eval_tf = EvalTransform(self.norm)
@@ -297,12 +134,14 @@ class _Trainer:
         if self.channels_last:
             model.backbone.to(memory_format=torch.channels_last)
         if self.cached:
-            self.features, self.cache_info = self._extract_features()
+            self.features, self.cache_info, self.feature_stats = extract_features(
+                self.model, self.split, cfg, self.train_tf, self.eval_tf, self.norm, device=self.device,
+                amp_dtype=self.amp_dtype, workers=self.workers, channels_last=self.channels_last)
         elif cfg.views:
             warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=3)
         self._hold_out()
         if self.cached and cfg.standardize:
-            from .heads import feature_statistics, standardized
+            from ..heads import feature_statistics, standardized
 
             mean, std = feature_statistics(self.features[0][:, self.fit_index])
             model.head = standardized(model.head, mean, std)
@@ -341,47 +180,10 @@ class _Trainer:
         self.fit_index = torch.as_tensor(np.flatnonzero(mask))
         if held:
             self.holdout_index = torch.as_tensor(np.sort(np.asarray(held)))
-
-    def _extract_features(self) -> tuple[tuple, dict]:
-        """The extraction phase: (train features (views, N, D), val features (N, D) or None) and the
-        cache statistics. Reads only the frozen backbone, the split and the transforms."""
-        from .features import CacheStats, DecodePool, cached_features, model_key
-
-        cfg, split = self.cfg, self.split
-        key = model_key(self.model, self.amp_dtype)
-        # One set of decoding workers for the train and validation passes (started at the first
-        # miss, none on a warm run): worker start-up is paid once per run.
-        sources = [(split.train, self.train_tf)] + ([(split.val, self.eval_tf)] if split.val is not None else [])
-        with DecodePool(sources, self.device, self.workers) as pool:
-            common = dict(device=self.device, cache=cfg.cache, cache_dir=cfg.cache_dir,
-                          batch_size=max(cfg.batch_size, 64), amp_dtype=self.amp_dtype, pool=pool,
-                          channels_last=self.channels_last, progress=cfg.progress, engine=cfg.engine,
-                          jpeg_draft=cfg.jpeg_draft, gpu_decode=cfg.gpu_decode)
-            views = list(range(cfg.views)) if cfg.augment else [None]
-            train_feats, stats = cached_features(
-                self.model.backbone, split.train, self.train_tf, self.norm,
-                key_fields=dict(key, transform=self.train_tf.describe(), view_seed=cfg.seed if cfg.augment else None),
-                views=views, view_seed=cfg.seed, desc="train features", **common)
-            self.feature_stats = [stats]
-            val_feats = None
-            if split.val is not None:
-                val_feats, val_stats = cached_features(
-                    self.model.backbone, split.val, self.eval_tf, self.norm,
-                    key_fields=dict(key, transform=self.eval_tf.describe(), view_seed=None), desc="val features",
-                    **common)
-                self.feature_stats.append(val_stats)
-                val_feats = val_feats[0]
-        total = CacheStats()
-        for st in self.feature_stats:
-            total.add(st)
-        info = {"hits": total.hits, "misses": total.misses, "enabled": cfg.cache, "seconds": round(total.seconds, 3),
-                "engine": dict(total.engine)}
-        return (train_feats, val_feats), info
-
     def _build_optimization(self) -> None:
         import torch
 
-        from .freezer import build_optimizer
+        from ..freezer import build_optimizer
 
         cfg, model = self.cfg, self.model
         # Fully frozen (cached, or augmented without views): the backbone runs without autograd
@@ -408,8 +210,8 @@ class _Trainer:
     def _restore(self) -> _FitState:
         import torch
 
-        from . import distributed as D
-        from . import runs
+        from .. import distributed as D
+        from .. import runs
 
         ck = D.broadcast_object(runs.load_checkpoint(self.out) if self.ctx.is_main else None)
         self._load_trainable(ck["trainable"])
@@ -430,7 +232,7 @@ class _Trainer:
         """The epoch loop: train, validate, keep the best, checkpoint, stop early."""
         from tqdm.auto import tqdm
 
-        from . import distributed as D
+        from .. import distributed as D
 
         cfg = self.cfg
         bar = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="epochs",
@@ -501,7 +303,7 @@ class _Trainer:
     def _checkpoint(self, state: _FitState) -> None:
         import torch
 
-        from . import runs
+        from .. import runs
 
         if self.out is None or not self.ctx.is_main:
             return
@@ -515,7 +317,7 @@ class _Trainer:
     def _check_engine_predictions(self) -> None:
         """Reduced-precision engines: do the trained head's predictions on the engine's check batch
         move against eager fp32 features? Recorded in the run's cache info; a warning if any do."""
-        from .features import head_predictions_agree
+        from ..features import head_predictions_agree
 
         engine = self.cache_info.get("engine") or {}
         agree = next((a for a in (head_predictions_agree(self.model.head, s) for s in self.feature_stats) if a), None)
@@ -531,13 +333,13 @@ class _Trainer:
         """Keep the best epoch's weights, score them, and write the model and its reports."""
         import torch
 
-        from . import distributed as D
-        from . import runs
+        from .. import distributed as D
+        from .. import runs
 
         cfg, split, model = self.cfg, self.split, self.model
         if state.best_state is not None:
             self._load_trainable(state.best_state)
-        from .heads import fold_standardization
+        from ..heads import fold_standardization
 
         model.head = fold_standardization(model.head)  # exports, predict and evaluate see a plain head
         if self.cached:
@@ -564,7 +366,7 @@ class _Trainer:
                        config=cfg.to_dict(), freeze_report=self.report, device=str(self.device),
                        cache=self.cache_info, seconds=time.perf_counter() - t_start)
         if self.out is not None and self.ctx.is_main:
-            from .model import save_model
+            from ..model import save_model
 
             runs.write_history(self.out, state.history, dict(final)
                                | {"best_epoch": state.best_epoch, "labels": list(split.classes),
@@ -598,7 +400,7 @@ class _Trainer:
         return torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=self.cfg.label_smoothing)
 
     def _batches(self, epoch: int):
-        from . import distributed as D
+        from .. import distributed as D
 
         for gb in D.global_batches(len(self.fit_index), self.cfg.batch_size, self.cfg.seed, epoch):
             yield gb, D.rank_slice(gb, self.ctx)
@@ -606,7 +408,7 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> dict:
         import torch
 
-        from . import distributed as D
+        from .. import distributed as D
 
         cfg, device = self.cfg, self.device
         loss_fn = self._loss_fn()
@@ -712,7 +514,7 @@ class _Trainer:
         import torch
         from torch.utils.data import DataLoader
 
-        from .data import ImageDataset, normalize_batch, sample_seed
+        from ..data import ImageDataset, normalize_batch, sample_seed
 
         plan = [(gb, mine) for gb, mine in self._batches(epoch)]
         keyed = [[(int(i), sample_seed(self.cfg.seed, epoch, int(i))) if self.cfg.augment else int(i) for i in mine]
@@ -725,7 +527,7 @@ class _Trainer:
     def _evaluate(self) -> dict:
         import torch
 
-        from . import distributed as D
+        from .. import distributed as D
 
         val = self.split.val
         module = self.model.head if self.cached else self.model
@@ -744,8 +546,8 @@ class _Trainer:
     def _val_image_batches(self):
         from torch.utils.data import DataLoader
 
-        from . import distributed as D
-        from .data import ImageDataset, normalize_batch
+        from .. import distributed as D
+        from ..data import ImageDataset, normalize_batch
 
         mine = D.shard_indices(len(self.split.val), self.ctx).tolist()
         bs = max(self.cfg.batch_size, 64)
@@ -754,79 +556,3 @@ class _Trainer:
                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
         for images, labels, _ in loader:
             yield normalize_batch(images, self.norm, self.device, self.channels_last), labels
-
-
-def score(module, batches, num_classes: int, device, amp_dtype=None, label_smoothing: float = 0.0):
-    """The one evaluation loop: (loss sum as a float64 tensor of one, confusion matrix (K, K)) of
-    `module` in eval mode over (inputs, labels) batches. Training's validation and evaluate() use it."""
-    import torch
-
-    k = num_classes
-    confusion = torch.zeros((k, k), dtype=torch.int64)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
-    module.eval()
-    with torch.inference_mode():
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = module(x).float()
-            loss_sum += loss_fn(logits, y).item()
-            pred = logits.argmax(1).cpu()
-            confusion += torch.bincount(y.cpu() * k + pred, minlength=k * k).reshape(k, k)
-    return loss_sum, confusion
-
-
-def evaluate(model, data: str | os.PathLike | None = None, csv: str | os.PathLike | None = None, *,
-             batch_size: int = 64, device: str = "auto", num_workers: int | None = None,
-             strict: bool = False, max_image_pixels: int | None = None) -> dict:
-    """Top-1, loss, per-class accuracy and confusion matrix of a ZooModel (or a run directory)
-    on a labelled folder/CSV. The folder may hold only some of the model's classes; a class the
-    model does not know is an error listing them. With no data/csv, a run directory is scored on
-    the validation split it recorded (a clear error if it has none)."""
-    from torch.utils.data import DataLoader
-
-    from . import runs
-    from .data import EvalTransform, ImageDataset, align_labels, normalize_batch, read_csv, scan_folder
-    from .data import verify_images
-    from .model import ZooModel, load_model
-    from .options import EvaluateConfig
-
-    run_dir = None if isinstance(model, ZooModel) else Path(model)
-    EvaluateConfig(run=str(run_dir or "<model>"), data=None if data is None else os.fspath(data),
-                   csv=None if csv is None else os.fspath(csv), batch_size=batch_size, device=device,
-                   num_workers=num_workers, strict=strict,
-                   **({"max_image_pixels": max_image_pixels} if max_image_pixels else {}))
-    model = load_model(run_dir) if run_dir is not None else model
-    labels = list(model.labels)
-    # the labelled images, indexed by the model's labels
-    if data is None and csv is None:
-        if run_dir is None:
-            raise ZooError("evaluate(model) needs data= or csv= (or pass the run directory, to score its recorded "
-                           "validation split)")
-        samples, source = runs.recorded_validation(run_dir, labels)
-        skipped: list = []
-    elif csv is not None:
-        samples, skipped = read_csv(csv, root=data, classes=labels, min_classes=1)
-        source = os.fspath(csv)
-    else:
-        samples, skipped = scan_folder(data, min_classes=1)
-        samples = align_labels(samples, labels, repr(os.fspath(data)))
-        source = os.fspath(data)
-    samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_image_pixels)
-    # the model over them
-    dev = select_device(device)
-    norm = model.normalization
-    model = model.to(dev)
-    workers = num_workers if num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
-    idx = list(range(len(samples)))
-    loader = DataLoader(ImageDataset(samples, EvalTransform(norm)),
-                        batch_sampler=[idx[i:i + batch_size] for i in range(0, len(idx), batch_size)],
-                        num_workers=workers if len(idx) > batch_size else 0)
-    batches = ((normalize_batch(images, norm, dev), y) for images, y, _ in loader)
-    loss_sum, confusion = score(model, batches, len(labels), dev)
-    out = _metrics(float(loss_sum[0]), confusion.numpy())
-    out["labels"] = labels
-    out["source"] = source
-    out["skipped"] = [list(s) for s in skipped]
-    return out

@@ -1,56 +1,29 @@
-"""Datasets for training a head: an image folder (one subfolder per class), a CSV of path,label,
-or the embedded Fashion-MNIST sample; a stratified seeded split; transforms from the backbone's
-Normalization record.
+"""Where the labelled images come from: an image folder (one subfolder per class), a CSV of
+path,label, or the embedded Fashion-MNIST sample; a stratified seeded split; validation images
+that repeat a training image are dropped.
 
 Everything that can be wrong with the data is found before any training work starts: a missing
 folder, an empty class folder, a single class (`DataError`); corrupt, truncated or non-image files
-are decoded once up front and skipped with a warning that lists them (`strict=True` refuses them).
-
-Eval transform = zoo.preprocess.resize_crop, normalization = zoo.preprocess.normalize_uint8's
-arithmetic (done on the device by :func:`normalize_batch`), so training, export validation and the
-torch-free predictor see the same pixels. The train transform is a RandomResizedCrop + horizontal
-flip whose randomness comes from an explicit per-sample seed, so it is reproducible whatever the
-number of DataLoader workers.
+are decoded once up front (zoo.data.verify) and skipped with a warning that lists them.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import os
-import random
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
-from .io import file_sha256
-from .preprocess import (IMAGE_SUFFIXES, ImageDecodeError, _RESAMPLE, load_image, max_image_pixels, printable,
-                         resize_crop, special_file_reason, to_rgb, to_uint8_hwc)
-from .records import Normalization
-
-
-class DataWarning(UserWarning):
-    """Some files were skipped (listed in the message)."""
-
-
-_DECODES = [0]
-
-
-def count_decode(n: int = 1) -> None:
-    _DECODES[0] += n
-
-
-def decode_count() -> int:
-    """Image files decoded by this process so far (Samples.load and the extraction datasets): the
-    warm-path tests and benchmarks count decodes with it, not with timings."""
-    return _DECODES[0]
+from ..errors import DataError
+from ..io import file_sha256
+from ..preprocess import IMAGE_SUFFIXES, load_image, printable, special_file_reason, to_rgb
+from .verify import DataWarning, _listing, count_decode, verify_images
 
 
 @dataclass
@@ -246,74 +219,11 @@ def align_labels(samples: Samples, labels: Sequence[str], where: str, hint: str 
 
 
 def embedded_samples() -> tuple[Samples, Samples]:
-    from .embedded import load_embedded_dataset
+    from ..embedded import load_embedded_dataset
 
     ds = load_embedded_dataset()
     return (Samples(list(ds.train_images), ds.train_labels, ds.classes),
             Samples(list(ds.val_images), ds.val_labels, ds.classes))
-
-
-def _try_decode(samples: Samples, i: int, max_pixels: int | None = None) -> tuple[str | None, int]:
-    """(why the image is unusable or None, its pixel count)."""
-    try:
-        img = samples.load(i, max_pixels)
-        return None, img.width * img.height
-    except ImageDecodeError as exc:
-        return str(exc.__cause__ or exc.reason), 0
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}", 0
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn, items: Sequence, chunk: int = 1024) -> list:
-    """pool.map in chunks: Executor.map submits every item at once, a future each (~2 KB per item
-    held until the end: 200 MB at 10^5 files); a chunk at a time keeps that bounded."""
-    out: list = []
-    for i in range(0, len(items), chunk):
-        out.extend(pool.map(fn, items[i:i + chunk]))
-    return out
-
-
-def verify_images(samples: Samples, strict: bool = False, workers: int | None = None,
-                  already_skipped: Sequence[tuple[str, str]] = (),
-                  max_pixels: int | None = None, known_readable=None) -> tuple[Samples, list[tuple[str, str]]]:
-    """Decode every file once, up front. Returns (the readable samples, skipped (file, reason)).
-    Images over `max_pixels` are skipped before decoding. With strict=True any unreadable or
-    skipped file raises DataError instead.
-    known_readable: a zoo.features.cache.ReadableSet; files whose content hash it holds decoded before
-    (the same bytes cannot fail now) and are only hashed, which is what makes a warm run decode-free;
-    one whose recorded pixel count is over `max_pixels` is checked again (and skipped)."""
-    paths = [i for i, it in enumerate(samples.items) if isinstance(it, (str, os.PathLike))]
-    workers = workers or min(8, (os.cpu_count() or 2))
-    limit = max_pixels or max_image_pixels()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        if known_readable is not None and paths:
-            paths = [i for i, h in zip(paths, _bounded_map(pool, samples.content_hash, paths))
-                     if not known_readable.trusted(h, limit)]
-        results = _bounded_map(pool, lambda i: _try_decode(samples, i, max_pixels), paths)
-    bad = {i: r for i, (r, _) in zip(paths, results) if r is not None}
-    if known_readable is not None:
-        known_readable.add((samples.content_hash(i), px) for i, (r, px) in zip(paths, results) if r is None)
-    skipped = list(already_skipped) + [(samples.describe(i), r) for i, r in bad.items()]
-    if skipped and strict:
-        raise DataError(f"--strict: {len(skipped)} unusable files:\n" + _listing(skipped)
-                        + "\nremove or fix them, or drop --strict to skip them with a warning")
-    good = samples.subset([i for i in range(len(samples)) if i not in bad]) if bad else samples
-    before, counts = samples.class_counts(), good.class_counts()  # classes absent from the start are fine
-    lost = [good.classes[c] for c in range(len(good.classes)) if before[c] > 0 and counts[c] == 0]
-    if lost:
-        raise DataError(f"class(es) {lost} have no readable images left after skipping unreadable files:\n"
-                        + _listing(skipped))
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unusable files:\n" + _listing(skipped), DataWarning, stacklevel=2)
-    return good, skipped
-
-
-def _listing(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:
-    lines = [f"  {printable(f)}: {printable(r)}" for f, r in skipped[:limit]]
-    if len(skipped) > limit:
-        lines.append(f"  ... and {len(skipped) - limit} more")
-    return "\n".join(lines)
-
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per class: shuffle with `seed`, send round(n * fraction) (at least 1 when the class has two
@@ -389,108 +299,3 @@ def drop_leaked(train: Samples, val: Samples) -> tuple[Samples | None, list[tupl
     dropped = set(leaked)
     keep = [i for i in range(len(val)) if i not in dropped]
     return (val.subset(keep) if keep else None), listed
-
-
-# --------------------------------------------------------------------------- transforms
-
-
-def with_image_size(norm: Normalization, size: int | None) -> Normalization:
-    """The record for another input size, keeping its crop ratio (resize = floor(size / crop_pct))."""
-    if not size or size == norm.input_size[-1]:
-        return norm
-    resize = max(1, int(math.floor(size / norm.crop_pct)))
-    return replace(norm, input_size=(norm.input_size[0], int(size), int(size)), resize_size=resize)
-
-
-class EvalTransform:
-    """PIL RGB -> uint8 HWC array: the reference resize + center crop."""
-
-    def __init__(self, norm: Normalization):
-        self.norm = norm
-
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        return to_uint8_hwc(resize_crop(img, self.norm))
-
-    def describe(self) -> dict:
-        return {"kind": "eval", "normalization": self.norm.to_dict()}
-
-
-class TrainTransform:
-    """RandomResizedCrop (torchvision's sampling algorithm) + horizontal flip, seeded per call."""
-
-    def __init__(self, norm: Normalization, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True):
-        self.norm, self.scale, self.ratio, self.hflip = norm, tuple(scale), tuple(ratio), hflip
-
-    def _box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-        area = width * height
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = rng.randint(0, height - h)
-                left = rng.randint(0, width - w)
-                return left, top, w, h
-        in_ratio = width / height  # fallback: central crop, as torchvision does
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            h, w = height, int(round(height * max(self.ratio)))
-        else:
-            w, h = width, height
-        return (width - w) // 2, (height - h) // 2, w, h
-
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        rng = rng or random.Random()
-        left, top, w, h = self._box(img.width, img.height, rng)
-        _, out_h, out_w = self.norm.input_size
-        out = img.resize((out_w, out_h), _RESAMPLE[self.norm.interpolation], box=(left, top, left + w, top + h))
-        if self.hflip and rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_uint8_hwc(out)
-
-    def describe(self) -> dict:
-        return {"kind": "random_resized_crop", "scale": list(self.scale), "ratio": list(self.ratio),
-                "hflip": self.hflip, "normalization": self.norm.to_dict()}
-
-
-def sample_seed(*parts) -> int:
-    """A stable 63-bit seed from (run seed, epoch/view, image index...)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class ImageDataset:
-    """torch-style dataset over Samples. Keys are an index, or (index, seed) for seeded transforms.
-    Returns (uint8 HWC tensor, label, index)."""
-
-    def __init__(self, samples: Samples, transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        import torch
-
-        i, seed = (key if isinstance(key, tuple) else (key, None))
-        rng = random.Random(seed) if seed is not None else None
-        arr = self.transform(self.samples.load(i), rng)
-        return torch.from_numpy(np.require(arr, requirements=["C", "W"])), int(self.samples.labels[i]), i
-
-
-def normalize_batch(batch_hwc, norm: Normalization, device=None, channels_last: bool = False):
-    """uint8 (N, H, W, 3) tensor -> float32 (N, 3, H, W) with exactly normalize_uint8's arithmetic
-    ((x / 255 - mean) / std in float32), done on `device`."""
-    import torch
-
-    x = batch_hwc.to(device, non_blocking=True) if device is not None else batch_hwc
-    # Reorder while the pixels are one byte each, then one float32 buffer normalized in place: the
-    # same operations as (x / 255 - mean) / std, without four full-size temporaries per batch.
-    x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last if channels_last else
-                                          torch.contiguous_format).to(torch.float32)
-    x.div_(torch.tensor(255.0, dtype=torch.float32, device=x.device))
-    x.sub_(torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1))
-    return x.div_(torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1))
