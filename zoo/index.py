@@ -166,7 +166,7 @@ def _dump(reg: Any, host: Any, exporters: Any) -> dict[str, Any]:
 
 
 def _raise_if_strict(plugins: list[PluginStatus]) -> None:
-    broken = [p for p in plugins if p.status == "broken"]
+    broken = [p for p in plugins if p.status in ("broken", "conflict")]
     if broken and strict_plugins():
         raise PluginError(f"plugin {broken[0].name!r}: {broken[0].error}")
 

@@ -5,7 +5,8 @@ Environment:
   ZOO_DISABLE_PLUGINS=a,b  never load these
   ZOO_STRICT_PLUGINS=1     re-raise the first plugin failure instead of isolating it
   ZOO_PLUGIN_TIMEOUT=S     give up on a plugin whose import or registration hook makes no progress for
-                           S seconds (default 10; 0 = no limit): it is reported broken, the command goes on
+                           S seconds (default 10; 0 = no limit; at most max(10 x S, 120 s) in all): it is
+                           reported broken, the command goes on
   ZOO_PROVIDERS=n=p,...    which plugin owns a backbone provider or export format name `n` that several
                            third-party plugins claim (p: the plugin's entry-point or distribution name)
 An entry of ZOO_LOAD_PLUGINS / ZOO_DISABLE_PLUGINS / ZOO_PROVIDERS that names no installed plugin is warned
@@ -13,9 +14,9 @@ about, naming the variable.
 
 Time limit: a Python import cannot be interrupted, so each plugin's import and each of its
 registration hooks run in a daemon thread the host waits on. "Progress" is a module being imported
-anywhere in the process, so a plugin's slow first `import torch` is not taken for a hang; one that
-sleeps or loops without importing is given up on after ZOO_PLUGIN_TIMEOUT seconds (and after ten
-times that whatever it does). The abandoned thread is a daemon, so the process still exits; nothing
+anywhere in the process or the thread using CPU, so a plugin's slow first `import torch` (or a busy
+machine) is not taken for a hang; one that sleeps, waits on the network or deadlocks is given up on
+after ZOO_PLUGIN_TIMEOUT seconds, and one that keeps computing after ten times that (120 s at least). The abandoned thread is a daemon, so the process still exits; nothing
 it returns later is used (registration is staged in the thread and committed by the caller).
 
 pluggy does the work: discovery (entry points), validation (`check_pending` rejects an
@@ -47,7 +48,7 @@ DISTRIBUTION = "backbone-zoo"  # plugins shipped in this distribution are the bu
 ENV_LOAD, ENV_DISABLE = "ZOO_LOAD_PLUGINS", "ZOO_DISABLE_PLUGINS"
 ENV_TIMEOUT, ENV_PROVIDERS = "ZOO_PLUGIN_TIMEOUT", "ZOO_PROVIDERS"
 DEFAULT_TIMEOUT_S = 10.0
-HARD_LIMIT_FACTOR = 10  # whatever a plugin does, it is given up on after this many timeouts
+HARD_LIMIT_FACTOR, HARD_LIMIT_MIN_S = 10, 120.0  # busy or not, given up on after max(10 x limit, 120 s)
 T = TypeVar("T")
 
 
@@ -94,6 +95,23 @@ def provider_choices() -> dict[str, str]:
     return out
 
 
+def _cpu_clock(thread: threading.Thread) -> int | None:
+    """The thread's CPU-time clock (Linux and most Unixes), or None where there is none."""
+    try:
+        return time.pthread_getcpuclockid(thread.ident or 0)
+    except (AttributeError, OSError, OverflowError):
+        return None
+
+
+def _cpu_seconds(clock: int | None) -> float:
+    if clock is None:
+        return 0.0
+    try:
+        return time.clock_gettime(clock)
+    except OSError:  # the thread has just ended
+        return 0.0
+
+
 def run_limited(fn: Callable[[], T], what: str, timeout: float | None = None) -> T:
     """`fn()` in a daemon thread, waited on while it makes progress (see the module docstring);
     PluginTimeout once it has made none for `timeout` seconds (default: ZOO_PLUGIN_TIMEOUT)."""
@@ -112,14 +130,16 @@ def run_limited(fn: Callable[[], T], what: str, timeout: float | None = None) ->
     start = last = time.monotonic()
     seen = len(sys.modules)
     worker.start()
+    cpu_clock = _cpu_clock(worker)
+    cpu = _cpu_seconds(cpu_clock)
     while True:
         worker.join(min(0.1, limit))
         if not worker.is_alive():
             break
-        now, count = time.monotonic(), len(sys.modules)
-        if count != seen:
-            seen, last = count, now
-        if now - last >= limit or now - start >= HARD_LIMIT_FACTOR * limit:
+        now, count, used = time.monotonic(), len(sys.modules), _cpu_seconds(cpu_clock)
+        if count != seen or used > cpu + 0.01:  # importing, or computing: alive (a hang sleeps or waits)
+            seen, cpu, last = count, max(cpu, used), now
+        if now - last >= limit or now - start >= max(HARD_LIMIT_FACTOR * limit, HARD_LIMIT_MIN_S):
             raise PluginTimeout(
                 f"{what} did not finish within {limit:g}s ({ENV_TIMEOUT}; it was abandoned and the command went "
                 f"on without it); fix the plugin, or raise the limit, e.g. {ENV_TIMEOUT}={max(30, int(limit * 3))}")
