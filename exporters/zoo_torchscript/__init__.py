@@ -112,6 +112,13 @@ class TorchScript(Exporter):
     def read_metadata(self, artifact):
         return load(artifact)[1]
 
+    def load_runner(self, path):
+        """(run, metadata) for `zoo predict`: run maps a prepared numpy batch to {output: array}."""
+        from zoo.predict import torch_runner
+
+        module, meta = load(path)
+        return torch_runner(module, meta.get("outputs") or ["logits", "probabilities", "embedding"]), meta
+
 
 @hookimpl
 def zoo_register_exporters(register):
