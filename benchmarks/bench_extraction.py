@@ -45,7 +45,7 @@ def raw_rates(name: str, batch: int, threads: int) -> dict[str, float]:
     import torch
 
     from zoo.features import engines as E
-    from zoo.backbones import create_backbone, get_info
+    from zoo.backbones import create_backbone
 
     torch.manual_seed(0)
     module, info = create_backbone(name, weights=None)

@@ -73,3 +73,36 @@ def test_plugins_lists_builtins(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "torchvision" in out and "timm" in out and "register_backbones" in out
+
+
+def test_info_text_shows_each_weights_license(capsys):
+    assert main(["info", "timm/resnet18", "--no-build"]) == 0
+    out = capsys.readouterr().out
+    assert "LICENSE" in out and "cc-by-nc-4.0" in out and "apache-2.0" in out
+
+
+def test_warm_plugins_listing_imports_no_plugin_and_check_verifies(tmp_path):
+    """`zoo plugins` answers from the listing index; `--check` imports and verifies every plugin."""
+    import os
+
+    env = dict(os.environ, ZOO_CACHE_DIR=str(tmp_path))
+    code = ("import sys, json\nfrom zoo.cli.main import main\nrc = main(sys.argv[1:])\n"
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, "
+            "'plugins': sorted(m for m in sys.modules if m.split('.')[0] in ('zoo_timm', 'zoo_torchvision', "
+            "'zoo_onnx', 'zoo_pt2', 'zoo_torchscript'))}))")
+
+    def zoo(*args):
+        proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        *shown, last = proc.stdout.strip().splitlines()
+        return "\n".join(shown), json.loads(last)
+
+    cold_out, cold = zoo("plugins")
+    assert cold["plugins"] and cold["rc"] == 0  # cold: every plugin imported, the index written
+    warm_out, warm = zoo("plugins")
+    assert warm == {"rc": 0, "torch": False, "plugins": []} and warm_out == cold_out
+    assert "timm (built-in)" in warm_out and "onnx, onnx-int8" in warm_out
+    _, as_json = zoo("plugins", "--json")
+    assert not as_json["plugins"]
+    check_out, check = zoo("plugins", "--check")
+    assert check["rc"] == 0 and check["plugins"] and "torchvision (built-in)" in check_out

@@ -270,7 +270,9 @@ class Session:
             problems.append("a documented failure must say why on stderr")
         if not problems:
             return None
-        tail = lambda s: s[-4000:]
+        def tail(text: str) -> str:
+            return text[-4000:]
+
         return (f"{block.doc}:{block.line} ({block.section}) as written:\n{block.text}\n"
                 f"{'; '.join(problems)}\n--- stdout ---\n{tail(proc.stdout)}\n--- stderr ---\n{tail(proc.stderr)}")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from test_export_support import LABELS, eager_probabilities, tiny_model, write_images

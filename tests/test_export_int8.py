@@ -13,7 +13,6 @@ import pytest
 import zoo
 from zoo.cli.main import main
 
-from test_export_support import tiny_model
 from trainhelpers import make_image_folder, train_kwargs
 
 

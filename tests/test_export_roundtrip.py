@@ -90,6 +90,9 @@ def test_example_plugin_exporter_found_through_discovery(tmp_path, example_plugi
     model = tiny_model("example/tinynet", weights="seed0", keep_normalization=True)
     report = zoo.export(model, formats=["example-npz"], out=tmp_path / "out")
     assert report["artifacts"]["example-npz"]["status"] == "passed"
+    # the exporter wrote to a staging path and reported it: the report names the final place only
+    assert report["artifacts"]["example-npz"]["export"]["path"] == str(tmp_path / "out" / "model.npz")
+    assert ".staging" not in (tmp_path / "out" / "export-report.json").read_text()
     with np.load(tmp_path / "out" / "model.npz") as npz:
         assert "backbone.stem.0.weight" in npz.files
 

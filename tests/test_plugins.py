@@ -2,6 +2,7 @@
 when broken, never displacing a built-in; strict mode re-raises."""
 
 import json
+import sys
 import textwrap
 import warnings
 
@@ -140,6 +141,8 @@ def install(tmp_path, monkeypatch, plugins: dict[str, str], site_name="site"):
         install_distribution(site, src, f"zoo-{name.replace('_', '-')}", "1.2.3", {name: f"zoo_{name}"},
                              [f"zoo_{name}"])
     monkeypatch.syspath_prepend(str(site))
+    for name in plugins:  # an earlier test's module of the same name must not be reused
+        monkeypatch.delitem(sys.modules, f"zoo_{name}", raising=False)
     zoo.plugin.host.reset()
     return site
 
@@ -224,14 +227,124 @@ def test_impostor_sorting_first_never_displaces_a_builtin(tmp_path, monkeypatch,
     assert "aaa_impostor: broken:" in capsys.readouterr().out
 
 
-def test_same_name_claimed_by_two_third_parties_keeps_the_first(tmp_path, monkeypatch, fresh_plugins):
+def test_a_name_two_third_parties_claim_goes_to_neither(tmp_path, monkeypatch, fresh_plugins, capsys):
+    from zoo.cli.main import main
+
     second = IMPOSTOR.replace('name = "torchvision"', 'name = "shared"')
-    install(tmp_path, monkeypatch, {"alpha": second, "beta": second})
-    zoo.list_models()
+    install(tmp_path, monkeypatch, {"alpha": second, "beta": second, "gamma": plugin("""
+        class P(Base):
+            name = "gamma"
+        @hookimpl
+        def zoo_register_backbones(register):
+            register(P())
+    """)})
+    names = zoo.list_models()
     status = zoo.plugin.host.get_host().status
-    assert status["alpha"].status == "ok" and status["alpha"].providers == ["shared"]
-    assert status["beta"].status == "broken" and "'alpha'" in status["beta"].error and "'beta'" in status["beta"].error
-    assert rec_of("shared/resnet18").plugin == "alpha"
+    for me, other in (("alpha", "beta"), ("beta", "alpha")):  # no silent winner, whatever sorts first
+        st = status[me]
+        assert st.status == "conflict" and st.conflicts == [other] and st.providers == []
+        assert f"'{other}'" in st.error and "ZOO_PROVIDERS=shared=alpha or ZOO_PROVIDERS=shared=beta" in st.error
+    assert not any(n.startswith("shared/") for n in names)
+    assert "gamma/net" in names and status["gamma"].status == "ok"  # a bystander is untouched
+    with pytest.raises(PluginError, match=r"shared/resnet18: backbone provider 'shared' is claimed by plugins "
+                                          r"'alpha', 'beta' and none of them is loaded: pick one with ZOO_PROVIDERS"):
+        zoo.create_backbone("shared/resnet18", weights=None)
+    assert main(["info", "shared/resnet18", "--no-build"]) == 2
+    assert "ZOO_PROVIDERS=shared=alpha" in capsys.readouterr().err
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha: conflict:" in out and "beta: conflict:" in out
+
+
+def test_zoo_providers_picks_the_owner_and_the_index_respects_it(tmp_path, monkeypatch, fresh_plugins, capsys):
+    from zoo.cli.main import main
+
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    second = IMPOSTOR.replace('name = "torchvision"', 'name = "shared"')
+    install(tmp_path, monkeypatch, {"alpha": second, "beta": second.replace('"impostor_only"', '"beta_only"')})
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=zoo-beta")  # by distribution name; the entry point works too
+    fresh_plugins.reset()
+    assert rec_of("shared/resnet18").plugin == "beta" and "shared/beta_only" in zoo.list_models()
+    status = zoo.plugin.host.get_host().status
+    assert status["beta"].status == "ok"
+    assert status["alpha"].status == "conflict" and "given to 'zoo-beta' by ZOO_PROVIDERS" in status["alpha"].error
+    for _ in range(2):  # cold (builds the index), then warm (from the index)
+        fresh_plugins.reset()
+        assert main(["list", "shared/*", "--json"]) == 0
+        assert {r["name"] for r in json.loads(capsys.readouterr().out)} == {"shared/resnet18", "shared/beta_only"}
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=alpha")  # another choice is another index
+    fresh_plugins.reset()
+    assert main(["list", "shared/*", "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} == {"shared/resnet18", "shared/impostor_only"}
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=nosuch")
+    fresh_plugins.reset()
+    with pytest.warns(zoo.plugin.host.PluginEnvWarning, match="ZOO_PROVIDERS gives 'shared' to 'nosuch'"):
+        names = zoo.list_models()
+    assert not any(n.startswith("shared/") for n in names)  # neither claimant, never a silent pick
+
+
+def test_a_plugin_that_hangs_at_import_is_abandoned(tmp_path, monkeypatch, fresh_plugins):
+    import time
+
+    marker = tmp_path / "imported"
+    install(tmp_path, monkeypatch, {"sleepy": f"import time\nopen({str(marker)!r}, 'a').write('x')\n"
+                                              "time.sleep(10 ** 6)\n"})
+    monkeypatch.setenv("ZOO_PLUGIN_TIMEOUT", "1")
+    fresh_plugins.reset()
+    t0 = time.monotonic()
+    names = zoo.list_models()
+    assert time.monotonic() - t0 < 30
+    assert "torchvision/resnet18" in names and marker.read_text() == "x"
+    st = zoo.plugin.host.get_host().status["sleepy"]
+    assert st.status == "broken" and "import timed out" in st.error and "did not finish within 1s" in st.error
+    assert "ZOO_PLUGIN_TIMEOUT" in st.error
+    monkeypatch.setenv("ZOO_STRICT_PLUGINS", "1")
+    fresh_plugins.reset()
+    with pytest.raises(PluginError, match="sleepy.*did not finish within 1s"):
+        zoo.list_models()
+
+
+def test_a_registration_hook_that_hangs_is_abandoned(tmp_path, monkeypatch, fresh_plugins):
+    install(tmp_path, monkeypatch, {"stuck": plugin("""
+        import time
+        class P(Base):
+            name = "stuck"
+            def specs(self):
+                time.sleep(10 ** 6)
+                yield from ()
+        @hookimpl
+        def zoo_register_backbones(register):
+            register(P())
+    """)})
+    monkeypatch.setenv("ZOO_PLUGIN_TIMEOUT", "3")
+    fresh_plugins.reset()
+    assert "timm/resnet18" in zoo.list_models()
+    st = zoo.plugin.host.get_host().status["stuck"]
+    assert st.status == "broken" and "zoo_register_backbones timed out" in st.error
+
+
+def test_a_hanging_plugin_does_not_hang_the_command(tmp_path):
+    """The real thing: `zoo list` in a fresh process with a plugin that sleeps forever at import
+    exits, lists the others, reports the plugin; warm, it does not import it at all."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    src = tmp_path / "src" / "zoo_sleepy"
+    src.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (src / "__init__.py").write_text(f"import time\nopen({str(marker)!r}, 'a').write('x')\ntime.sleep(10 ** 6)\n")
+    install_distribution(site, src.parent, "zoo-sleepy", "0.1", {"sleepy": "zoo_sleepy"}, ["zoo_sleepy"])
+    env = dict(os.environ, PYTHONPATH=str(site), ZOO_CACHE_DIR=str(tmp_path / "cache"), ZOO_PLUGIN_TIMEOUT="2")
+    for run in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-m", "zoo.cli.main", "list", "resnet18", "--json"], env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        assert {r["name"] for r in json.loads(proc.stdout)} >= {"torchvision/resnet18", "timm/resnet18"}
+        assert "plugin 'sleepy' is broken" in proc.stderr and "did not finish within 2s" in proc.stderr
+        assert marker.read_text() == "x", run  # warm: answered from the index, the plugin never imported
 
 
 def test_feature_dim_mismatch_is_caught_at_build(tmp_path, monkeypatch, fresh_plugins, capsys):
@@ -314,3 +427,36 @@ def test_registering_by_hand_goes_through_the_same_checks(fresh_plugins):
     assert zoo.list_models("byhand/*") == ["byhand/net"]
     _, info = zoo.create_backbone("byhand/net", weights=None)
     assert info.feature_dim == 8 and info.plugin == "by_hand"
+
+
+def test_the_kit_refuses_to_test_another_plugins_provider(tmp_path, monkeypatch, fresh_plugins):
+    """The real plugin's own check_backbones(provider=...) test never passes on an impostor."""
+    import importlib.util
+
+    from zoo.testing import ConformanceError, check_backbones
+
+    second = IMPOSTOR.replace('name = "torchvision"', 'name = "shared"')
+    install(tmp_path, monkeypatch, {"alpha": second, "beta": second})
+    with pytest.raises(ConformanceError, match="claimed by plugins 'alpha', 'beta'"):
+        check_backbones(provider="shared", plugin="beta")  # in conflict: nobody's
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=alpha")
+    fresh_plugins.reset()
+    with pytest.raises(ConformanceError, match=r"shared/\w+: is registered by plugin 'alpha' \(distribution "
+                                               r"zoo-alpha\), not by the plugin under test \(plugin='beta'"):
+        check_backbones(provider="shared", plugin="beta")
+    assert len(check_backbones(provider="shared", plugin="zoo-alpha")) == 2
+    # Inferred: beta's own test file, beside beta's pyproject.toml, tests beta.
+    project = tmp_path / "zoo-beta"
+    (project / "tests").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "zoo-beta"\n\n[project.entry-points.zoo]\n'
+                                            'beta = "zoo_beta"\n')
+    (project / "tests" / "test_beta.py").write_text(
+        "from zoo.testing import check_backbones\n\ndef test_it():\n    check_backbones(provider='shared')\n")
+    spec = importlib.util.spec_from_file_location("beta_tests", project / "tests" / "test_beta.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(ConformanceError, match=r"not by the plugin under test \(the plugins of .*pyproject.toml: beta"):
+        module.test_it()
+    monkeypatch.setenv("ZOO_PROVIDERS", "shared=beta")
+    fresh_plugins.reset()
+    module.test_it()  # its own provider: passes

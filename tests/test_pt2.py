@@ -8,7 +8,6 @@ import json
 import os
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -226,14 +226,24 @@ def verify_feature_dim(module, rec: registry.BackboneRecord, declared: Any, stat
 
 
 def offline_weights_error(model: str, file_name: str, directory: str | os.PathLike, source: str,
-                          cause: BaseException | None = None) -> ZooError:
-    """The message every plugin gives when pretrained weights cannot be had: what, where, else."""
+                          cause: BaseException | None = None, install: str | None = None) -> ZooError:
+    """The error a plugin raises (from `build` or `pretrained_head`) when pretrained weights cannot
+    be had offline; it names what is missing, where it goes and every way out.
+
+    model: the backbone (and tag) the weights are for, e.g. "mine/tinynet.v1".
+    file_name: the file the plugin looks for, e.g. "tinynet-v1.safetensors".
+    directory: where the plugin looks for it (where the user should place it).
+    source: where the file comes from (a URL, a hub id, a package).
+    cause: the exception that showed it missing, if any (its text is quoted).
+    install: a command that installs the weights, e.g. "pip install tinynet-weights" (offered first).
+    Returns a `zoo.errors.WeightsUnavailableError` (exit 2) to raise."""
     from .errors import WeightsUnavailableError
 
     why = f" ({type(cause).__name__}: {cause})" if cause else ""
     return WeightsUnavailableError(
         f"pretrained weights for {model} are not available offline{why}.\n"
-        f"  - place the file {file_name!r} in {str(directory)!r} (from {source}), or\n"
+        + (f"  - install them: {install}, or\n" if install else "")
+        + f"  - place the file {file_name!r} in {str(directory)!r} (from {source}), or\n"
         f"  - pass a local file: weights='path/to/weights.safetensors' (or a .pth state_dict), or\n"
         f"  - use random init: weights=None (CLI: --weights none)"
     )

@@ -1,9 +1,12 @@
 """`zoo doctor`: what this machine can do, as the first thing to paste into a bug report.
 
-Versions of everything the zoo runs on, whether torch's dynamo ONNX exporter works (a real export
-of a tiny random model, run back with ONNX Runtime), ONNX Runtime's providers, CUDA/MPS devices and
-their bf16 support, the CPU and its threads, which images export validation will use, the feature
-cache, and every plugin's status. Nothing is downloaded; it takes a few seconds plus importing torch.
+Versions of everything the zoo runs on, CUDA/MPS devices and their bf16 support, the CPU and its
+threads, which images export validation will use, the feature cache, every plugin's status (from the
+listing index: no plugin is imported for it), and each exporter's own self-check, asked through the
+plugin API (`zoo.Exporter.self_check`: its runtime, and a real export of a tiny model unless
+--no-probe). The self-checks run in one child process started first, so they overlap the rest and an
+exporter that crashes or hangs cannot take the doctor down. Nothing is downloaded; it takes a few
+seconds plus the exporters' probes.
 
 Each finding that will change what the zoo does (a fallback, a missing package, a broken plugin)
 is also one line in "problems", with the fix.
@@ -16,11 +19,10 @@ import platform
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-PACKAGES = ("backbone-zoo", "torch", "torchvision", "timm", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-            "scikit-image", "numpy", "pillow", "safetensors", "pluggy", "huggingface_hub")
+PACKAGES = ("backbone-zoo", "torch", "torchvision", "timm", "scikit-image", "numpy", "pillow", "safetensors", "pluggy",
+            "huggingface_hub")  # an exporter's own requirements come from its `Exporter.requires`
 
 
 def _version(dist: str) -> str | None:
@@ -70,80 +72,67 @@ def devices() -> dict[str, Any]:
     return out
 
 
-def onnxruntime_info() -> dict[str, Any]:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        return {"available": False, "error": str(exc), "providers": []}
-    return {"available": True, "version": ort.__version__, "providers": list(ort.get_available_providers()),
-            "device": ort.get_device()}
-
-
-def dynamo_export_probe() -> dict[str, Any]:
-    """Export a tiny random CNN with torch's dynamo exporter (dynamic batch, opset 18, as `zoo
-    export` does), run it with ONNX Runtime at batch 3 and compare with eager PyTorch."""
-    import numpy as np
-    import torch
-
-    from zoo_onnx import DEFAULT_OPSET, MAX_BATCH, dynamo_unavailable_reason
-
-    reason = dynamo_unavailable_reason()
-    if reason:
-        return {"works": False, "error": reason}
-    t0 = time.perf_counter()
-    try:
-        import onnxruntime as ort
-
-        from .exporting import quiet
-
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                  torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
-        x = torch.randn(3, 3, 8, 8)
-        with quiet(), torch.no_grad():
-            program = torch.onnx.export(net, (x[:2],), None, dynamo=True, opset_version=DEFAULT_OPSET,
-                                        input_names=["input"], output_names=["out"],
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},))
-            blob = program.model_proto.SerializeToString()
-            expected = net(x).numpy()
-        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"input": x.numpy()})[0]
-        diff = float(np.abs(got - expected).max())
-        return {"works": diff <= 1e-4, "max_abs_diff": diff, "seconds": round(time.perf_counter() - t0, 2),
-                **({} if diff <= 1e-4 else {"error": f"ONNX Runtime disagrees with eager by {diff:.2e}"})}
-    except Exception as exc:  # noqa: BLE001 - the probe's job is to report, not to crash
-        return {"works": False, "error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}",
-                "seconds": round(time.perf_counter() - t0, 2)}
-
-
 PROBE_TIMEOUT_S = 120
 
 
-def start_probe():
-    """The export probe in a child process, started first so it runs while the rest is gathered
-    (and so an exporter that crashes or hangs cannot take the doctor down with it)."""
+def exporter_checks(probe: bool = True) -> dict[str, Any]:
+    """Every exporter's `self_check(probe)`, with its plugin, its requirements' versions and the time
+    it took (run in the doctor's child process; callable directly)."""
+    from .plugin import registry
+    from .plugin.api import SelfCheck
+
+    reg = registry.exporters()
+    out: dict[str, Any] = {}
+    for name in reg.names():
+        exporter = reg.get(name)
+        t0 = time.perf_counter()
+        try:
+            result = exporter.self_check(probe=probe)
+            if result is None:
+                entry: dict[str, Any] = {"ok": None, "summary": "no self-check", "problems": [], "details": {}}
+            elif isinstance(result, SelfCheck):
+                entry = result.to_dict()
+            else:
+                entry = {"ok": False, "summary": "", "details": {},
+                         "problems": [f"self_check() returned {type(result).__name__}, not zoo.SelfCheck: fix the "
+                                      f"plugin {reg.owner(name)!r}"]}
+        except Exception as exc:  # noqa: BLE001 - a self-check reports, it never takes the doctor down
+            entry = {"ok": False, "summary": "", "details": {},
+                     "problems": [f"self_check() raised {type(exc).__name__}: {str(exc)[:300]} (plugin "
+                                  f"{reg.owner(name)!r})"]}
+        entry.update(plugin=reg.owner(name), requires={d: _version(d) for d in exporter.requires},
+                     seconds=round(time.perf_counter() - t0, 2))
+        out[name] = entry
+    return out
+
+
+def start_checks(probe: bool = True) -> Any:
+    """The exporters' self-checks in a child process, started first so they run while the rest is gathered."""
     import subprocess
 
-    code = "import json, zoo.doctor as d; print(json.dumps(d.dynamo_export_probe()))"
+    code = f"import json, zoo.doctor as d; print(json.dumps(d.exporter_checks(probe={bool(probe)}), default=str))"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_probe(proc) -> dict[str, Any]:
+def finish_checks(proc: Any) -> dict[str, Any]:
     import json
     import subprocess
+
+    def failed(why: str) -> dict[str, Any]:
+        return {"*": {"ok": False, "summary": why, "problems": [why], "details": {}, "plugin": "", "requires": {}}}
 
     try:
         out, err = proc.communicate(timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        return {"works": False, "error": f"the export probe did not finish in {PROBE_TIMEOUT_S}s"}
+        return failed(f"the exporters' self-checks did not finish in {PROBE_TIMEOUT_S}s (run `zoo doctor --no-probe`)")
     lines = out.strip().splitlines()
     try:
-        return json.loads(lines[-1])
+        return dict(json.loads(lines[-1]))
     except (IndexError, ValueError):
         tail = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        return {"works": False, "error": f"the export probe crashed (exit code {proc.returncode}): {tail[:300]}"}
+        return failed(f"the exporters' self-checks crashed (exit code {proc.returncode}): {tail[:300]}")
 
 
 def validation_images() -> dict[str, Any]:
@@ -176,45 +165,37 @@ def cache() -> dict[str, Any]:
 
 
 def plugins() -> list[dict[str, Any]]:
+    """Every plugin's status, from the listing index when it is current (no plugin imported)."""
     from dataclasses import asdict
 
-    from .plugin import registry
-    from .plugin.host import get_host
+    from . import index
 
-    host = get_host()
-    for load in (registry.backbones, registry.exporters):  # registration is where most failures show
-        try:
-            load()
-        except Exception:  # noqa: BLE001 - strict mode raises; the statuses still say which plugin
-            pass
-    return [asdict(s) for s in sorted(host.status.values(), key=lambda s: s.name)]
+    try:
+        statuses = index.plugin_statuses(index.catalog())
+    except Exception:  # noqa: BLE001 - strict mode raises; the live statuses still say which plugin
+        from .plugin.host import get_host
+
+        statuses = list(get_host().status.values())
+    return [asdict(s) for s in sorted(statuses, key=lambda s: s.name)]
 
 
 # -- the report -------------------------------------------------------------------------------------------
 def problems(report: dict[str, Any]) -> list[str]:
     out = []
-    pk = report["packages"]
-    if not pk.get("onnxscript"):
-        out.append("onnxscript is not installed: ONNX exports fall back to the TorchScript-based exporter "
-                   "(pip install onnxscript)")
-    probe = report["onnx_export"]["dynamo"]
-    if pk.get("onnxscript") and probe.get("works") is False:
-        out.append(f"the dynamo ONNX exporter does not work here ({probe.get('error')}); `zoo export` falls back "
-                   "to the TorchScript-based exporter")
     if not report["validation_images"]["scikit_image"]:
         out.append("scikit-image is not installed: export validation uses synthetic images only "
                    "(pip install scikit-image, or pass --images DIR)")
-    if not report["onnxruntime"].get("available"):
-        out.append("onnxruntime cannot be imported: no ONNX validation, `zoo predict` or onnxruntime benchmarks")
+    for name, check in sorted(report["exporters"].items()):
+        out.extend(f"exporter {name!r}: {p}" for p in check.get("problems") or [])
     for p in report["plugins"]:
-        if p.get("status") == "broken":
-            out.append(f"plugin {p.get('name')!r} is broken: {p.get('error')}")
+        if p.get("status") in ("broken", "conflict"):
+            out.append(f"plugin {p.get('name')!r} is {p.get('status')}: {p.get('error')}")
     return out
 
 
 def collect(probe: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    child = start_probe() if probe else None
+    child = start_checks(probe)
     report: dict[str, Any] = {
         "python": sys.version.split()[0],
         "executable": sys.executable,
@@ -222,12 +203,16 @@ def collect(probe: bool = True) -> dict[str, Any]:
         "packages": packages(),
         "cpu": cpu(),
         "devices": devices(),
-        "onnxruntime": onnxruntime_info(),
         "validation_images": validation_images(),
         "cache": cache(),
         "plugins": plugins(),
     }
-    report["onnx_export"] = {"dynamo": finish_probe(child) if child else {"works": None, "error": "not probed (--no-probe)"}}
+    report["exporters"] = finish_checks(child)
+    for check in report["exporters"].values():  # what each exporter needs, beside the core's packages
+        for dist, version in (check.get("requires") or {}).items():
+            report["packages"].setdefault(dist, version)
+        for dist, version in ((check.get("details") or {}).get("packages") or {}).items():
+            report["packages"].setdefault(dist, version)
     report["problems"] = problems(report)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
@@ -242,11 +227,10 @@ def _size(n: int) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
-    pk, c, d, ort, probe = (report["packages"], report["cpu"], report["devices"], report["onnxruntime"],
-                            report["onnx_export"]["dynamo"])
+    pk, c, d = report["packages"], report["cpu"], report["devices"]
     lines = [f"python       {report['python']} ({report['platform']})",
              "packages     " + ", ".join(f"{k} {v}" for k, v in pk.items() if v),
-             "missing      " + (", ".join(k for k, v in pk.items() if not v and k != "onnxruntime-gpu") or "-"),
+             "missing      " + (", ".join(k for k, v in pk.items() if not v and not k.endswith("-gpu")) or "-"),
              f"cpu          {c['model']}; {c['logical_cores']} logical / {c['physical_cores']} physical cores, "
              f"affinity {c['affinity']}; torch threads {c['torch_threads']}; capability {c['capability']}"]
     if d["cuda"]:
@@ -256,14 +240,16 @@ def render(report: dict[str, Any]) -> str:
     else:
         lines.append(f"cuda         none visible (torch built with CUDA {d['cuda_version']})")
     lines.append(f"mps          {'available' if d['mps_available'] else 'no'}; --device auto -> {d['auto_device']}")
-    lines.append(f"onnxruntime  {ort.get('version', 'unavailable')}; providers {', '.join(ort.get('providers', [])) or '-'}")
-    if probe.get("works") is None:
-        lines.append(f"onnx export  {probe.get('error')}")
-    elif probe.get("works"):
-        lines.append(f"onnx export  dynamo exporter works (tiny model, ORT max |diff| {probe['max_abs_diff']:.1e}, "
-                     f"{probe['seconds']}s)")
-    else:
-        lines.append(f"onnx export  dynamo exporter NOT working: {probe.get('error')}")
+    unchecked = []
+    for name, check in sorted(report["exporters"].items()):
+        if check.get("ok") is None and check.get("summary") == "no self-check":
+            unchecked.append(name)
+            continue
+        state = {True: "ok", False: "NOT working", None: "not checked"}[check.get("ok")]
+        lines.append(f"exporter     {name} (plugin {check.get('plugin') or '?'}): {state}"
+                     + (f": {check['summary']}" if check.get("summary") else ""))
+    if unchecked:
+        lines.append(f"exporter     {', '.join(unchecked)}: no self-check")
     lines.append(f"validation   {report['validation_images']['default_images']}")
     ca = report["cache"]
     lines.append(f"cache        {ca['dir']} ({ca['from']}; "

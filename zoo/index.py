@@ -4,11 +4,13 @@ answer without importing a plugin (or torch, torchvision, timm).
 The index is keyed by a fingerprint of what decides the registrations: each `zoo` entry point
 (name, module, distribution, version, where it lives and when its files changed), the installed
 versions of what those distributions require (a new torchvision lists new models), the
-ZOO_LOAD_PLUGINS / ZOO_DISABLE_PLUGINS settings, and the zoo's own version. Any change gives a
+ZOO_LOAD_PLUGINS / ZOO_DISABLE_PLUGINS / ZOO_PROVIDERS / ZOO_PLUGIN_TIMEOUT settings, and the zoo's
+own version. Any change gives a
 new key, so a stale index is never read; computing the key reads package metadata only.
 
 It holds each backbone's spec, owning plugin, listed feature dimension and the normalization of
-every weights tag, plus every plugin's status (so broken plugins are still reported; under
+every weights tag, the names held out by a conflict between plugins, every exporter's options (for
+`zoo plugins --json`), plus every plugin's status (so broken plugins are still reported; under
 ZOO_STRICT_PLUGINS=1 a broken one raises as it would live). Location: $ZOO_CACHE_DIR, else
 $XDG_CACHE_HOME/backbone-zoo, else ~/.cache/backbone-zoo. `zoo list --refresh` rebuilds it.
 A damaged or unreadable index is rebuilt; one that cannot be written is simply not cached.
@@ -28,11 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PluginError
-from .plugin.host import ENV_DISABLE, ENV_LOAD, PluginStatus, plugin_entry_points, strict_plugins
+from .plugin.host import (
+    ENV_DISABLE,
+    ENV_LOAD,
+    ENV_PROVIDERS,
+    ENV_TIMEOUT,
+    PluginStatus,
+    plugin_entry_points,
+    strict_plugins,
+)
 from .records import BackboneSpec, Normalization
 from .plugin.registry import BackboneRecord, Catalog
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 KEEP = 8  # index files kept (one per set of installed plugins, e.g. several virtualenvs)
 
 
@@ -86,7 +96,7 @@ def fingerprint() -> dict[str, Any]:
         "index": INDEX_VERSION, "zoo": __version__, "python": list(sys.version_info[:2]),
         "core": [(n, (core / n).stat().st_mtime_ns) for n in ("plugin/api.py", "plugin/registry.py", "records.py",
                                                             "plugin/host.py")],
-        "env": {ENV_LOAD: os.environ.get(ENV_LOAD), ENV_DISABLE: os.environ.get(ENV_DISABLE)},
+        "env": {var: os.environ.get(var) for var in (ENV_LOAD, ENV_DISABLE, ENV_PROVIDERS, ENV_TIMEOUT)},
         "plugins": plugins,
     }
 
@@ -110,7 +120,9 @@ class IndexCatalog(Catalog):
             for tag, i in b["normalization"].items():
                 self._norm_cache[(rec.name, tag or None)] = norms[i]
         self.default_backbone = data.get("default_backbone")
+        self.conflicts = dict(data.get("conflicts") or {})
         self.plugins = [PluginStatus(**p) for p in data["plugins"]]
+        self.exporter_options: dict[str, list[dict[str, Any]]] = data.get("exporter_options") or {}
 
     def normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
         if (rec.name, tag) in self._norm_cache:
@@ -121,7 +133,13 @@ class IndexCatalog(Catalog):
         return live.normalization(live.resolve(rec.name)[0], tag)
 
 
-def _dump(reg, host) -> dict[str, Any]:
+def exporter_options(exporters: Any) -> dict[str, list[dict[str, Any]]]:
+    """Each export format's own options, JSON-ready (what `zoo plugins --json` shows)."""
+    return {name: [{"name": o.name, "default": o.default, "choices": list(o.choices), "help": o.help}
+                   for o in exporters.get(name).options] for name in exporters.names()}
+
+
+def _dump(reg: Any, host: Any, exporters: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     norms: dict[Normalization, int] = {}
@@ -141,12 +159,14 @@ def _dump(reg, host) -> dict[str, Any]:
         "backbones": backbones,
         "normalizations": [n.to_dict() for n in norms],
         "default_backbone": reg.default_backbone,
+        "conflicts": dict(reg.conflicts),
+        "exporter_options": exporter_options(exporters),
         "plugins": [asdict(s) for s in host.status.values()],
     }
 
 
 def _raise_if_strict(plugins: list[PluginStatus]) -> None:
-    broken = [p for p in plugins if p.status == "broken"]
+    broken = [p for p in plugins if p.status in ("broken", "conflict")]
     if broken and strict_plugins():
         raise PluginError(f"plugin {broken[0].name!r}: {broken[0].error}")
 
@@ -172,8 +192,9 @@ def build(path: Path | None = None) -> Catalog:
     from .plugin.host import get_host
 
     reg = registry.backbones()
-    registry.exporters()  # so the recorded plugin statuses cover both kinds
-    data = _dump(reg, get_host())
+    exporters = registry.exporters()  # so the recorded plugin statuses cover every kind
+    registry.engines()
+    data = _dump(reg, get_host(), exporters)
     path = path or index_path()
     with contextlib.suppress(OSError):  # a read-only cache only costs speed
         write_json(path, data)

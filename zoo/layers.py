@@ -27,6 +27,11 @@ def _has_params(m: nn.Module) -> bool:
 
 
 def auto_layer_groups(model: nn.Module, expand: Sequence[str] = EXPAND) -> list[LayerGroup]:
+    """Layer groups from the module tree, input to output (what the zoo uses when a provider's
+    `BuiltBackbone.layer_groups` is None): each child block with parameters is a group; a run of
+    single layers between blocks (a stem's conv + norm; the first run is named "stem") is one
+    group; the children of containers named in `expand` (VGG `features`, ViT `encoder.layers`)
+    are grouped one level down. Every parameter lands in exactly one group."""
     groups: list[tuple[str, list[str]]] = []
     pending: list[str] = []  # module paths of small layers waiting to be closed into a group
 

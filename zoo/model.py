@@ -10,9 +10,9 @@ This is the single object training produces and exporters consume. It is saved a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -90,13 +90,15 @@ class ZooModel(nn.Module):
         return self.meta.normalization
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        features: torch.Tensor = self.backbone(x)
+        return features
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        logits: torch.Tensor = self.head(features)
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def build_model(
@@ -150,6 +152,8 @@ def pretrained_classifier(backbone: str, weights: Any = "default") -> ZooModel:
     # -- checked: the classifier takes the backbone's features and gives one logit per label -------------
     labels = tuple(str(x) for x in head.labels)
     classifier = head.module.eval()
+    if info.feature_dim is None:  # create_backbone measures it; never None after a build
+        raise ZooError(f"plugin {info.plugin!r}: {info.name} was built without a feature dimension")
     with torch.no_grad():
         width = classifier(torch.zeros(2, info.feature_dim)).shape
     if tuple(width) != (2, len(labels)):
@@ -159,7 +163,7 @@ def pretrained_classifier(backbone: str, weights: Any = "default") -> ZooModel:
     if isinstance(classifier, nn.Linear):  # a plain Linear is the zoo's linear head: saved, loaded, exported alike
         cfg = HeadConfig(kind="linear")
         zoo_head = build_head(info.feature_dim, len(labels), cfg)
-        zoo_head[-1].load_state_dict(classifier.state_dict())
+        cast(nn.Sequential, zoo_head)[-1].load_state_dict(classifier.state_dict())
         zoo_head.eval()
     else:
         cfg, zoo_head = HeadConfig(kind="pretrained"), classifier
@@ -174,14 +178,14 @@ def _backbone_rebuildable(meta: ModelMeta) -> bool:
     return w is not None and not str(w).startswith("file:") and not trained
 
 
-def _file_record(path: Path, tensors: dict) -> dict[str, Any]:
+def _file_record(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """What model.json records of a weights file, checked when the model is loaded."""
     from .io import file_sha256
 
     return {"sha256": file_sha256(path), "tensors": {k: list(v.shape) for k, v in tensors.items()}}
 
 
-def _check_finite(tensors: dict, what: str) -> None:
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ZooError(f"refusing to save a model whose {what} holds NaN/inf values ({', '.join(bad[:5])}); "
@@ -212,7 +216,7 @@ def save_model(model: ZooModel, directory: str | Path, include_backbone: bool | 
     return directory
 
 
-def read_meta(directory: str | Path) -> tuple[ModelMeta, dict]:
+def read_meta(directory: str | Path) -> tuple[ModelMeta, dict[str, Any]]:
     """model.json checked against its schema -> (meta, {weights file: record})."""
     directory = Path(directory)
     meta_path = directory / "model.json"
@@ -253,13 +257,13 @@ def read_meta(directory: str | Path) -> tuple[ModelMeta, dict]:
     return meta, files
 
 
-def _kind_name(kind) -> str:
+def _kind_name(kind: Any) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join({dict: "JSON object", list: "list", str: "string", int: "integer"}.get(k, k.__name__)
                        for k in kinds)
 
 
-def _read_weights(directory: Path, name: str, record: dict, why: str) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, name: str, record: dict[str, Any], why: str) -> dict[str, torch.Tensor]:
     """A weights file listed in model.json: present, unchanged (sha256, shapes), readable."""
     from safetensors.torch import load_file
 
@@ -281,7 +285,7 @@ def _read_weights(directory: Path, name: str, record: dict, why: str) -> dict[st
     return tensors
 
 
-def _load_state(module: nn.Module, tensors: dict, path: Path, what: str) -> None:
+def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -45,7 +45,7 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
         bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
     expected = kind + (" " + " and ".join(bounds) if bounds else "") + (" (or unset)" if optional else "")
 
-    def check(v):
+    def check(v: Any) -> str | None:
         if v is None:
             return None if optional else expected
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
@@ -60,7 +60,7 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return check
 
 
-def choice(*values, optional: bool = False) -> Check:
+def choice(*values: Any, optional: bool = False) -> Check:
     expected = "one of " + ", ".join(str(v) for v in values) + (" (or unset)" if optional else "")
     return lambda v: None if (v is None and optional) or v in values else expected
 
@@ -70,7 +70,7 @@ def text(optional: bool = True) -> Check:
         "a non-empty string" + (" (or unset)" if optional else "")
 
 
-def engine_name(v) -> str | None:
+def engine_name(v: Any) -> str | None:
     """auto or a registered extraction engine: the list comes from the engine registry (plugins)."""
     from .plugin import registry
 
@@ -78,14 +78,14 @@ def engine_name(v) -> str | None:
     return None if v in names else "one of " + ", ".join(names) + " (`zoo plugins` lists engine plugins)"
 
 
-def device_name(v) -> str | None:
+def device_name(v: Any) -> str | None:
     return None if isinstance(v, str) and DEVICE_PATTERN.match(v.lower()) else "auto, cpu, cuda, cuda:N or mps"
 
 
 def int_list(lo: int = 1, allow_empty: bool = False) -> Check:
     expected = f"a list of integers >= {lo}" + ("" if allow_empty else " (at least one)")
 
-    def check(v):
+    def check(v: Any) -> str | None:
         if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
             return expected
         items = list(v)
@@ -104,12 +104,12 @@ def opt(default: Any = MISSING, check: Check | None = None, flag: str | None = N
     return field(default=default, metadata=meta)
 
 
-def flag_of(cls, name: str) -> str:
+def flag_of(cls: Any, name: str) -> str:
     f = next(f for f in fields(cls) if f.name == name)
-    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+    return str(f.metadata.get("flag") or "--" + name.replace("_", "-"))
 
 
-def defaults(cls) -> dict[str, Any]:
+def defaults(cls: Any) -> dict[str, Any]:
     """{field: default} of a config class (what the CLI shows and falls back to)."""
     out = {}
     for f in fields(cls):
@@ -120,7 +120,7 @@ def defaults(cls) -> dict[str, Any]:
     return out
 
 
-def validate_fields(cfg) -> None:
+def validate_fields(cfg: Any) -> None:
     """Run every field's check; raise OptionError for the first that fails."""
     for f in fields(cfg):
         check = f.metadata.get("check")
@@ -138,12 +138,12 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def fail(cls, name: str, message: str) -> OptionError:
+def fail(cls: Any, name: str, message: str) -> OptionError:
     return OptionError(f"{flag_of(cls, name)} {message}")
 
 
 # --------------------------------------------------------------------------- train
-def _freeze(v) -> str | None:
+def _freeze(v: Any) -> str | None:
     if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
         return None
     return "'all' or a number of layer groups >= 0"
@@ -161,7 +161,7 @@ class TrainConfig:
     freeze: Any = opt("all", _freeze)  # "all" or K layer groups
     bn_adapt: bool = opt(False)
     head: str = opt("linear", choice("linear", "mlp"))
-    hidden: tuple = opt((512,), int_list(1))
+    hidden: tuple[int, ...] = opt((512,), int_list(1))
     dropout: float = opt(0.0, number(0, 1, hi_open=True))
     head_norm: str | None = opt(None, choice("batchnorm", "layernorm", optional=True))
     epochs: int = opt(20, number(1, integer=True))
@@ -203,7 +203,7 @@ class TrainConfig:
     jpeg_draft: bool = opt(False)
     gpu_decode: bool = opt(False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.hidden, list):
             self.hidden = tuple(self.hidden)
         validate_fields(self)
@@ -217,13 +217,13 @@ class TrainConfig:
         if self.val_data is not None and self.data is None and self.csv is None:
             raise fail(TrainConfig, "val_data", "needs --data (or --csv) for the training images")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "hidden" in d:
@@ -247,7 +247,7 @@ class EvaluateConfig:
     strict: bool = opt(False)
     max_image_pixels: int = opt(89_478_485, number(1, integer=True))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_fields(self)
 
 
@@ -267,7 +267,7 @@ class ExportConfig:
     embedding: bool = opt(True, flag="--no-embedding")
     strict: bool = opt(False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_fields(self)
 
 
@@ -275,10 +275,10 @@ class ExportConfig:
 @dataclass
 class PredictConfig:
     model: str = opt(MISSING, text(optional=False))
-    inputs: tuple = opt((), None)
+    inputs: tuple[str, ...] = opt((), None)
     top_k: int = opt(5, number(1, integer=True))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_fields(self)
         if not self.inputs:
             raise fail(PredictConfig, "inputs", "needs at least one image file or folder")

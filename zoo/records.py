@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import InvalidRecordError
 
@@ -37,10 +37,11 @@ class Normalization:
         return self.input_size[-1] / self.resize_size
 
     @classmethod
-    def from_crop_pct(cls, mean, std, input_size, crop_pct: float, **kw) -> "Normalization":
+    def from_crop_pct(cls, mean: Sequence[float], std: Sequence[float], input_size: Sequence[int], crop_pct: float,
+                      **kw: Any) -> "Normalization":
         # timm computes the resize the same way (transforms_factory: floor(size / crop_pct)).
-        size = input_size[-1]
-        return cls(tuple(mean), tuple(std), tuple(input_size), int(math.floor(size / crop_pct)), **kw)
+        c, h, w = (int(v) for v in input_size)
+        return cls(tuple(mean), tuple(std), (c, h, w), int(math.floor(w / crop_pct)), **kw)
 
     def validate(self, where: str = "") -> "Normalization":
         """Raise InvalidRecordError naming `where` unless every field is usable."""

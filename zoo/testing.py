@@ -25,11 +25,18 @@ weights and the classifier its provider returns: one finite logit per label (the
 the classifier's output width), non-empty label strings, deterministic in eval mode, and
 exportable (`zoo.pretrained_classifier`). `check_exporter` exports a model (a tiny built-in one, or one on
 your backbone) with your format and requires validation to pass and the metadata to round-trip.
+
+`check_backbones` and `check_exporter` first make sure the provider or format under test belongs
+to the plugin under test, so an impostor (or a ZOO_PROVIDERS choice) can never pass your tests for
+you: `plugin=` names it (entry-point or distribution name); by default it is the project whose
+pyproject.toml lies above the calling test file (its `[project.entry-points.zoo]` names and its
+`[project] name`). Plugins registered by hand (no entry point) are not checked this way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import tempfile
 import warnings
@@ -45,6 +52,50 @@ class ConformanceError(AssertionError):
 
 def _fail(what: str, problem: str) -> None:
     raise ConformanceError(f"{what}: {problem}")
+
+
+# -- whose provider is under test ---------------------------------------------------------------------------
+def _project_plugins() -> tuple[set[str], str] | None:
+    """The zoo entry-point names and distribution name of the project above the calling test file."""
+    import tomllib
+
+    here = Path(__file__).resolve().parent
+    for frame in inspect.stack()[2:]:
+        path = Path(frame.filename).resolve()
+        if here in path.parents or not path.is_file():
+            continue
+        for folder in path.parents:
+            pyproject = folder / "pyproject.toml"
+            if pyproject.is_file():
+                try:
+                    project = tomllib.loads(pyproject.read_text()).get("project", {})
+                except (OSError, ValueError):
+                    return None
+                names = set((project.get("entry-points") or {}).get("zoo", {}))
+                return (names | {str(project.get("name", ""))}, str(pyproject)) if names else None
+        return None
+    return None
+
+
+def _check_owner(what: str, owner: str, plugin: str | None) -> None:
+    """Fail unless plugin `owner` (which registered what is under test) is the plugin under test."""
+    from .plugin.host import get_host
+
+    host = get_host()
+    if plugin is not None:
+        expected, where = {plugin}, f"plugin={plugin!r}"
+    else:
+        found = _project_plugins()
+        st = host.status.get(owner)
+        if found is None or st is None or not st.distribution:  # no project to compare, or registered by hand
+            return
+        expected, where = found[0], f"the plugins of {found[1]}"
+    if not any(host.matches(owner, name) for name in expected if name):
+        st = host.status.get(owner)
+        dist = f" (distribution {st.distribution})" if st is not None and st.distribution else ""
+        _fail(what, f"is registered by plugin {owner!r}{dist}, not by the plugin under test ({where}: "
+                    f"{', '.join(sorted(n for n in expected if n))}): another installed plugin provides it (see "
+                    "`zoo plugins`; ZOO_PROVIDERS=NAME=PLUGIN decides who owns a name)")
 
 
 # -- backbones ----------------------------------------------------------------------------------------
@@ -113,14 +164,25 @@ def check_backbone(name: str, input_size: Sequence[int] | None = None) -> dict[s
 
 
 def check_backbones(provider: str | None = None, names: Iterable[str] | None = None, limit: int | None = None,
-                    input_size: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                    input_size: Sequence[int] | None = None, plugin: str | None = None) -> list[dict[str, Any]]:
     """check_backbone on the given names, or on every backbone of `provider` (a deterministic
-    sample of `limit` of them when given). Returns the per-backbone results."""
+    sample of `limit` of them when given), after checking that each belongs to the plugin under
+    test (`plugin`, else the project above the calling test file). Returns the per-backbone results."""
     from .backbones import list_models
+    from .plugin import registry
 
+    reg = registry.backbones()
+    if provider is not None and provider in reg.conflicts:
+        _fail(f"provider {provider!r}", reg.conflicts[provider])
     chosen = list(names) if names is not None else list_models(provider=provider)
     if not chosen:
         _fail(f"provider {provider!r}", "registers no backbone (is the plugin installed? see `zoo plugins`)")
+    for name in chosen:
+        try:
+            rec, _ = reg.resolve(name)
+        except ZooError as exc:
+            _fail(name, str(exc))
+        _check_owner(name, rec.plugin, plugin)
     if limit is not None and len(chosen) > limit:
         chosen = sorted(chosen, key=lambda n: hashlib.sha1(n.encode()).hexdigest())[:limit]
     return [check_backbone(n, input_size) for n in chosen]
@@ -200,11 +262,12 @@ def tiny_model(labels: Sequence[str] = ("cat", "dog", "fox"), input_size: Sequen
 
 
 def check_exporter(format: str, backbone: str | None = None, preprocess: str = "normalize",
-                   out: str | Path | None = None, **options: Any) -> dict[str, Any]:
+                   out: str | Path | None = None, plugin: str | None = None, **options: Any) -> dict[str, Any]:
     """Export a model with `format` (a tiny built-in model, or a head on `backbone` with random
     init) through `zoo.export`; validation must run and pass, and the artifact's metadata, when
     the exporter can read it back, must name the model's labels and preprocessing. Returns the
-    export report. options: the exporter's own options."""
+    export report. options: the exporter's own options. plugin: the plugin under test (see the module
+    docstring: by default the project above the calling test file)."""
     from .plugin import registry
     from .plugin.api import check_provider
     from .errors import ExportValidationError
@@ -216,6 +279,7 @@ def check_exporter(format: str, backbone: str | None = None, preprocess: str = "
         check_provider(exporter, "exporters")
     except (ZooError, TypeError) as exc:
         _fail(what, str(exc))
+    _check_owner(what, registry.exporters().owner(format), plugin)
     for o in exporter.options:
         try:
             o.parse(o.default)

@@ -122,6 +122,11 @@ class Onnx(Exporter):
     def export_module(self, module, example, path, options: ExportOptions):
         return export_module(module, example, path, **options.options)
 
+    def self_check(self, probe: bool = True):
+        from .selfcheck import self_check
+
+        return self_check(probe)
+
 
 class OnnxInt8(Onnx):
     name = "onnx-int8"
@@ -160,6 +165,9 @@ class OnnxInt8(Onnx):
 
     def export_module(self, module, example, path, options):
         raise NotImplementedError("onnx-int8 exports whole zoo models only")
+
+    def self_check(self, probe: bool = True):
+        return None  # the "onnx" format's self-check covers the same runtime
 
 
 @hookimpl

@@ -31,7 +31,6 @@ MIN_OPSET = 18  # Resize's antialias attribute
 def preprocess_graph(norm, opset: int, input_name: str = "image", output_name: str = "pixels"):
     """-> onnx.ModelProto: uint8 (N, H, W, 3) `input_name` -> float32 (N, 3, crop_h, crop_w)
     `output_name`, normalized."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     resize, (c, out_h, out_w) = int(norm.resize_size), tuple(int(v) for v in norm.input_size)

@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import threading
-from pathlib import Path
 from typing import Any
 
 from zoo import Exporter, ExportOptions, ValidationResult, hookimpl

@@ -60,6 +60,6 @@ def run(args) -> int:
         for w in data["available_weights"]:
             metric = ", ".join(f"{k} {v:g}" for k, v in w["metrics"].items())
             rows.append([w["tag"] + (" (default)" if w["tag"] == info.default_weights else ""), w["num_classes"] or "",
-                         metric, w["source"]])
-        print(render(rows, ["TAG", "CLASSES", "METRICS", "SOURCE"]))
+                         metric, w.get("license") or "?", w["source"]])
+        print(render(rows, ["TAG", "CLASSES", "METRICS", "LICENSE", "SOURCE"]))
     return 0

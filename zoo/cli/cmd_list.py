@@ -25,8 +25,8 @@ def run(args) -> int:
 
     reg = index.catalog(refresh=args.refresh)
     for st in index.plugin_statuses(reg):
-        if st.status == "broken":
-            print(f"zoo list: note: plugin {st.name!r} is broken and not listed ({st.error.splitlines()[0][:200]}); "
+        if st.status in ("broken", "conflict"):
+            print(f"zoo list: note: plugin {st.name!r} is {st.status} and not listed ({st.error.splitlines()[0][:200]}); "
                   "see `zoo plugins`", file=sys.stderr)
     names = reg.list_models(args.patterns or None, args.exclude or None, args.provider, args.pretrained_only)
     rows = []

@@ -285,7 +285,20 @@ def _commit(staging: Path, staged: Path, final: Path, entry: dict[str, Any], exp
         os.replace(item, out / item.name)
         moved.append(item.name)
     shutil.rmtree(staging, ignore_errors=True)
+    if "export" in entry:  # no staging path leaks into the report
+        entry["export"] = _rebased(entry["export"], str(staging), str(out))
     entry.update(path=str(final), files=moved, size_bytes=final.stat().st_size, sha256=sidecar["sha256"])
+
+
+def _rebased(obj: Any, old: str, new: str) -> Any:
+    """An exporter's report with the paths it gave into its staging folder pointed at the final place."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj.startswith(old) else obj
+    if isinstance(obj, dict):
+        return {k: _rebased(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebased(v, old, new) for v in obj]
+    return obj
 
 
 def verdict(name: str, result: Any):

@@ -199,6 +199,24 @@ class ValidationResult:
                 **({"runtime": self.runtime} if self.runtime else {})}
 
 
+@dataclass(frozen=True)
+class SelfCheck:
+    """What `Exporter.self_check` tells `zoo doctor`: can this machine export (and run) the format?
+
+    ok: True (works), False (does not; `problems` says why, with the fix) or None (not checked,
+    e.g. the probe was skipped). summary: one line for the doctor's text output. problems: one
+    line each, naming the fix; they go to the doctor's "problems". details: JSON-ready facts (the
+    runtime's version and providers, the probe's numbers) for `zoo doctor --json`."""
+
+    ok: bool | None
+    summary: str = ""
+    problems: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "summary": self.summary, "problems": list(self.problems), "details": dict(self.details)}
+
+
 class Exporter(ABC):
     """An export format. Set `name` (the format users type) and `suffix` (the artifact's file
     ending, e.g. ".onnx"); implement `export`, and `validate` so `zoo export` can check the file
@@ -228,8 +246,12 @@ class Exporter(ABC):
     def export(self, model: "ZooModel", path: str, options: ExportOptions) -> Mapping[str, Any]:
         """Write the whole model (`model.backbone`, `model.head`) as one artifact at `path`.
 
-        `model.meta` holds the backbone, weights, `Normalization` and class labels: write them
-        into the artifact so it describes itself (`zoo.exporting.artifact_metadata(model, ...)`
+        `path` has the artifact's final file name (e.g. "model.onnx") inside a staging folder; after
+        validation the zoo moves it, and any file you write beside it, into the output folder (a
+        failed artifact never gets there). Paths in the report you return that point into the staging
+        folder are rewritten to the final place. `model.meta` holds the backbone, weights,
+        `Normalization` and class labels: write them into the artifact so it describes itself
+        (`zoo.exporting.artifact_metadata(model, ...)`
         gives all of it). Return a small JSON-ready report; "metadata" in it goes to the sidecar."""
 
     def validate(self, model: "ZooModel", path: str, images: Any, options: ExportOptions,
@@ -260,6 +282,13 @@ class Exporter(ABC):
         """Export a bare module (one float NCHW tensor "input" in, "output" out, dynamic batch),
         for `zoo bench`. Optional: raise NotImplementedError if the format cannot."""
         raise NotImplementedError(f"exporter {self.name!r} cannot export a bare module")
+
+    def self_check(self, probe: bool = True) -> SelfCheck | None:
+        """Whether this machine can export (and run) the format, for `zoo doctor`: the runtime's
+        presence and version, and with `probe` a real export of a tiny model (a few seconds at most).
+        Runs in a child process of the doctor, so a crash or hang cannot take it down. Default: None
+        (nothing to check)."""
+        return None
 
 
 # -- extraction engines ----------------------------------------------------------------------------------
@@ -328,7 +357,8 @@ class EngineRejected(RuntimeError):
 
 
 # -- checks the registry applies to what a plugin hands it -----------------------------------------------
-PROVIDER_KINDS = {"backbones": BackboneProvider, "exporters": Exporter, "engines": ExtractionEngine}
+PROVIDER_KINDS: dict[str, type[BackboneProvider] | type[Exporter] | type[ExtractionEngine]] = {
+    "backbones": BackboneProvider, "exporters": Exporter, "engines": ExtractionEngine}
 
 
 def _public_api(base: type) -> set[str]:
@@ -365,8 +395,9 @@ def check_provider(obj: Any, kind: str) -> Any:
                         f"e.g. name = \"myprovider\" (got {getattr(obj, 'name', None)!r})")
     if kind == "engines" and obj.numerics not in ("fp32", "bf16"):
         raise TypeError(f"{cls.__name__}.numerics must be \"fp32\" or \"bf16\", got {obj.numerics!r}")
-    if kind == "exporters" and (not isinstance(obj.suffix, str) or not obj.suffix.startswith(".")):
-        raise TypeError(f"{cls.__name__}.suffix must be the artifact's file ending, e.g. \".onnx\", got {obj.suffix!r}")
+    suffix = getattr(obj, "suffix", None)
+    if kind == "exporters" and (not isinstance(suffix, str) or not suffix.startswith(".")):
+        raise TypeError(f"{cls.__name__}.suffix must be the artifact's file ending, e.g. \".onnx\", got {suffix!r}")
     return obj
 
 

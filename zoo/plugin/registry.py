@@ -16,7 +16,7 @@ import difflib
 import fnmatch
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import (
     AmbiguousBackboneError,
@@ -31,7 +31,16 @@ from ..errors import (
 )
 from ..records import BackboneSpec, Normalization
 from .api import BackboneProvider, Exporter, ExtractionEngine, check_provider
-from .host import PluginHost, call_hook, get_host, strict_plugins
+from .host import (
+    ENV_DISABLE,
+    ENV_PROVIDERS,
+    PluginHost,
+    PluginStatus,
+    call_hook,
+    get_host,
+    provider_choices,
+    strict_plugins,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Catalog:
         self._norm_cache: dict[tuple[str, str | None], Normalization] = {}
         self._static_dims: dict[str, int | None] = {}
         self.default_backbone: str | None = None  # "provider/model.tag", declared by its provider
+        self.conflicts: dict[str, str] = {}  # provider name -> why no plugin has it (see settle)
 
     def _add(self, rec: BackboneRecord) -> None:
         self._records[rec.name] = rec
@@ -64,7 +74,7 @@ class Catalog:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[BackboneRecord]:
         return iter(self._records.values())
 
     def names(self) -> list[str]:
@@ -103,6 +113,9 @@ class Catalog:
         if not isinstance(name, str) or not name.strip():
             raise UnknownBackboneError(repr(name))
         name = name.strip()
+        provider = name.partition("/")[0] if "/" in name else ""
+        if provider in self.conflicts:
+            raise PluginError(f"{name}: {self.conflicts[provider]}")
         for candidate, tag in self._splits(name):
             rec = self._lookup(candidate, name)
             if rec is None:
@@ -150,6 +163,15 @@ class Catalog:
         return self._static_dims.get(rec.name)
 
 
+@dataclass
+class _StagedBackbones:
+    """What one plugin's zoo_register_backbones handed over, checked but not yet committed."""
+
+    providers: dict[str, BackboneProvider]
+    records: list[BackboneRecord]
+    norms: dict[tuple[str, str | None], Normalization]
+
+
 class BackboneRegistry(Catalog):
     """The live registry: every plugin's backbone providers, asked through the hooks."""
 
@@ -157,44 +179,40 @@ class BackboneRegistry(Catalog):
         super().__init__()
         self.host = host
         self._providers: dict[str, tuple[BackboneProvider, str]] = {}  # provider name -> (provider, plugin)
-        call_hook(host, "zoo_register_backbones", self._load_plugin)
+        staged = call_hook(host, "zoo_register_backbones", self._stage)
+        accepted, self.conflicts = settle(host, {p: list(s.providers) for p, s in staged.items()},
+                                          "backbone provider", "zoo_register_backbones")
+        for plugin_name in accepted:
+            self._commit(plugin_name, staged[plugin_name])
 
     # -- loading ------------------------------------------------------------------------------
-    def _load_plugin(self, plugin_name: str, registered: list) -> None:
+    def _stage(self, plugin_name: str, registered: list[Any]) -> _StagedBackbones:
+        """Check everything a plugin registered (runs under the plugin time limit; changes nothing)."""
         staged: dict[str, BackboneProvider] = {}
         records: list[BackboneRecord] = []
-        try:
-            for obj in registered:
-                provider = check_provider(obj, "backbones")
-                self._claim(provider.name, plugin_name, staged)
-                staged[provider.name] = provider
-            for provider in staged.values():
-                records += self._records_of(provider, plugin_name)
-            # The stats a plugin hands out are checked before anything of it is used.
-            for rec in records:
-                self._fetch_normalization(rec, staged[rec.spec.provider], rec.spec.default_weights)
-        except Exception as exc:  # noqa: BLE001 - isolate the plugin, whatever it raised
-            names = {r.name for r in records}
-            self._norm_cache = {k: v for k, v in self._norm_cache.items() if k[0] not in names}
-            self.host.fail(plugin_name, exc, "zoo_register_backbones")
-            return
-        for name, provider in staged.items():
+        for obj in registered:
+            provider = check_provider(obj, "backbones")
+            if provider.name in staged:
+                raise DuplicateBackboneError(f"plugin {plugin_name!r} registers backbone provider {provider.name!r} "
+                                             "twice; register each provider once")
+            staged[provider.name] = provider
+        for provider in staged.values():
+            records += self._records_of(provider, plugin_name)
+        # The stats a plugin hands out are checked before anything of it is used.
+        norms = {(rec.name, rec.spec.default_weights):
+                 _checked_normalization(rec, staged[rec.spec.provider], rec.spec.default_weights) for rec in records}
+        return _StagedBackbones(staged, records, norms)
+
+    def _commit(self, plugin_name: str, staged: _StagedBackbones) -> None:
+        for name, provider in staged.providers.items():
             self._providers[name] = (provider, plugin_name)
             if provider.default_backbone and self.default_backbone is None:
                 self.default_backbone = f"{name}/{provider.default_backbone}"
-        for rec in records:
+        for rec in staged.records:
             self._add(rec)
+        self._norm_cache.update(staged.norms)
         st = self.host.status[plugin_name]
-        st.providers, st.backbones = sorted(staged), len(records)
-
-    def _claim(self, provider_name: str, plugin_name: str, staged: dict) -> None:
-        """A provider name belongs to the first plugin that registers it (built-ins come first)."""
-        if provider_name in self._providers or provider_name in staged:
-            owner = self._providers[provider_name][1] if provider_name in self._providers else plugin_name
-            raise DuplicateBackboneError(
-                f"backbone provider {provider_name!r} belongs to plugin {owner!r}; plugin {plugin_name!r} "
-                f"registers it too and was not loaded (rename its provider, or disable it with ZOO_DISABLE_PLUGINS)"
-            )
+        st.providers, st.backbones = sorted(staged.providers), len(staged.records)
 
     @staticmethod
     def _records_of(provider: BackboneProvider, plugin_name: str) -> list[BackboneRecord]:
@@ -217,7 +235,7 @@ class BackboneRegistry(Catalog):
     def provider(self, rec: BackboneRecord) -> BackboneProvider:
         return self._providers[rec.spec.provider][0]
 
-    def ask(self, rec: BackboneRecord, what: str, call) -> Any:
+    def ask(self, rec: BackboneRecord, what: str, call: Callable[[BackboneProvider], Any]) -> Any:
         """Run `call(provider)`; errors become PluginError naming the plugin (ZooErrors pass)."""
         try:
             return call(self.provider(rec))
@@ -230,18 +248,13 @@ class BackboneRegistry(Catalog):
     def _fetch_normalization(self, rec: BackboneRecord, provider: BackboneProvider, tag: str | None) -> Normalization:
         key = (rec.name, tag)
         if key not in self._norm_cache:
-            norm = provider.normalization(rec.spec, tag)
-            if not isinstance(norm, Normalization):
-                raise InvalidRecordError(
-                    f"plugin {rec.plugin!r}: {type(provider).__name__}.normalization() must return zoo.Normalization "
-                    f"for {rec.name} (weights {tag!r}), got {type(norm).__name__}; every backbone needs its stats "
-                    "from its plugin")
-            self._norm_cache[key] = norm.validate(f"{rec.name} (weights {tag!r}, plugin {rec.plugin!r})")
+            self._norm_cache[key] = _checked_normalization(rec, provider, tag)
         return self._norm_cache[key]
 
     def normalization(self, rec: BackboneRecord, tag: str | None) -> Normalization:
         try:
-            return self.ask(rec, "normalization", lambda p: self._fetch_normalization(rec, p, tag))
+            norm: Normalization = self.ask(rec, "normalization", lambda p: self._fetch_normalization(rec, p, tag))
+            return norm
         except InvalidRecordError as exc:
             raise PluginError(str(exc)) from exc
 
@@ -280,6 +293,82 @@ class BackboneRegistry(Catalog):
         return self._static_dims[rec.name]
 
 
+def _checked_normalization(rec: BackboneRecord, provider: BackboneProvider, tag: str | None) -> Normalization:
+    norm = provider.normalization(rec.spec, tag)
+    if not isinstance(norm, Normalization):
+        raise InvalidRecordError(
+            f"plugin {rec.plugin!r}: {type(provider).__name__}.normalization() must return zoo.Normalization "
+            f"for {rec.name} (weights {tag!r}), got {type(norm).__name__}; every backbone needs its stats "
+            "from its plugin")
+    return norm.validate(f"{rec.name} (weights {tag!r}, plugin {rec.plugin!r})")
+
+
+def settle(host: PluginHost, claims: dict[str, list[str]], what: str,
+           hook_name: str) -> tuple[list[str], dict[str, str]]:
+    """Decide which plugins get the names they claim (`claims`: plugin -> names, built-ins first).
+
+    A built-in's names are its own: a third party claiming one is marked broken. Between third
+    parties nobody wins silently: a name two of them claim goes to neither (both are marked
+    "conflict", naming each other and the fix) unless ZOO_PROVIDERS gives it to one; a plugin
+    claiming a name ZOO_PROVIDERS gives to another is held out too. All or nothing: a plugin is
+    committed only if it gets every name it claims. Returns (the plugins to commit, in order;
+    {name: why nobody has it} for names held out by a conflict)."""
+    choices = provider_choices()
+    owner: dict[str, str] = {}
+    accepted: list[str] = []
+    builtin = [p for p in claims if host.status.get(p, PluginStatus(p)).builtin]
+    for plugin_name in builtin:  # built-ins register first and own their names
+        taken = [n for n in claims[plugin_name] if n in owner]
+        if taken:
+            host.fail(plugin_name, DuplicateBackboneError(
+                f"{what} {taken[0]!r} belongs to plugin {owner[taken[0]]!r}; plugin {plugin_name!r} registers it "
+                "too and was not loaded"), hook_name)
+            continue
+        owner.update(dict.fromkeys(claims[plugin_name], plugin_name))
+        accepted.append(plugin_name)
+    third = [p for p in claims if p not in builtin]
+    claimants: dict[str, list[str]] = {}
+    for plugin_name in third:
+        for n in claims[plugin_name]:
+            claimants.setdefault(n, []).append(plugin_name)
+    conflicts: dict[str, str] = {}
+    for plugin_name in third:
+        problem: tuple[str, str, list[str]] | None = None  # (message, status, the other plugins)
+        for n in claims[plugin_name]:
+            others = [p for p in claimants[n] if p != plugin_name]
+            if n in owner:
+                problem = (f"{what} {n!r} belongs to plugin {owner[n]!r}; plugin {plugin_name!r} registers it "
+                           f"too and was not loaded ({_fix(what)}, or disable it with {ENV_DISABLE})", "broken", [])
+            elif n in choices:
+                if not host.matches(plugin_name, choices[n]):
+                    problem = (f"{what} {n!r} is given to {choices[n]!r} by {ENV_PROVIDERS}; plugin {plugin_name!r} "
+                               f"claims it too and was not loaded (change {ENV_PROVIDERS}, or disable it with "
+                               f"{ENV_DISABLE})", "conflict", others)
+                    if not any(host.matches(p, choices[n]) for p in claimants[n]):
+                        conflicts[n] = (f"{what} {n!r} is given to {choices[n]!r} by {ENV_PROVIDERS}, which does "
+                                        f"not provide it; claimed by {', '.join(map(repr, claimants[n]))}")
+            elif others:
+                picks = " or ".join(f"{ENV_PROVIDERS}={n}={p}" for p in claimants[n])
+                problem = (f"{what} {n!r} is claimed by plugin {plugin_name!r} and by {', '.join(map(repr, others))}; "
+                           f"neither is loaded: pick one with {picks} (or uninstall one, or disable it with "
+                           f"{ENV_DISABLE})", "conflict", others)
+                conflicts[n] = (f"{what} {n!r} is claimed by plugins {', '.join(map(repr, claimants[n]))} and "
+                                f"none of them is loaded: pick one with {picks}")
+            if problem:
+                break
+        if problem is None:
+            owner.update(dict.fromkeys(claims[plugin_name], plugin_name))
+            accepted.append(plugin_name)
+        else:
+            host.fail(plugin_name, DuplicateBackboneError(problem[0]), hook_name, status=problem[1],
+                      conflicts=problem[2])
+    return accepted, conflicts
+
+
+def _fix(what: str) -> str:
+    return "rename its format" if "format" in what else "rename its provider"
+
+
 def _is_zoo_error(exc: BaseException) -> bool:
     from ..errors import ZooError
 
@@ -292,22 +381,23 @@ class ExporterRegistry:
     def __init__(self, host: PluginHost):
         self.host = host
         self._exporters: dict[str, tuple[Exporter, str]] = {}
-        call_hook(host, "zoo_register_exporters", self._load_plugin)
+        staged = call_hook(host, "zoo_register_exporters", self._stage)
+        accepted, self.conflicts = settle(host, {p: list(s) for p, s in staged.items()}, "export format",
+                                          "zoo_register_exporters")
+        for plugin_name in accepted:
+            self._commit(plugin_name, staged[plugin_name])
 
-    def _load_plugin(self, plugin_name: str, registered: list) -> None:
+    def _stage(self, plugin_name: str, registered: list[Any]) -> dict[str, Exporter]:
         staged: dict[str, Exporter] = {}
-        try:
-            for obj in registered:
-                exporter = check_provider(obj, "exporters")
-                if exporter.name in self._exporters or exporter.name in staged:
-                    owner = self._exporters[exporter.name][1] if exporter.name in self._exporters else plugin_name
-                    raise DuplicateBackboneError(
-                        f"export format {exporter.name!r} belongs to plugin {owner!r}; plugin {plugin_name!r} "
-                        "registers it too and was not loaded (rename its format, or disable it with ZOO_DISABLE_PLUGINS)")
-                staged[exporter.name] = exporter
-        except Exception as exc:  # noqa: BLE001
-            self.host.fail(plugin_name, exc, "zoo_register_exporters")
-            return
+        for obj in registered:
+            exporter = check_provider(obj, "exporters")
+            if exporter.name in staged:
+                raise DuplicateBackboneError(f"plugin {plugin_name!r} registers export format {exporter.name!r} "
+                                             "twice; register each format once")
+            staged[exporter.name] = exporter
+        return staged
+
+    def _commit(self, plugin_name: str, staged: dict[str, Exporter]) -> None:
         for name, exporter in staged.items():
             self._exporters[name] = (exporter, plugin_name)
         self.host.status[plugin_name].exporters = sorted(staged)
@@ -316,6 +406,8 @@ class ExporterRegistry:
         return sorted(self._exporters)
 
     def get(self, name: str) -> Exporter:
+        if name in self.conflicts:
+            raise PluginError(self.conflicts[name])
         if name not in self._exporters:
             close = difflib.get_close_matches(name, list(self._exporters), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -1,19 +1,36 @@
-"""An example third-party backbone-zoo plugin.
+"""An example third-party backbone-zoo plugin, written on the plugin API v2 alone (docs/plugins.md).
 
-Written on the plugin API v2 alone (docs/plugins.md): one `zoo.BackboneProvider` with one
-backbone, `example/tinynet`, whose normalization stats are its own (the zoo never assumes
-ImageNet numbers), and one `zoo.Exporter`, `example-npz` (tensors and metadata in one .npz,
-validated by reloading every tensor).
+One `zoo.BackboneProvider`, provider "example", with one backbone, `example/tinynet`, whose
+normalization stats are its own (the zoo never assumes ImageNet numbers), and two weights tags:
+
+- "seed0" (the default): generated from torch.manual_seed(0), so it needs no file;
+- "v1": real weight loading, as a plugin with trained weights does it: a safetensors file (never
+  unpickled) from the package `zoo_example_weights` if installed, else from the directory
+  $ZOO_EXAMPLE_WEIGHTS (default ~/.cache/zoo-example-plugin); missing, the zoo's offline error names
+  the file, the directory and the pip command. The file also holds the pretrained 3-class head
+  (`pretrained_head`) and its labels. `python -m zoo_example_plugin.make_weights DIR` writes one.
+
+One `zoo.Exporter`, `example-npz`: every tensor and the metadata in one .npz, validated by
+rebuilding the model from the file alone and comparing it with eager PyTorch through
+zoo.validation's helpers (model_inputs, run_in_batches, compare).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 import zoo
 
 PROVIDER = "example"
 FEATURE_DIM = 32
+WEIGHTS_FILE = "tinynet-v1.safetensors"
+WEIGHTS_PACKAGE = "zoo_example_weights"
+WEIGHTS_INSTALL = "pip install zoo-example-weights"
+WEIGHTS_ENV = "ZOO_EXAMPLE_WEIGHTS"
+V1_LABELS = ("cat", "dog", "fox")
 
 # Stats of the (imaginary) dataset tinynet was trained on. Plugins own these numbers.
 TINYNET_NORMALIZATION = zoo.Normalization(
@@ -41,6 +58,30 @@ def _tinynet():
     return model
 
 
+# -- weights: a package, else a file in a directory, else the offline error --------------------------------
+def weights_dir() -> Path:
+    return Path(os.environ.get(WEIGHTS_ENV) or Path.home() / ".cache" / "zoo-example-plugin")
+
+
+def read_v1() -> tuple[dict, tuple[str, ...]]:
+    """The v1 tensors ("backbone.*", "head.*") and the head's labels."""
+    from safetensors import safe_open
+
+    from zoo.backbones import offline_weights_error
+
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    candidates = [Path(p) / WEIGHTS_FILE for p in (spec.submodule_search_locations or [])] if spec else []
+    candidates.append(weights_dir() / WEIGHTS_FILE)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise offline_weights_error("example/tinynet.v1", WEIGHTS_FILE, weights_dir(), source="zoo-example-weights",
+                                    cause=FileNotFoundError(str(candidates[-1])), install=WEIGHTS_INSTALL)
+    with safe_open(str(path), framework="pt") as fh:  # safetensors: loading executes nothing
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        labels = tuple(json.loads((fh.metadata() or {}).get("labels", "[]")))
+    return tensors, labels
+
+
 class ExampleBackbones(zoo.BackboneProvider):
     """Backbones named example/...; the specs below must carry provider="example"."""
 
@@ -51,7 +92,12 @@ class ExampleBackbones(zoo.BackboneProvider):
             provider=PROVIDER,
             model="tinynet",
             family="tinynet",
-            weights=(zoo.WeightsInfo(tag="seed0", source="generated: torch.manual_seed(0)", num_classes=None),),
+            weights=(
+                zoo.WeightsInfo(tag="seed0", source="generated: torch.manual_seed(0)", num_classes=None,
+                                license="CC0-1.0"),
+                zoo.WeightsInfo(tag="v1", source=f"{WEIGHTS_INSTALL}, or {WEIGHTS_FILE} in ${WEIGHTS_ENV}",
+                                file_name=WEIGHTS_FILE, num_classes=len(V1_LABELS), license="Apache-2.0"),
+            ),
             default_weights="seed0",
             description="A 2-block CNN for examples and tests",
         )
@@ -62,18 +108,32 @@ class ExampleBackbones(zoo.BackboneProvider):
     def build(self, spec, weights):
         import torch
 
-        if weights == "seed0":  # "pretrained" weights a real plugin would load from a file
+        if weights == "seed0":  # generated weights: no file needed
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = _tinynet()
         else:
             model = _tinynet()
+        if weights == "v1":  # trained weights, read from their file
+            tensors, _ = read_v1()
+            model.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items()
+                                   if k.startswith("backbone.")})
         groups = [zoo.LayerGroup(name, tuple(n for n, _ in model.named_parameters() if n.startswith(name + ".")))
                   for name in ("stem", "stage1")]
-        return zoo.BuiltBackbone(model, feature_dim=FEATURE_DIM, layer_groups=groups)
+        return zoo.BuiltBackbone(model.eval(), feature_dim=FEATURE_DIM, layer_groups=groups)
 
     def feature_dim(self, spec):
         return FEATURE_DIM  # known without building it, so `zoo list` shows it
+
+    def pretrained_head(self, spec, weights):
+        if weights != "v1":  # random init and seed0 come without a classifier
+            return None
+        import torch
+
+        tensors, labels = read_v1()
+        head = torch.nn.Linear(FEATURE_DIM, len(labels))
+        head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
+        return zoo.PretrainedHead(labels=labels, module=head.eval())
 
 
 class NpzExporter(zoo.Exporter):
@@ -90,27 +150,40 @@ class NpzExporter(zoo.Exporter):
         import numpy as np
 
         tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        meta = model.meta.to_dict()
+        meta = zoo.exporting.artifact_metadata(model, self.name, options.preprocess, options.embedding)
         save = np.savez_compressed if options["compress"] else np.savez
-        with open(path, "wb") as fh:  # a file handle: np.savez would append ".npz" to a staging name
+        with open(path, "wb") as fh:  # a file handle: np.savez would append ".npz" to the name
             save(fh, __zoo_metadata__=np.array(json.dumps(meta)), **tensors)
         return {"path": str(path), "tensors": len(tensors), "metadata": meta}
 
     def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
-        """Reload every tensor and compare it with the model's own: the format is lossless."""
-        import numpy as np
+        """Rebuild the model from the file alone, run it on the images, compare with eager PyTorch."""
+        import copy
 
-        problems = []
+        import numpy as np
+        import torch
+        from zoo.validation import compare, model_inputs, run_in_batches
+
         with np.load(path) as data:
             meta = json.loads(str(data["__zoo_metadata__"]))
-            for key, value in model.state_dict().items():
-                if key not in data.files:
-                    problems.append(f"tensor {key!r} is missing")
-                elif not np.array_equal(data[key], value.detach().cpu().numpy()):
-                    problems.append(f"tensor {key!r} differs")
+            state = {k: torch.from_numpy(data[k]) for k in data.files if k != "__zoo_metadata__"}
+        rebuilt = copy.deepcopy(model).eval()
+        rebuilt.load_state_dict(state)
+        inputs = model_inputs(images, model.meta.normalization, "none")  # the file holds weights: feed floats
+
+        def run(batch):
+            with torch.inference_mode():
+                embedding = rebuilt.forward_features(torch.from_numpy(batch))
+                logits = rebuilt.forward_head(embedding)
+            return {"logits": logits.numpy(), "probabilities": torch.softmax(logits, -1).numpy(),
+                    "embedding": embedding.numpy()}
+
+        result = zoo.ValidationResult.from_report(compare(reference, run_in_batches(run, inputs, batch_sizes),
+                                                          tolerance, targets=targets),
+                                                  runtime=f"torch {torch.__version__} (rebuilt from the .npz)")
         if meta.get("labels") != list(model.meta.labels):
-            problems.append("the labels in the file are not the model's")
-        return zoo.ValidationResult(passed=not problems, problems=problems, runtime=f"numpy {np.__version__}")
+            result.fail("the labels in the file are not the model's")
+        return result
 
     def read_metadata(self, artifact):
         import numpy as np
