@@ -297,10 +297,13 @@ def test_onnx_exporter_dynamo_turns_the_fallback_into_an_error(exported, tmp_pat
     assert code == 2 and not (tmp_path / "o2" / "model.onnx").exists()
 
 
-def test_zoo_export_is_callable_repeatedly(exported):
-    """`zoo.export` resolves to the function the first time and to the (callable) module after."""
-    import importlib
+def test_zoo_export_is_the_function_and_no_module_shadows_it(exported):
+    """`zoo.export` is the function, on first use and after the exporting package is imported
+    (there is no `zoo.export` module to rebind it); the toolkit lives in `zoo.exporting`."""
+    import importlib.util
 
-    mod = importlib.import_module("zoo.export")
-    assert callable(zoo.export) and callable(mod)
-    assert mod.export is zoo.export or zoo.export is mod
+    import zoo.exporting
+
+    assert zoo.export is zoo.exporting.export and callable(zoo.export)
+    assert importlib.util.find_spec("zoo.export") is None
+    assert callable(zoo.exporting.artifact_metadata)

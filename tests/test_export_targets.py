@@ -108,7 +108,7 @@ def test_fold_static_shapes_keeps_numbers(models, tmp_path):
     import onnx
     import torch
 
-    from zoo.export import deploy_module, example_input
+    from zoo.exporting import deploy_module, example_input
     from zoo_onnx.targets import fold_static_shapes, runner
 
     model = models["lite0"]

@@ -42,7 +42,7 @@ def test_exporter_options_reach_only_their_exporter_and_unknown_ones_fail(tmp_pa
 
 def test_a_verdict_is_required(tmp_path, monkeypatch):
     from zoo.plugin import registry
-    from zoo.export import verdict
+    from zoo.exporting import verdict
 
     assert verdict("x", zoo.ValidationResult(passed=True)).passed
     for bad in ({"max_abs_logit_diff": 0.0}, None, zoo.ValidationResult(passed=None)):

@@ -36,7 +36,7 @@ def test_pt2_round_trip_matches_eager_at_any_batch(exported):
     model = tiny_model()
     c, h, w = model.meta.normalization.input_size
     x = torch.randint(0, 256, (5, h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    from zoo.export import deploy_module
+    from zoo.exporting import deploy_module
 
     with torch.no_grad():
         expected = deploy_module(model)(x)[0]
@@ -116,10 +116,10 @@ def test_torchscript_export_and_load_do_not_warn_deprecation(tmp_path):
                                              dropout=0.1)], ids=["linear", "mlp"])
 def test_run_head_metadata_in_the_export(head, tmp_path):
     """A saved run, loaded back as `zoo export RUN` loads it: model.json and the artifact metadata
-    every exporter writes (zoo.export.artifact_metadata) describe the head the run has."""
+    every exporter writes (zoo.exporting.artifact_metadata) describe the head the run has."""
     import dataclasses
 
-    from zoo.export import artifact_metadata
+    from zoo.exporting import artifact_metadata
     from zoo.model import build_model, load_model, save_model
 
     torch.manual_seed(0)

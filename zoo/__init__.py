@@ -34,13 +34,19 @@ _EXPORTS = {
     "build_model": "zoo.model",
     "pretrained_classifier": "zoo.model",
     "train": "zoo.training",
-    "export": "zoo.export",
+    "export": "zoo.exporting",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+# subpackages reachable as attributes after a bare `import zoo` (e.g. `zoo.exporting.artifact_metadata`)
+_SUBMODULES = ("exporting", "validation")
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"zoo.{name}")
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -94,7 +94,7 @@ def dynamo_export_probe() -> dict[str, Any]:
     try:
         import onnxruntime as ort
 
-        from .export import quiet
+        from .exporting import quiet
 
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -1,4 +1,5 @@
-"""Classify images with an exported ONNX file alone: onnxruntime, numpy and Pillow, no torch.
+"""Classify images with an exported file alone: ONNX with onnxruntime, numpy and Pillow, no torch;
+`.pt2` and TorchScript files with torch (through their exporter plugin's runner).
 
     from zoo.predict import Predictor
     p = Predictor("export/model.onnx")
@@ -39,14 +40,31 @@ class Prediction:
 
 
 class Predictor:
-    """An onnxruntime session plus the preprocessing and labels its file describes."""
+    """A loaded model file plus the preprocessing and labels it describes.
+
+    `.onnx` runs in an onnxruntime session (no torch). Another format runs where its exporter plugin
+    offers a runner (`Exporter.load_runner(path) -> (run, metadata)`, duck-typed, optional): the
+    built-in `.pt2` (weights-only load) and `.torchscript.pt` exporters do, and need torch."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise ZooError(f"{self.path!r} does not exist (expected an .onnx file written by `zoo export`)")
+            raise ZooError(f"{self.path!r} does not exist (expected a model file written by `zoo export`: "
+                           ".onnx, .pt2 or .torchscript.pt)")
+        self.session = None
+        self._runner = None
+        if not self.path.endswith(".onnx"):
+            self._runner, meta = _load_runner(self.path)
+            if self._runner is not None:
+                self.metadata = self._check_metadata(dict(meta or {}))
+                self.labels = list(self.metadata["labels"])
+                self.preprocess_mode = self.metadata.get("preprocess", "none")
+                self.normalization = self.metadata["normalization"]
+                self.input_name = "input"
+                self.output_names = list(self.metadata.get("outputs") or ["logits", "probabilities", "embedding"])
+                return
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -54,7 +72,7 @@ class Predictor:
             so.intra_op_num_threads = int(threads)
         try:
             self.session = ort.InferenceSession(self.path, so, providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as exc:
             raise ZooError(f"{self.path!r}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
         self.metadata: dict[str, Any] = self._check_metadata(_metadata(self.path, self.session))
         self.labels: list[str] = list(self.metadata["labels"])
@@ -102,6 +120,8 @@ class Predictor:
     # -- running -----------------------------------------------------------------------------------
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The raw outputs for a prepared batch, by name."""
+        if self._runner is not None:
+            return dict(self._runner(batch))
         return dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
 
     def probabilities(self, images: Iterable) -> np.ndarray:
@@ -152,6 +172,38 @@ class Predictor:
         results = dict(zip(good, self.top_k(self._run_rows([rows[p] for p in good]), top_k))) if good else {}
         return [{"path": p, "error": errors[p]} if p in errors else
                 {"path": p, "top": [r.to_dict() for r in results[p]]} for p in paths]
+
+
+def _load_runner(path: str):
+    """(run, metadata) from the exporter plugin that writes this format, if it offers a runner;
+    (None, None) when it does not (the file is then tried as ONNX)."""
+    from .plugin import registry
+
+    exporter = registry.exporters().for_artifact(path)
+    load = getattr(exporter, "load_runner", None) if exporter is not None else None
+    if load is None:
+        return None, None
+    try:
+        return load(path)
+    except ZooError:
+        raise
+    except Exception as exc:
+        raise ZooError(f"{path!r}: the {exporter.name!r} exporter cannot load it ({type(exc).__name__}: {exc}); "
+                       "export the model again with `zoo export`") from exc
+
+
+def torch_runner(module, names: Sequence[str]):
+    """A numpy-in, numpy-out runner for a torch-loaded artifact (for `Exporter.load_runner`): torch
+    is imported here, by the formats that need it, never by the ONNX path."""
+    import torch
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(np.ascontiguousarray(batch)))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.float().numpy() for n, o in zip(names, out)}
+
+    return run
 
 
 def _metadata(path: str, session) -> dict[str, Any]:

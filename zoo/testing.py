@@ -208,7 +208,7 @@ def check_exporter(format: str, backbone: str | None = None, preprocess: str = "
     from .plugin import registry
     from .plugin.api import check_provider
     from .errors import ExportValidationError
-    from .export import export
+    from .exporting import export
 
     what = f"exporter {format!r}"
     try:

@@ -127,7 +127,7 @@ def _value(fp32: str, int8: Path, model, calibration, preprocess: str) -> dict[s
     if calibration is not None and len(calibration):
         x = model_inputs(np.asarray(calibration[:8]), model.meta.normalization, preprocess)
     else:
-        from zoo.export import example_input
+        from zoo.exporting import example_input
 
         x = example_input(model, preprocess, batch=8).numpy()
 

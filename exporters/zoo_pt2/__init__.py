@@ -34,7 +34,7 @@ _env_lock = threading.Lock()
 def export_pt2(model, path, *, preprocess: str = "normalize", embedding: bool = True, **_: Any) -> dict[str, Any]:
     import torch
 
-    from zoo.export import artifact_metadata, deploy_module, example_input
+    from zoo.exporting import artifact_metadata, deploy_module, example_input
 
     module = deploy_module(model, preprocess, embedding)
     example = example_input(model, preprocess, batch=2)  # batch 2: the batch axis is never specialized to 1
@@ -115,6 +115,13 @@ class Pt2(Exporter):
 
     def read_metadata(self, artifact):
         return load(artifact)[1]
+
+    def load_runner(self, path):
+        """(run, metadata) for `zoo predict`: run maps a prepared numpy batch to {output: array}."""
+        from zoo.predict import torch_runner
+
+        module, meta = load(path)
+        return torch_runner(module, meta.get("outputs") or ["logits", "probabilities", "embedding"]), meta
 
 
 @hookimpl

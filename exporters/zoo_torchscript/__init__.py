@@ -8,7 +8,7 @@ Load it anywhere torch is installed, without the zoo:
     meta = json.loads(extra["zoo_metadata.json"])   # bytes or str, json takes both
     logits, probabilities, embedding = m(batch)   # batch as meta["input_layout"] / ["input_dtype"]
 
-Extra files: "zoo_metadata.json" (everything `zoo.export.artifact_metadata` gives: labels,
+Extra files: "zoo_metadata.json" (everything `zoo.exporting.artifact_metadata` gives: labels,
 mean/std, input size, resize/crop, interpolation, backbone and weights, versions, preprocessing
 mode, input layout) and "labels.txt" (one class per line).
 
@@ -48,7 +48,7 @@ def export_torchscript(model, path, *, preprocess: str = "normalize", embedding:
                        **_: Any) -> dict[str, Any]:
     import torch
 
-    from zoo.export import artifact_metadata, deploy_module, example_input
+    from zoo.exporting import artifact_metadata, deploy_module, example_input
 
     path = Path(path)
     module = deploy_module(model, preprocess, embedding)
@@ -111,6 +111,13 @@ class TorchScript(Exporter):
 
     def read_metadata(self, artifact):
         return load(artifact)[1]
+
+    def load_runner(self, path):
+        """(run, metadata) for `zoo predict`: run maps a prepared numpy batch to {output: array}."""
+        from zoo.predict import torch_runner
+
+        module, meta = load(path)
+        return torch_runner(module, meta.get("outputs") or ["logits", "probabilities", "embedding"]), meta
 
 
 @hookimpl

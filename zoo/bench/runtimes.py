@@ -193,10 +193,10 @@ class OnnxRuntime(Runtime):
 
 
 def export_onnx(module, example, path: str) -> str:
-    """Export through the ONNX exporter plugin (zoo.export.bare_module_to_onnx: the graph path
+    """Export through the ONNX exporter plugin (zoo.exporting.bare_module_to_onnx: the graph path
     `zoo export` uses). Returns which torch exporter wrote it."""
     from zoo.errors import UnknownExporterError
-    from zoo.export import bare_module_to_onnx
+    from zoo.exporting import bare_module_to_onnx
 
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

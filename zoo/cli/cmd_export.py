@@ -136,7 +136,11 @@ def _source(args):
                            f"drop --head pretrained to export the run, or pass a backbone name (zoo list)")
         from zoo.model import pretrained_classifier
 
-        weights = None if str(args.weights).lower() == "none" else (args.weights or "default")
+        from zoo.backbones import DEFAULT
+
+        # absent: the backbone's default pretrained weights (a classifier needs real weights); "none" is
+        # random init, which pretrained_classifier refuses with the reason
+        weights = DEFAULT if args.weights is None else (None if args.weights.lower() == "none" else args.weights)
         model = pretrained_classifier(given, weights=weights)
         out = args.out or f"{model.meta.backbone.replace('/', '-')}-pretrained"
         return model, out
@@ -162,7 +166,7 @@ def run(args) -> int:
 
     from zoo.table import print_json
     from zoo.errors import ExportValidationError
-    from zoo.export import export
+    from zoo.exporting import export
 
     def progress(msg):
         if not args.json:

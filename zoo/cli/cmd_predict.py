@@ -1,4 +1,4 @@
-"""zoo predict MODEL.onnx IMAGE|DIR...: classify with the exported file alone (no torch)."""
+"""zoo predict MODEL IMAGE|DIR...: classify with the exported file alone (.onnx: no torch)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ def add_parser(sub):
 
     d = defaults(PredictConfig)
     p = sub.add_parser(
-        "predict", help="classify images with an exported .onnx (onnxruntime + numpy + Pillow; no torch)",
-        description="Reads the labels and the preprocessing from the ONNX file's metadata. A file that cannot be "
+        "predict", help="classify images with an exported model (.onnx: onnxruntime + numpy + Pillow, no torch; "
+        ".pt2 / .torchscript.pt: torch)",
+        description="Reads the labels and the preprocessing from the file's own metadata. A file that cannot be "
                     "read is reported on its own line and the others are still predicted (exit 2 at the end).")
-    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX file written by `zoo export`")
+    p.add_argument("model", metavar="MODEL", help="a model.onnx, model.pt2 or model.torchscript.pt written by `zoo export`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders (searched recursively)")
     p.add_argument("--top-k", "-k", type=int, default=d["top_k"], metavar="K",
                    help=f"classes to show per image, >= 1 (default {d['top_k']})")

@@ -37,7 +37,7 @@ def add_parser(sub):
         description="Train a classifier head on a frozen pretrained backbone. With no --data it trains on the "
                     "embedded Fashion-MNIST sample with timm/tf_efficientnet_lite0 (offline ImageNet weights).",
         argument_default=argparse.SUPPRESS)  # options not given are not passed: TrainConfig's defaults apply
-    p.add_argument("--backbone", help=f"provider/model[.tag] (default {d['backbone']}, in1k)")
+    p.add_argument("--backbone", help="provider/model[.tag] (default {default_backbone})")
     p.add_argument("--weights", type=_weights, help="weights tag, 'none' for random init, or a local "
                    ".safetensors/.pth file (default: the backbone's default pretrained weights)")
     p.add_argument("--data", help="image folder, one subfolder per class (default: embedded sample)")

@@ -24,9 +24,35 @@ COMMANDS = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help texts may name `{default_backbone}`: the backbone `zoo train` really uses without
+    --backbone (the one a plugin declares), looked up only when help is shown (the listing index,
+    no model built), so `zoo train --help` shows the real default and not the word "default"."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action) or ""
+        if "{default_backbone}" in text:
+            text = text.replace("{default_backbone}", _default_backbone())
+        return text
+
+
+def _default_backbone() -> str:
+    try:
+        from zoo import index
+
+        name = index.catalog().default_backbone
+    except Exception:  # noqa: BLE001 - help must print even with a broken plugin set
+        name = None
+    return name or "the backbone a plugin declares as default; none is installed"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line `zoo CMD: error: ...` (exit 2) like every other
     error, pointing at --help instead of printing the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -187,9 +187,9 @@ def _prepare_ort(backbone, example, device, onnx_dir, threads) -> Prepared:
 
 
 def _export_onnx(backbone, example, path: Path) -> None:
-    """Dynamic-batch export through the ONNX exporter plugin (zoo.export.bare_module_to_onnx: one
+    """Dynamic-batch export through the ONNX exporter plugin (zoo.exporting.bare_module_to_onnx: one
     graph path for every ONNX file the zoo writes), atomically; any failure rejects the engine."""
-    from ..export import bare_module_to_onnx
+    from ..exporting import bare_module_to_onnx
     from ..io import atomic_path
 
     module = backbone.to(memory_format=torch.contiguous_format).eval()

@@ -134,7 +134,7 @@ class ExportOptions:
     preprocess: "normalize" (the artifact takes uint8 NHWC RGB at the input size, scaling and
         mean/std inside), "none" (float32 NCHW, already normalized) or, for exporters that declare
         it in `Exporter.preprocess_modes`, "full" (uint8 NHWC RGB at any size, one image or N of
-        one size; the resize and center crop inside too: `zoo.export.deploy_module` builds it).
+        one size; the resize and center crop inside too: `zoo.exporting.deploy_module` builds it).
     embedding: also output the pooled features as "embedding".
     artifacts: format name -> path of the artifacts already exported and validated in this run
         (e.g. an int8 exporter quantizes the fp32 file when its `builds_on` format is there).
@@ -222,7 +222,7 @@ class Exporter(ABC):
         """Write the whole model (`model.backbone`, `model.head`) as one artifact at `path`.
 
         `model.meta` holds the backbone, weights, `Normalization` and class labels: write them
-        into the artifact so it describes itself (`zoo.export.artifact_metadata(model, ...)`
+        into the artifact so it describes itself (`zoo.exporting.artifact_metadata(model, ...)`
         gives all of it). Return a small JSON-ready report; "metadata" in it goes to the sidecar."""
 
     def validate(self, model: "ZooModel", path: str, images: Any, options: ExportOptions,
