@@ -95,7 +95,7 @@ def naive(data: Path, weights: Path, epochs: int, batch: int, lr: float, size: i
             for i in range(0, len(split.val), 64):
                 idx = np.arange(i, min(i + 64, len(split.val)))
                 correct += int((model(images(split.val, idx)).argmax(1) == torch.as_tensor(split.val.labels[idx])).sum())
-        acc = correct / len(split.val)  # the last epoch, as zoo.train with holdout=0 keeps (never chosen on val)
+        acc = correct / len(split.val)  # the last epoch, as zoo.train with folds=0 keeps (never chosen on val)
     return {"seconds": time.perf_counter() - t0, "val_top1": acc}
 
 
@@ -106,7 +106,7 @@ def ours(data: Path, weights: Path, epochs: int, batch: int, lr: float, size: in
     # the seed's recipe has no holdout, standardization or weight-decay search: zoo.train without them,
     # so both train the same head on the same features and the accuracies must agree
     run = zoo.train("torchvision/resnet18", data, weights=str(weights), epochs=epochs, batch_size=batch, lr=lr,
-                    holdout=0.0, standardize=False, tune="off",
+                    folds=0, holdout=0.0, standardize=False, tune="off",
                     image_size=size, cache_dir=str(cache), progress=False, val_split=0.2, seed=0, **kw)
     return {"seconds": time.perf_counter() - t0, "val_top1": run.val_top1, "cache": run.cache}
 

@@ -10,7 +10,7 @@ timm/tf_efficientnet_lite0.in1k (real ImageNet weights from efficientnet-lite0-p
 
 Every zoo contender trains on the --train images with the test images as --val-data, so its
 reported validation accuracy *is* its test accuracy: the epoch (and with --tune the weight decay) is
-chosen on a holdout of the training images, never on the test images, so that number is honest.
+chosen by cross-validation on the training images, never on the test images, so that number is honest.
 The scikit-learn reference reads the features zoo.train cached (same key: the run's backbone, the
 reference preprocessing, the engine's numerics), picks C from 1e-3..10 on a stratified 80/20 split of
 train, and refits on all of train, with raw and with standardized features. Target (issue #12): zoo train within 0.5 point of, or above, the
@@ -109,7 +109,7 @@ def main() -> int:
         train_dir, test_dir = write_folder(tmp / "train", xtr, ytr), write_folder(tmp / "test", xte, yte)
         common = dict(data=str(train_dir), val_data=str(test_dir), epochs=args.epochs, progress=False,
                       cache_dir=str(tmp / "cache"), device="cpu")
-        contenders = [("zoo train (default: standardized; epoch, weight decay on holdout)", {}),
+        contenders = [("zoo train (default: standardized; epoch, weight decay by 5-fold CV)", {}),
                       ("zoo train --no-tune (weight decay 1e-4)", {"tune": "off"}),
                       ("zoo train --head mlp", {"head": "mlp"}),
                       ("zoo train --no-standardize", {"standardize": False})]

@@ -282,3 +282,62 @@ def test_cuda_amp_channels_last(tmp_path, data, weights, augment):
     reference = load_file(str(weights))
     for k, v in run.model.backbone.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_cached_prefix_equals_the_per_step_path_and_frozen_layers_stay_bit_identical(tmp_path, data, weights,
+                                                                                      monkeypatch):
+    """--freeze 3 without augmentation: the frozen groups' output is computed once per image (fp16,
+    on disk) and each epoch runs only the rest. The same run through the per-step path (forced by a
+    zero size limit) ends within float tolerance of it; the frozen parameters and every BatchNorm
+    statistic stay bit-identical on both paths; a second run reads the stored outputs."""
+    kw = dict(freeze=3, epochs=2, lr=1e-3, out=None)
+    cached = _train(tmp_path, data, weights, **kw)
+    assert cached.cache["prefix"]["used"] is True and cached.cache["prefix"]["misses"] == 36
+    warm = _train(tmp_path, data, weights, **kw)
+    assert warm.cache["prefix"]["hits"] == 36 and warm.cache["prefix"]["misses"] == 0
+    monkeypatch.setenv("ZOO_PREFIX_CACHE_GB", "0")
+    with pytest.warns(UserWarning, match="ZOO_PREFIX_CACHE_GB"):
+        per_step = _train(tmp_path / "b", data, weights, **kw)
+    assert "prefix" in per_step.cache and per_step.cache["prefix"]["used"] is False
+    reference = load_file(str(weights))
+    frozen = {p for g in cached.model.info.layer_groups[:3] for p in g.parameters}
+    a, b = cached.model.state_dict(), per_step.model.state_dict()
+    for k in a:
+        bk = k[len("backbone."):] if k.startswith("backbone.") else None
+        if bk is not None and (bk in frozen or "running" in bk or "num_batches" in bk):
+            assert torch.equal(a[k], reference[bk]) and torch.equal(b[k], reference[bk]), k
+        elif bk is not None and a[k].is_floating_point():
+            # trained: the two trajectories differ only by the fp16 rounding of the stored
+            # activations (Adam's sign-like steps amplify it on weights whose gradient is ~0), so
+            # what each learned differs by a small fraction of what was learned
+            moved = (a[k].float() - reference[bk].float()).norm()
+            assert (a[k].float() - b[k].float()).norm() <= 0.15 * moved + 1e-6, k
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        pa, pb = cached.model.eval()(x).softmax(1), per_step.model.eval()(x).softmax(1)
+    assert torch.allclose(pa, pb, atol=0.02), (pa - pb).abs().max()
+    assert any(not torch.equal(a[f"backbone.{p}"], reference[p]) for p in reference if p not in frozen
+               and "running" not in p and "num_batches" not in p)  # the unfrozen layers did train
+    assert [h["val_top1"] for h in cached.history] == [h["val_top1"] for h in per_step.history]
+
+
+def test_staged_unfreezing_trains_the_head_first_then_the_unfrozen_groups(tmp_path, data, weights):
+    """--freeze 3 --unfreeze-after 1: epoch 1 trains the head alone on the frozen backbone's
+    features, epochs 2-3 the last groups too, at their --lr-mult rates; frozen groups stay
+    bit-identical. The multipliers reach the optimizer: a tiny one leaves layer4 nearly still."""
+    run = _train(tmp_path, data, weights, freeze=3, unfreeze_after=1, epochs=3, lr=1e-3, lr_mult=(1.0, 0.5))
+    assert [h.get("stage") for h in run.history] == ["head", "unfrozen", "unfrozen"]
+    assert [h["epoch"] for h in run.history] == [1, 2, 3] and run.best_epoch == 3
+    reference = load_file(str(weights))
+    groups = run.model.info.layer_groups
+    after = run.model.backbone.state_dict()
+    for i, g in enumerate(groups):
+        moved = [not torch.equal(after[p], reference[p]) for p in g.parameters]
+        assert (not any(moved)) if i < 3 else any(moved), (g.name, moved)
+    from zoo.training.inputs import Inputs
+
+    groups_of = Inputs.param_groups(run_inputs := type("I", (), {"model": run.model})(), (1.0, 0.5))  # noqa: F841
+    mults = {g.get("group"): g["lr_mult"] for g in groups_of}
+    assert mults == {None: 1.0, "layer4": 1.0, "layer3": 0.5}
+    with pytest.raises(Exception, match="needs --freeze N"):
+        _train(tmp_path, data, weights, unfreeze_after=1)

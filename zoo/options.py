@@ -184,6 +184,14 @@ class TrainConfig:
     tune: str = opt("auto", choice("auto", "on", "off"))
     # the same image content under two labels in the training data: an error unless this is set
     allow_duplicates: bool = opt(False)
+    # staged unfreezing (with --freeze N): the head alone on the frozen backbone's features for E
+    # epochs, then the unfrozen groups too for the rest; 0: off
+    unfreeze_after: int = opt(0, number(0, integer=True))
+    # learning-rate multipliers of the trained layer groups, the last group first (the head: 1); groups
+    # beyond the list take its last value; empty: 1 for all
+    lr_mult: tuple = opt((), lambda v: None if isinstance(v, (tuple, list)) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+        else "a list of positive numbers, e.g. 1,0.3,0.1")
     standardize: bool = opt(True, flag="--no-standardize")  # per-feature standardization, folded into the head
     device: str = opt("auto", device_name)
     amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))  # auto | bf16 | fp16 | off
@@ -214,12 +222,19 @@ class TrainConfig:
         if self.tune == "on" and not self.holdout and not self.folds:
             raise fail(TrainConfig, "tune", "chooses the weight decay by cross-validation or on a holdout; it needs "
                        "--folds >= 2 or --holdout > 0")
+        if isinstance(self.lr_mult, list):
+            self.lr_mult = tuple(self.lr_mult)
+        if self.unfreeze_after and (str(self.freeze) == "all" or self.augment):
+            raise fail(TrainConfig, "unfreeze_after", "needs --freeze N (a partial freeze) and no --augment")
+        if self.unfreeze_after and self.unfreeze_after >= self.epochs:
+            raise fail(TrainConfig, "unfreeze_after", f"must be below --epochs ({self.epochs})")
         if self.val_data is not None and self.data is None and self.csv is None:
             raise fail(TrainConfig, "val_data", "needs --data (or --csv) for the training images")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["lr_mult"] = list(self.lr_mult)
         return d
 
     @classmethod
@@ -228,6 +243,8 @@ class TrainConfig:
         d = {k: v for k, v in d.items() if k in known}
         if "hidden" in d:
             d["hidden"] = tuple(d["hidden"])
+        if "lr_mult" in d:
+            d["lr_mult"] = tuple(d["lr_mult"])
         return cls(**d)
 
 

@@ -24,6 +24,13 @@ def _hidden(value: str) -> tuple:
         raise argparse.ArgumentTypeError(f"--hidden takes sizes like 512 or 512,256, got {value!r}") from None
 
 
+def _floats(value: str) -> tuple:
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr-mult takes numbers like 1,0.3,0.1, got {value!r}") from None
+
+
 def _weights(value: str):
     return None if value.lower() == "none" else value
 
@@ -48,6 +55,10 @@ def add_parser(sub):
     p.add_argument("--val-split", type=float,
                    help=f"validation fraction of --data, 0 <= F < 1; 0 = none (default {d['val_split']})")
     p.add_argument("--freeze", type=_freeze, help="'all' (default) or N: freeze the first N layer groups")
+    p.add_argument("--unfreeze-after", type=int, help="with --freeze N: train the head alone for E epochs, then the "
+                   "unfrozen groups too (default 0: from the start)")
+    p.add_argument("--lr-mult", type=_floats, help="learning-rate multipliers of the trained layer groups, last group "
+                   "first, e.g. 1,0.3,0.1 (the head: 1; default: 1 for all)")
     p.add_argument("--bn-adapt", action="store_true", help="with --freeze N: let unfrozen BatchNorm layers update stats")
     p.add_argument("--head", choices=("linear", "mlp"), help=f"default {d['head']}")
     p.add_argument("--hidden", type=_hidden, help="MLP hidden sizes, e.g. 512 or 512,256 (default 512)")

@@ -291,11 +291,20 @@ class CVResult:
     rule: str = ("highest mean fold top-1; ties: lowest mean fold loss, then the largest weight decay, "
                  "then the fewest epochs")
 
+    def interval(self) -> list[float] | None:
+        """A 95% Wilson interval for the CV estimate: every training image is scored exactly once
+        out of fold, so the pooled estimate is a proportion over `images`."""
+        from .evaluation import wilson_interval
+
+        ci = wilson_interval(round(self.cv_top1 * self.images), self.images)
+        return list(ci) if ci else None
+
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "weight_decay": self.weight_decay, "cv_top1": self.cv_top1,
                 "cv_sd": self.cv_sd, "fold_top1": list(self.fold_top1), "folds": self.folds,
                 "folds_requested": self.folds_requested, "folds_note": self.folds_note, "images": self.images,
-                "rule": self.rule,
+                "rule": self.rule, "cv_top1_ci95": self.interval(),
+                "cv_interval": "Wilson score, 95%, on the pooled out-of-fold predictions (each image scored once)",
                 "weight_decays": sorted({r["weight_decay"] for r in self.grid}),
                 "by_weight_decay": [r for r in self.grid if r["epoch"] == self.epoch]}
 

@@ -42,6 +42,10 @@ class Inputs:
     workers: int
     channels_last: bool
     augment: bool
+    prefix: Any = None  # PrefixSplit: partial freeze, the frozen prefix's outputs computed once (zoo.training.prefix)
+    prefix_train: Any = None  # (N, C, H, W) fp16
+    prefix_val: Any = None
+    prefix_info: dict | None = None  # {"used": bool, "why": ..., "hits", "misses"}
 
     def everything(self):
         import torch
@@ -60,18 +64,52 @@ class Inputs:
             head = standardized(head, mean, std)
         return head.to(self.device)
 
-    def train_module(self, setup):
-        """(the module each step runs forward, the parameters it trains)."""
-        from ..freezer import trainable_parameters
-
+    def train_module(self, setup, lr_mult=()):
+        """(the module each step runs forward, the parameters it trains: with a partial freeze,
+        optimizer groups per trained layer group with their learning-rate multipliers, lr_mult
+        listing them from the last group back; the head's is 1)."""
         full = self.cached or self.frozen_backbone_step
         module = self.model.head if full else self.model
-        params = list(self.model.head.parameters()) if full else trainable_parameters(self.model)
+        if self.prefix is not None:
+            from .prefix import suffix_model
+
+            module = suffix_model(self.prefix.suffix, self.model.head)
+        params = list(self.model.head.parameters()) if full else self.param_groups(lr_mult)
         if setup.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             module = DDP(module, device_ids=[setup.device.index] if setup.device.type == "cuda" else None)
         return module, params
+
+    def param_groups(self, lr_mult=()) -> list[dict]:
+        from ..freezer import _groups
+
+        named = dict(self.model.backbone.named_parameters())
+        trained = [g for g in _groups(self.model) if any(named[p].requires_grad for p in g.parameters if p in named)]
+        groups = [{"params": list(self.model.head.parameters()), "lr_mult": 1.0}]
+        seen: set[str] = set()
+        for back, g in enumerate(reversed(trained)):
+            mult = float(lr_mult[min(back, len(lr_mult) - 1)]) if lr_mult else 1.0
+            ps = [named[p] for p in g.parameters if p in named and named[p].requires_grad]
+            seen.update(g.parameters)
+            groups.append({"params": ps, "lr_mult": mult, "group": g.name})
+        rest = [p for n, p in named.items() if p.requires_grad and n not in seen]
+        if rest:  # parameters outside every group (none for the built-ins) train at the base rate
+            groups.append({"params": rest, "lr_mult": 1.0})
+        return groups
+
+    def suffix_features(self):
+        """The frozen-then-suffix features of every training image, the backbone in eval mode
+        (the head-only first stage of --unfreeze-after), (1, N, D) fp32."""
+        import torch
+
+        suffix = self.prefix.suffix
+        suffix.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(self.prefix_train), 64):
+                out.append(suffix(self._prefix_input(self.prefix_train[i:i + 64], _Dev(self.device))).float().cpu())
+        return torch.cat(out).unsqueeze(0)
 
     def snapshot(self) -> dict:
         """The trainable state a checkpoint keeps (the frozen part is the backbone's file)."""
@@ -94,7 +132,33 @@ class Inputs:
         if self.cached:
             return feature_batches(self.train_features, data.split.train.labels, index, cfg.batch_size, cfg.seed,
                                    setup.ctx)
+        if self.prefix is not None:
+            rows = feature_batches(self.prefix_train.unsqueeze(0), data.split.train.labels, index, cfg.batch_size,
+                                   cfg.seed, setup.ctx)
+            return lambda epoch: ((self._prefix_input(x, setup), y, n) for x, y, n in rows(epoch))
         return lambda epoch: self._image_batches(setup, data, index, cfg, epoch)
+
+    def _prefix_input(self, x, setup):
+        import torch
+
+        x = x.to(setup.device, non_blocking=True).float()
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def val_prefix_batches(self, setup, labels, batch_size: int):
+        import torch
+
+        labels = torch.as_tensor(labels)
+        for i in range(0, len(labels), batch_size):
+            yield self._prefix_input(self.prefix_val[i:i + batch_size], setup), labels[i:i + batch_size]
+
+    def eval_module(self):
+        if self.cached:
+            return self.model.head
+        if self.prefix is not None:
+            from .prefix import suffix_model
+
+            return suffix_model(self.prefix.suffix, self.model.head)
+        return self.model
 
     def _image_batches(self, setup, data, index, cfg, epoch: int):
         import torch
@@ -135,6 +199,11 @@ class Inputs:
             yield normalize_batch(images, self.norm, setup.device, self.channels_last), labels
 
 
+@dataclass(frozen=True)
+class _Dev:
+    device: Any
+
+
 def prepare_inputs(cfg, setup, data, built) -> Inputs:
     """Move the model to the device and decide the path: cached features (extracted here, the one
     extraction call of a run) or images through the model every step."""
@@ -156,12 +225,52 @@ def prepare_inputs(cfg, setup, data, built) -> Inputs:
             workers=data.workers, channels_last=setup.channels_last)
     elif cfg.views:
         warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=4)
+    prefix, prefix_train, prefix_val, prefix_info = None, None, None, None
+    if not cached and not built.full_freeze and not cfg.augment and built.report.frozen_groups > 0:
+        prefix, prefix_train, prefix_val, prefix_info = _prefix_inputs(cfg, setup, data, built, eval_tf)
     initial_head = copy.deepcopy(model.head).to(setup.device)
     return Inputs(model=model, device=setup.device, norm=built.norm, cached=cached,
                   frozen_backbone_step=built.full_freeze and not cached, train_tf=train_tf, eval_tf=eval_tf,
                   train_features=feats, val_features=val_feats, cache_info=info, feature_stats=tuple(stats),
                   initial_head=initial_head, standardize=cfg.standardize, workers=data.workers,
-                  channels_last=setup.channels_last, augment=cfg.augment)
+                  channels_last=setup.channels_last, augment=cfg.augment, prefix=prefix, prefix_train=prefix_train,
+                  prefix_val=prefix_val, prefix_info=prefix_info)
+
+
+def _prefix_inputs(cfg, setup, data, built, eval_tf):
+    """--freeze N without augmentation: cut the backbone after its frozen groups and compute their
+    output once per image (zoo.training.prefix). (None, None, None, why) where that cannot be done."""
+    from ..digest import model_key
+    from .prefix import PrefixTooLarge, limit_bytes, prefix_outputs, split_backbone
+
+    if setup.ctx.enabled:
+        return None, None, None, {"used": False, "why": "not under torchrun (each rank would cache its own copy)"}
+    model = built.model
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    split, why = split_backbone(model.backbone, frozen)
+    if split is None:
+        warnings.warn(f"--freeze {cfg.freeze}: the frozen layers run every step: {why}", stacklevel=5)
+        return None, None, None, {"used": False, "why": why}
+    key = dict(model_key(model, setup.amp_dtype), cut=split.cut, frozen_groups=built.report.frozen_groups,
+               transform=eval_tf.describe())
+    common = dict(key=key, device=setup.device, amp_dtype=setup.amp_dtype, channels_last=setup.channels_last,
+                  batch_size=max(cfg.batch_size, 32), workers=data.workers, cache=cfg.cache, cache_dir=cfg.cache_dir,
+                  progress=cfg.progress and setup.ctx.is_main)
+    try:
+        train, info = prefix_outputs(split, data.split.train, eval_tf, built.norm, desc="frozen-prefix outputs",
+                                     **common)
+        val = None
+        if data.split.val is not None:
+            val, vinfo = prefix_outputs(split, data.split.val, eval_tf, built.norm, desc="frozen-prefix outputs (val)",
+                                        **common)
+            info = info | {"hits": info["hits"] + vinfo["hits"], "misses": info["misses"] + vinfo["misses"]}
+    except PrefixTooLarge as exc:
+        why = (f"the frozen prefix's outputs would take {exc.need / (1 << 20):,.0f} MiB in fp16, over the "
+               f"{limit_bytes() / (1 << 20):,.0f} MiB limit (ZOO_PREFIX_CACHE_GB={limit_bytes() / (1 << 30):g})")
+        warnings.warn(f"--freeze {cfg.freeze}: the frozen layers run every step: {why}; raise ZOO_PREFIX_CACHE_GB "
+                      "to cache them", stacklevel=5)
+        return None, None, None, {"used": False, "why": why}
+    return split, train, val, {"used": True, "cut": split.cut, "dtype": "float16"} | info
 
 
 def hold_out(cfg, labels, cached: bool):

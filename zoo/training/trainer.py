@@ -240,7 +240,9 @@ class _Trainer:
             return Selection("last epoch", cfg.weight_decay, everything)
         if not inputs.cached:
             return self._last_epoch("the last epoch is kept: cross-validation needs cached features (the whole "
-                                    "backbone frozen, and --views with --augment)", everything)
+                                    "backbone frozen; with --augment, --views N)" if self.cfg.augment else
+                                    "the last epoch is kept: with --freeze N the backbone trains, and cross-validation "
+                                    "runs on cached features only (the whole backbone frozen)", everything)
         k, note = plan_folds(labels, cfg.folds)
         if k < 2:
             return self._last_epoch(note, everything)
@@ -289,7 +291,8 @@ class _Trainer:
 
         cfg, model = self.cfg, built.model
         model.head = inputs.fresh_head(selection.fit_index)  # standardized by the fit rows' statistics
-        module, params = inputs.train_module(setup)
+        staged = self._head_stage(setup, data, built, inputs, fitter) if cfg.unfreeze_after else ()
+        module, params = inputs.train_module(setup, cfg.lr_mult)
         resume = None
         if self.resume:
             resume = D.broadcast_object(runs.load_checkpoint(self.out) if setup.ctx.is_main else None)
@@ -317,13 +320,18 @@ class _Trainer:
                     "val_per_class": va["per_class"] if va else None}
 
         main = fitter.fit(module, params, inputs.batches(setup, data, selection.fit_index, cfg),
-                          len(selection.fit_index), weight_decay=selection.weight_decay, epochs=cfg.epochs,
+                          len(selection.fit_index), weight_decay=selection.weight_decay,
+                          epochs=cfg.epochs - cfg.unfreeze_after,
                           snapshot=inputs.snapshot, restore=inputs.restore, observe=observe, choose=choose,
                           patience=patience, resume=resume,
                           checkpoint=(lambda ck: runs.save_checkpoint(self.out, ck))
                           if self.out is not None and setup.ctx.is_main else None,
                           on_epoch_end=self.on_epoch_end, check_finite=self._finite_check(built),
                           progress=cfg.progress)
+        if staged:  # one history: the head-only epochs, then the unfrozen ones
+            e = cfg.unfreeze_after
+            main = replace(main, history=staged + tuple(dict(r, epoch=r["epoch"] + e, stage="unfrozen")
+                                                           for r in main.history), kept_epoch=main.kept_epoch + e)
         kept_state, kept_epoch, refit = main.kept_state, main.kept_epoch, None
         if selection.on == "holdout" and main.kept_epoch:
             # the chosen epochs again, from the same start, on every training image (holdout
@@ -335,6 +343,24 @@ class _Trainer:
             kept_state = res.kept_state
             refit = {"epochs": main.kept_epoch, "images": len(everything)}
         return Fitted(main, kept_state, kept_epoch, refit)
+
+    def _head_stage(self, setup, data, built, inputs, fitter: Fitter) -> tuple:
+        """--unfreeze-after E: E epochs of the head alone on the features of the frozen backbone
+        (every group still as loaded), the same Fitter.fit; the unfrozen groups then start from it.
+        Not checkpointed: a resumed run repeats it (deterministically) before restoring."""
+        if inputs.prefix is None:
+            why = (inputs.prefix_info or {}).get("why", "no frozen prefix")
+            raise ZooError(f"--unfreeze-after needs the frozen prefix's outputs computed once, which this backbone "
+                           f"cannot give: {why}; drop --unfreeze-after")
+        feats = inputs.suffix_features()
+        head = built.model.head
+        seed_everything(self.cfg.seed)
+        res = replace(fitter, ctx=None, amp_dtype=None, use_scaler=False).fit(
+            head, list(head.parameters()),
+            feature_batches(feats, data.split.train.labels, torch_arange(feats.shape[1]), self.cfg.batch_size,
+                            self.cfg.seed),
+            feats.shape[1], weight_decay=self.cfg.weight_decay, epochs=self.cfg.unfreeze_after, snapshot=dict)
+        return tuple(dict(r, stage="head") for r in res.history)
 
     def _fit_head(self, setup, data, inputs, fitter: Fitter, head, index, weight_decay, epochs, *,
                   schedule_epochs=None, observe=None, choose=None, check_finite=None) -> FitResult:
@@ -392,15 +418,17 @@ class _Trainer:
         from .. import distributed as D
 
         val = data.split.val
-        module = built.model.head if inputs.cached else built.model
+        module = inputs.eval_module()
         if inputs.cached:  # every rank holds all val features; evaluation is cheap
             batches = [(inputs.val_features, torch.as_tensor(val.labels))]
+        elif inputs.prefix is not None:
+            batches = inputs.val_prefix_batches(setup, val.labels, max(self.cfg.batch_size, 64))
         else:
             batches = inputs.val_image_batches(setup, data, self.cfg)
         loss_sum, confusion = score(module, batches, len(data.split.classes), setup.device,
                                     None if inputs.cached else setup.amp_dtype,  # the cached head runs in fp32
                                     self.cfg.label_smoothing)
-        if not inputs.cached:
+        if not inputs.cached and inputs.prefix is None:
             D.all_reduce_sum(confusion)
             D.all_reduce_sum(loss_sum)
         return _metrics(float(loss_sum[0]), confusion.numpy())
@@ -461,11 +489,18 @@ class _Trainer:
         run = runs.Run(dir=self.out, model=model, history=list(main.history), best_epoch=fitted.kept_epoch,
                        best_val_top1=final.get("top1") if split.val is not None else None, final=final,
                        config=cfg.to_dict(), freeze_report=built.report, device=str(setup.device),
-                       cache=inputs.cache_info, seconds=time.perf_counter() - t_start)
+                       cache=inputs.cache_info | ({"prefix": inputs.prefix_info} if inputs.prefix_info else {}),
+                       seconds=time.perf_counter() - t_start)
         if self.out is not None and setup.ctx.is_main:
             runs.write_run(self.out, run, split, sel)
         D.barrier()
         return run
+
+
+def torch_arange(n: int):
+    import torch
+
+    return torch.arange(n)
 
 
 def _holdout_choice(rec: dict) -> tuple[float, float]:
