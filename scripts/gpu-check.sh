@@ -2,7 +2,9 @@
 # One prepared check for a CUDA machine that already has torch (and the other dependencies)
 # installed and no network: install the project without touching dependencies, record what the
 # machine can do, run the CUDA tests and every non-slow test (no xdist: one process, one GPU),
-# run the embedded main job on the GPU, and print a summary. Budget: 6 minutes.
+# run the embedded main job on the GPU, the GPU extraction benchmark (ResNet-50 on 8,000 JPEGs generated
+# there, against the model's bf16 rate and the hand-written torchvision loaders on the same folder),
+# and print a summary. Budget: 10 minutes.
 #
 #   bash scripts/gpu-check.sh            # on the GPU machine, from the repository root or anywhere
 #   bash scripts/gpu-check.sh --dry-run  # anywhere: the same steps without a GPU (collect tests only, 1-epoch CPU job)
@@ -19,6 +21,11 @@ export ZOO_CACHE_DIR="$OUT/cache" HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK
 T0=$SECONDS
 status=0
 step() { echo "== $* ($((SECONDS - T0))s)"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried by scripts/gpu-wheels.sh (packages that machine lacks)
+    step "carried wheels (.whl/, no network)"
+    "$PY" -m pip install -q --no-deps --no-index .whl/*.whl >"$OUT/wheels.log" 2>&1 || { echo "wheels FAILED: $(tail -n 3 "$OUT/wheels.log")"; status=1; }
+fi
 
 step "install (no deps, no build isolation, no network)"
 if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1; then
@@ -48,6 +55,14 @@ if [[ $DRY -eq 1 ]]; then job+=(--device cpu --epochs 1); else job+=(--device cu
 timeout 150 "$PY" -m zoo.cli.main "${job[@]}" >"$OUT/train.json" 2>"$OUT/train.log"
 trc=$?
 [[ $trc -eq 0 ]] || { status=1; tail -n 5 "$OUT/train.log"; }
+
+step "benchmarks/bench_gpu_extraction.py$([[ $DRY -eq 1 ]] && echo ' --dry-run')"
+bench=(benchmarks/bench_gpu_extraction.py)
+[[ $DRY -eq 1 ]] && bench+=(--dry-run)
+timeout 330 "$PY" "${bench[@]}" >"$OUT/bench_gpu_extraction.txt" 2>"$OUT/bench_gpu_extraction.log"
+brc=$?
+[[ $brc -eq 0 ]] || { status=1; tail -n 5 "$OUT/bench_gpu_extraction.log"; }
+cat "$OUT/bench_gpu_extraction.txt"
 
 step "summary"
 "$PY" - "$OUT" "$prc" "$trc" "$DRY" <<'PYEOF'

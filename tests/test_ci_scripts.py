@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-@pytest.mark.parametrize("script", [".ci/run", "scripts/gpu-check.sh"])
+@pytest.mark.parametrize("script", [".ci/run", "scripts/gpu-check.sh", "scripts/gpu-wheels.sh"])
 def test_scripts_are_valid_bash(script):
     proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

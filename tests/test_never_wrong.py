@@ -188,34 +188,32 @@ def test_resume_refuses_changed_options_saves_allowed_ones_and_explains_damage(b
 # --------------------------------------------------------------------------- 4. non-finite guard
 def test_divergence_stops_with_a_clear_error_and_saves_no_model(base, tmp_path):
     import zoo.training as T
-    from zoo.training.trainer import _Trainer
+    from zoo.training.fit import Fitter
 
     data, weights, d = base
     out = tmp_path / "run"
     calls = []
+    bomb = []
 
     def explode_after_first(epoch, rec):  # the second epoch diverges: the first's checkpoint stays
         calls.append(epoch)
-        _Trainer._lr_bomb = True
+        bomb.append(True)
 
     import torch
 
-    original = _Trainer._train_epoch
+    original = Fitter._epoch
 
-    def train_epoch(self, epoch):
-        if getattr(_Trainer, "_lr_bomb", False):
+    def epoch_with_nan(self, module, *args, **kwargs):
+        if bomb:
             with torch.no_grad():
-                next(self.model.head.parameters()).fill_(float("nan"))
-        return original(self, epoch)
+                next(module.parameters()).fill_(float("nan"))
+        return original(self, module, *args, **kwargs)
 
-    _Trainer._train_epoch = train_epoch
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Fitter, "_epoch", epoch_with_nan)
         with pytest.raises(T.NonFiniteError, match="diverged in epoch 2.*last good checkpoint \\(epoch 1\\)"):
             T.train(BACKBONE, data, out=out, weights=str(weights), on_epoch_end=explode_after_first,
                     **train_kwargs(d, epochs=3))
-    finally:
-        _Trainer._train_epoch = original
-        _Trainer._lr_bomb = False
     assert calls == [1] and not (out / "model.json").exists()
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["trainable"].values())

@@ -162,13 +162,20 @@ class TrainConfig:
     label_smoothing: float = opt(0.0, number(0, 1, hi_open=True))
     batch_size: int = opt(64, number(1, integer=True))
     patience: int = opt(0, number(0, integer=True))  # early stopping: epochs without holdout improvement; 0 = off
-    # The best epoch (and the weight decay, see `tune`) is chosen on this stratified fraction of the
-    # training images, never on the reported validation split; 0: the last epoch, no selection.
-    holdout: float = opt(0.1, number(0, 0.5, hi_open=True))
-    # the weight decay from TUNE_WEIGHT_DECAYS, chosen on the holdout: auto = for a linear head wherever
-    # the features are cached and a holdout exists (seconds of head training); on = required (MLP too);
+    # The epoch and the weight decay (see `tune`) are chosen by stratified k-fold cross-validation
+    # over the training images on cached features (fewer folds when a class has fewer images), then
+    # the head is refit on all of them; never on the reported validation split. 0: no CV.
+    folds: int = opt(5, lambda v: None if isinstance(v, int) and not isinstance(v, bool) and (v == 0 or v >= 2)
+                     else "0 (off) or an integer >= 2")
+    # Instead of CV: choose on this stratified fraction of the training images (then refit on all);
+    # 0 (default): cross-validation as above, or the last epoch where it cannot run.
+    holdout: float = opt(0.0, number(0, 0.5, hi_open=True))
+    # the weight decay from TUNE_WEIGHT_DECAYS, chosen by CV (or on the holdout): auto = for a linear
+    # head wherever the features are cached (seconds of head training); on = required (MLP too);
     # off = --weight-decay as given
     tune: str = opt("auto", choice("auto", "on", "off"))
+    # the same image content under two labels in the training data: an error unless this is set
+    allow_duplicates: bool = opt(False)
     standardize: bool = opt(True, flag="--no-standardize")  # per-feature standardization, folded into the head
     device: str = opt("auto", device_name)
     amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))  # auto | bf16 | fp16 | off
@@ -196,8 +203,9 @@ class TrainConfig:
             raise fail(TrainConfig, "views", "N pre-draws N augmented views per image; it needs --augment")
         if self.csv is None and self.csv_outside_root:
             raise fail(TrainConfig, "csv_outside_root", "only applies with --csv")
-        if self.tune == "on" and not self.holdout:
-            raise fail(TrainConfig, "tune", "chooses the weight decay on the holdout; it needs --holdout > 0")
+        if self.tune == "on" and not self.holdout and not self.folds:
+            raise fail(TrainConfig, "tune", "chooses the weight decay by cross-validation or on a holdout; it needs "
+                       "--folds >= 2 or --holdout > 0")
         if self.val_data is not None and self.data is None and self.csv is None:
             raise fail(TrainConfig, "val_data", "needs --data (or --csv) for the training images")
 

@@ -20,6 +20,7 @@ An existing, non-empty run directory is never overwritten: training refuses unle
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -211,6 +212,50 @@ def recorded_calibration(path: str | Path, labels) -> tuple[Any, str]:
     return Samples([p for p, _ in items], [index[lab] for _, lab in items], tuple(labels)), "the run's training images"
 
 
+class RunSaveError(ZooError):
+    """Writing a finished run's files failed (disk full, permissions): names the path."""
+
+
+def write_run(path: str | Path, run: Run, split, selection: dict) -> None:
+    """The finished run's files: metrics.json/.csv (with the selection: CV estimate, interval),
+    validation.json, the plots, the weights and model.json, last (its presence means complete).
+    An OSError (or safetensors' write error) while writing any of them names the path and
+    removes every file this call wrote, keeping config.json and checkpoint.pt: the run is left
+    resumable (`--resume` writes them again), never half-written."""
+    from safetensors import SafetensorError
+
+    from .model import save_model
+
+    path = Path(path)
+    before = set(os.listdir(path))
+    current = [path]
+
+    def at(name: str) -> Path:
+        current[0] = path / name
+        return path
+
+    try:
+        write_history(at("metrics.json"), run.history, dict(run.final)
+                      | {"best_epoch": run.best_epoch, "labels": list(split.classes),
+                         "skipped": [list(s) for s in split.skipped], "selection": selection})
+        write_validation(at(VALIDATION), split)
+        plot_curves(at("curves.png"), run.history)
+        if run.final:
+            plot_confusion(at("confusion.png"), run.final["confusion"], split.classes)
+        save_model(run.model, at("model files (model.json, *.safetensors)"))
+    except (OSError, SafetensorError) as exc:
+        for name in set(os.listdir(path)) - before - {CHECKPOINT, CONFIG}:
+            with contextlib.suppress(OSError):
+                (path / name).unlink()
+        where = getattr(exc, "filename", None) or current[0]
+        why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200] or type(exc).__name__
+        resumable = (path / CHECKPOINT).is_file()
+        raise RunSaveError(f"could not write {str(where)!r}: {why}; " + (
+            f"nothing half-written was left: {str(path)!r} keeps its checkpoint, so after freeing space (or fixing "
+            f"permissions) `zoo train --out {path} --resume` finishes the run" if resumable else
+            f"the files of this run were removed from {str(path)!r}; fix the cause and train again")) from None
+
+
 def write_history(path: str | Path, history: list[dict], final: dict) -> None:
     path = Path(path)
     write_json(path / "metrics.json", {"history": history, "final": final})
@@ -295,18 +340,34 @@ class Run:
     def summary(self) -> str:
         lines = []
         if self.val_top1 is not None:
-            lines.append(f"validation top-1: {100 * self.val_top1:.1f}% (epoch {self.best_epoch}/"
-                         f"{len(self.history)}, {self.final.get('count', 0)} images)")
+            ci = self.final.get("top1_ci95")
+            lines.append(f"validation top-1: {100 * self.val_top1:.1f}%"
+                         + (f" (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%, Wilson)" if ci else "")
+                         + f" on {self.final.get('count', 0)} images, epoch {self.best_epoch}/{len(self.history)}")
+            recall = self.final.get("per_class") or []
+            labels = list(self.model.labels) if self.model is not None else []
+            if recall and len(labels) == len(recall):
+                lines.append("per-class recall: " + ", ".join(
+                    f"{c} {100 * r:.0f}%" if r is not None else f"{c} -" for c, r in zip(labels, recall)))
         else:
             lines.append(f"no validation set; trained {len(self.history)} epochs")
         sel = (self.model.meta.extra.get("training") or {}).get("selection") if self.model is not None else None
         if sel:
-            how = (f"chosen on {sel['holdout_images']} held-out training images "
-                   f"(top-1 {100 * sel['holdout_top1']:.1f}%), then refit on all {sel['refit']['images']}"
-                   if sel["on"] == "holdout" and sel.get("refit") else sel["on"])
+            cv = sel.get("cv")
+            if sel["on"] == "cross-validation" and cv:
+                how = (f"chosen by {cv['folds']}-fold cross-validation on the {cv['images']} training images "
+                       f"(CV top-1 {100 * cv['cv_top1']:.1f}% +/- {100 * cv['cv_sd']:.1f}, sd over folds), "
+                       "then refit on all of them")
+            elif sel["on"] == "holdout" and sel.get("refit"):
+                how = (f"chosen on {sel['holdout_images']} held-out training images "
+                       f"(top-1 {100 * sel['holdout_top1']:.1f}%), then refit on all {sel['refit']['images']}")
+            else:
+                how = sel["on"]
             lines.append(f"epoch {self.best_epoch}: {how}; weight decay {sel['weight_decay']:g}"
                          + (" (tuned)" if sel.get("tune") else "")
                          + ("; features standardized" if sel.get("standardized") else ""))
+            if sel.get("note"):
+                lines.append(f"note: {sel['note']}")
         lines.append(f"time: {self.seconds:.1f}s on {self.device}"
                      + (f"; features cached: {self.cache.get('hits', 0)} hits, {self.cache.get('misses', 0)} "
                         f"extracted" if self.cache else ""))

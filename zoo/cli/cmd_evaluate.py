@@ -35,8 +35,16 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(m))
         return 0
-    print(f"top-1: {100 * m['top1']:.2f}%  loss: {m['loss']:.4f}  ({m['count']} images from {m['source']}"
+    ci = m.get("top1_ci95")
+    print(f"top-1: {100 * m['top1']:.2f}%" + (f" (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%, Wilson)" if ci
+                                            else "")
+          + f"  loss: {m['loss']:.4f}  ({m['count']} images from {m['source']}"
           + (f", {len(m['skipped'])} skipped" if m["skipped"] else "") + ")")
+    cv = m.get("cv")
+    if cv:
+        print(f"training cross-validation: {cv['folds']}-fold top-1 {100 * cv['cv_top1']:.1f}% +/- "
+              f"{100 * cv['cv_sd']:.1f} (sd over folds), epoch {cv['epoch']}, weight decay {cv['weight_decay']:g}")
+    print("per-class recall:")
     width = max(len(label) for label in m["labels"])
     for label, acc in zip(m["labels"], m["per_class"]):
         print(f"  {label:<{width}}  {'-' if acc is None else f'{100 * acc:.1f}%'}")

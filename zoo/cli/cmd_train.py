@@ -58,13 +58,16 @@ def add_parser(sub):
     p.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
     p.add_argument("--label-smoothing", type=float, help=f"0 <= S < 1 (default {d['label_smoothing']})")
     p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without holdout improvement (default 0: off)")
-    p.add_argument("--holdout", type=float, help=f"fraction of the training images held out to choose the best epoch "
-                   f"(and the weight decay), never the validation split (default {d['holdout']}; 0: "
-                   "keep the last epoch)")
+    p.add_argument("--patience", type=int, help="with --holdout: stop after N epochs without holdout improvement "
+                   "(default 0: off)")
+    p.add_argument("--folds", type=int, help=f"choose the epoch and the weight decay by stratified k-fold "
+                   f"cross-validation over the training images, then refit on all of them (default {d['folds']}; "
+                   "fewer when a class has fewer images; 0: keep the last epoch)")
+    p.add_argument("--holdout", type=float, help="instead of cross-validation, choose on this fraction of the "
+                   "training images held out (then refit on all); never the validation split (default 0: off)")
     p.add_argument("--tune", dest="tune", action="store_const", const="on",
-                   help="choose the weight decay from a grid on the holdout, MLP heads too (default: for a linear head "
-                   "whenever features are cached and a holdout exists)")
+                   help="choose the weight decay from a grid (by CV or on the holdout), MLP heads too (default: for "
+                   "a linear head whenever features are cached)")
     p.add_argument("--no-tune", dest="tune", action="store_const", const="off",
                    help="train with --weight-decay as given")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
@@ -85,6 +88,8 @@ def add_parser(sub):
     p.add_argument("--out", default=None, help="run directory (default runs/<backbone>-<time>); never overwritten")
     p.add_argument("--resume", action="store_true", default=False, help="continue the interrupted run in --out")
     p.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    p.add_argument("--allow-duplicates", action="store_true",
+                   help="keep training images whose content appears under two labels (default: an error naming them)")
     p.add_argument("--strict", action="store_true", help="refuse unreadable/non-image files instead of skipping them")
     p.add_argument("--max-image-pixels", type=int,
                    help=f"skip larger images (decompression bombs) with a reason (default {d['max_image_pixels']})")

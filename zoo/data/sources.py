@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -144,6 +145,10 @@ def _check_classes(classes: Sequence[str], where: str, min_classes: int = 2) -> 
                         "(one subfolder per class)")
 
 
+CSV_PATH_HEADERS = ("path", "file", "filename", "image")
+CSV_LABEL_HEADERS = ("label", "class", "target")
+
+
 def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
              classes: Sequence[str] | None = None, allow_outside_root: bool = False,
              min_classes: int = 2) -> tuple[Samples, list[tuple[str, str]]]:
@@ -159,25 +164,39 @@ def read_csv(csv_file: str | os.PathLike, root: str | os.PathLike | None = None,
     rows: dict[str, str] = {}  # real path -> label, in first-seen order
     where: dict[str, int] = {}
     conflicts, outside = [], []
-    with open(csv_file, newline="", encoding="utf-8-sig") as f:
-        for n, row in enumerate(csv.reader(f), start=1):
-            if not row or all(not c.strip() for c in row):
+    raw = csv_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{csv_file}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the CSV as UTF-8") from None
+    first = True
+    for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
+        path, label = row[0].strip(), row[1].strip()
+        if first:
+            first = False
+            if path.lower() in CSV_PATH_HEADERS and label.lower() in CSV_LABEL_HEADERS:
                 continue
-            if len(row) < 2:
-                raise DataError(f"{csv_file}:{n}: expected 'path,label', got {row!r}")
-            path, label = row[0].strip(), row[1].strip()
-            if n == 1 and path.lower() in ("path", "file", "filename", "image") and label.lower() in (
-                    "label", "class", "target"):
-                continue
-            if not label:
-                raise DataError(f"{csv_file}:{n}: empty label for {path!r}")
-            full = os.path.realpath(path if os.path.isabs(path) else base / path)
-            if os.path.commonpath([full, base_real]) != base_real:
-                outside.append(printable(path))
-            if full in rows and rows[full] != label:
-                conflicts.append(f"{printable(path)} ({rows[full]!r} on line {where[full]}, {label!r} on line {n})")
-            elif full not in rows:
-                rows[full], where[full] = label, n
+            resolved = path if os.path.isabs(path) else base / path
+            if (path.lower() in CSV_PATH_HEADERS or label.lower() in CSV_LABEL_HEADERS
+                    or (not path.lower().endswith(IMAGE_SUFFIXES) and not os.path.lexists(resolved))):
+                raise DataError(f"{csv_file}:{n}: unrecognized header {','.join(row)!r}: a header must be "
+                                f"{'|'.join(CSV_PATH_HEADERS)} then {'|'.join(CSV_LABEL_HEADERS)} (or no header, "
+                                "rows of path,label only)")
+        if not label:
+            raise DataError(f"{csv_file}:{n}: empty label for {path!r}")
+        full = os.path.realpath(path if os.path.isabs(path) else base / path)
+        if os.path.commonpath([full, base_real]) != base_real:
+            outside.append(printable(path))
+        if full in rows and rows[full] != label:
+            conflicts.append(f"{printable(path)} ({rows[full]!r} on line {where[full]}, {label!r} on line {n})")
+        elif full not in rows:
+            rows[full], where[full] = label, n
     if conflicts:
         raise DataError(f"{csv_file}: {len(conflicts)} file(s) listed with two labels: {'; '.join(conflicts[:5])}"
                         f"{' ...' if len(conflicts) > 5 else ''}; give each file one label")
@@ -245,9 +264,11 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) 
 def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike | None = None,
               val_data: str | os.PathLike | None = None, val_split: float = 0.2, seed: int = 0,
               strict: bool = False, *, csv_outside_root: bool = False,
-              max_pixels: int | None = None, known_readable=None) -> DataSplit:
-    """Everything up front: scan, verify (decode each file once), split, and drop from validation
-    any image whose content is also in training. Raises DataError early."""
+              max_pixels: int | None = None, known_readable=None, allow_duplicates: bool = False) -> DataSplit:
+    """Everything up front: scan, verify (decode each file once), refuse a class left without
+    images and the same content under two labels (allow_duplicates: keep them, with a warning),
+    split, and drop from validation any image whose content is also in training. Raises DataError
+    early."""
     if data is None and csv_file is None:
         if val_data is not None:
             raise DataError("--val-data needs --data (or --csv) for the training images")
@@ -266,6 +287,8 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
                                    "the training data lacks")
     samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels,
                                    known_readable=known_readable)
+    _check_no_empty_class(samples, skipped, source)
+    _check_duplicates(samples, allow_duplicates)
     if val_samples is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
@@ -284,6 +307,38 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
         val, leaked = drop_leaked(train, val)
         skipped = skipped + leaked
     return DataSplit(train, val, samples.classes, skipped + val_skipped, source)
+
+
+def _check_no_empty_class(samples: Samples, skipped: Sequence[tuple[str, str]], source: str) -> None:
+    """A class named by the data (a CSV label) whose every file is missing or unusable would stay a
+    label with no images: an error naming it."""
+    counts = samples.class_counts()
+    empty = [samples.classes[c] for c in range(len(samples.classes)) if counts[c] == 0]
+    if empty:
+        raise DataError(f"{source}: class(es) {empty} have no usable images (their files are missing or unreadable"
+                        f"{': ' + printable(skipped[0][0]) + ' ' + skipped[0][1] if skipped else ''}); "
+                        "fix the paths or remove those rows")
+
+
+def _check_duplicates(samples: Samples, allow: bool) -> None:
+    """The same content (sha256 of the bytes) under two labels in the training data teaches both
+    answers for one image: an error naming both files, or with allow=True a warning."""
+    first: dict[str, int] = {}
+    clashes = []
+    for i in range(len(samples)):
+        h = samples.content_hash(i)
+        j = first.setdefault(h, i)
+        if j != i and samples.labels[j] != samples.labels[i]:
+            clashes.append(f"{printable(samples.describe(j))} ({samples.classes[samples.labels[j]]!r}) and "
+                           f"{printable(samples.describe(i))} ({samples.classes[samples.labels[i]]!r})")
+    if not clashes:
+        return
+    listed = "; ".join(clashes[:3]) + (f" ... and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+    if not allow:
+        raise DataError(f"{len(clashes)} training image(s) have identical content under two labels: {listed}; "
+                        "remove or relabel one of each pair, or pass --allow-duplicates to keep them")
+    warnings.warn(f"--allow-duplicates: keeping {len(clashes)} image(s) with identical content under two labels: "
+                  f"{listed}", DataWarning, stacklevel=3)
 
 
 def drop_leaked(train: Samples, val: Samples) -> tuple[Samples | None, list[tuple[str, str]]]:

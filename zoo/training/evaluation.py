@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,12 +12,35 @@ from ..device import select_device
 from ..errors import ZooError
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(correct: int, count: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval for a binomial proportion (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and keeps close to its nominal coverage at small counts
+    and near 0% or 100%. None for count 0."""
+    if count <= 0:
+        return None
+    p = correct / count
+    denom = 1 + z * z / count
+    centre = (p + z * z / (2 * count)) / denom
+    half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / denom
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == count else min(1.0, centre + half)
+    return lo, hi
+
+
 def _metrics(loss_sum: float, confusion) -> dict:
+    """loss, top-1 with its 95% Wilson interval, per-class recall (None for a class with no
+    images), the confusion matrix (rows: true class)."""
     cm = np.asarray(confusion, dtype=np.int64)
     count = int(cm.sum())
+    correct = int(np.trace(cm))
     per_class = [float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None for i in range(len(cm))]
-    return {"loss": loss_sum / max(1, count), "top1": float(np.trace(cm) / max(1, count)), "count": count,
-            "per_class": per_class, "confusion": cm.tolist()}
+    ci = wilson_interval(correct, count)
+    return {"loss": loss_sum / max(1, count), "top1": float(correct / max(1, count)), "count": count,
+            "top1_ci95": list(ci) if ci else None, "interval": "Wilson score, 95%",
+            "per_class": per_class, "per_class_recall": per_class, "confusion": cm.tolist()}
 
 
 def score(module, batches, num_classes: int, device, amp_dtype=None, label_smoothing: float = 0.0):
@@ -90,6 +114,8 @@ def evaluate(model, data: str | os.PathLike | None = None, csv: str | os.PathLik
     loss_sum, confusion = score(model, batches, len(labels), dev)
     out = _metrics(float(loss_sum[0]), confusion.numpy())
     out["labels"] = labels
+    selection = (model.meta.extra.get("training") or {}).get("selection") or {}
+    out["cv"] = selection.get("cv")  # the training run's cross-validated estimate, when it made one
     out["source"] = source
     out["skipped"] = [list(s) for s in skipped]
     return out

@@ -1,8 +1,196 @@
-"""The inputs of a training run: the extraction pass (cached features) and the holdout."""
+"""The inputs of a training run: the extraction pass (cached features), the holdout, the heads
+(standardized by the training rows' statistics), and the batches each epoch trains on.
+
+Two paths, chosen here:
+  cached   the backbone is fully frozen and the transform deterministic (no augmentation, or N
+           pre-drawn augmented views): features are extracted once (zoo.features, cached on disk)
+           and the head trains on tensors.
+  images   augmentation without views, or a partial freeze: images go through the model each step
+           (DataLoader workers, pinned memory; AMP and channels_last on CUDA).
+"""
 
 from __future__ import annotations
 
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
 MIN_HOLDOUT_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the fits read. `model` is the run's ZooModel (its head is swapped for a standardized
+    fresh one by the main fit); `initial_head` a copy of the seeded head before any training."""
+
+    model: Any
+    device: Any
+    norm: Any
+    cached: bool
+    frozen_backbone_step: bool  # fully frozen, uncached: features without autograd, then the head
+    train_tf: Any
+    eval_tf: Any
+    train_features: Any  # (views, N, D) when cached
+    val_features: Any  # (N, D) or None
+    cache_info: dict
+    feature_stats: tuple
+    initial_head: Any
+    standardize: bool
+    workers: int
+    channels_last: bool
+    augment: bool
+
+    def everything(self):
+        import torch
+
+        return torch.arange(self.train_features.shape[1])
+
+    def fresh_head(self, stat_index=None):
+        """A copy of the initial head on the device; on cached features (with --standardize) it
+        standardizes them by the statistics of the rows `stat_index` (the rows it is fit on)."""
+        head = copy.deepcopy(self.initial_head)
+        if self.cached and self.standardize:
+            from ..heads import feature_statistics, standardized
+
+            rows = self.train_features if stat_index is None else self.train_features[:, stat_index]
+            mean, std = feature_statistics(rows)
+            head = standardized(head, mean, std)
+        return head.to(self.device)
+
+    def train_module(self, setup):
+        """(the module each step runs forward, the parameters it trains)."""
+        from ..freezer import trainable_parameters
+
+        full = self.cached or self.frozen_backbone_step
+        module = self.model.head if full else self.model
+        params = list(self.model.head.parameters()) if full else trainable_parameters(self.model)
+        if setup.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[setup.device.index] if setup.device.type == "cuda" else None)
+        return module, params
+
+    def snapshot(self) -> dict:
+        """The trainable state a checkpoint keeps (the frozen part is the backbone's file)."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad} | {
+            n: b.detach().cpu().clone() for n, b in self.model.named_buffers()
+            if n.startswith("head.") or not self.cached}
+
+    def restore(self, state: dict) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device))
+
+    def batches(self, setup, data, index, cfg):
+        """epoch -> (inputs of the train module, labels, global batch length) for this rank."""
+        from .fit import feature_batches
+
+        if self.cached:
+            return feature_batches(self.train_features, data.split.train.labels, index, cfg.batch_size, cfg.seed,
+                                   setup.ctx)
+        return lambda epoch: self._image_batches(setup, data, index, cfg, epoch)
+
+    def _image_batches(self, setup, data, index, cfg, epoch: int):
+        import torch
+        from torch.utils.data import DataLoader
+
+        from .. import distributed as D
+        from ..data import ImageDataset, normalize_batch, sample_seed
+
+        index = np.asarray(index)
+        plan = [(gb, index[D.rank_slice(gb, setup.ctx)])
+                for gb in D.global_batches(len(index), cfg.batch_size, cfg.seed, epoch)]
+        keyed = [[(int(i), sample_seed(cfg.seed, epoch, int(i))) if self.augment else int(i) for i in mine]
+                 for _, mine in plan]
+        loader = DataLoader(ImageDataset(data.split.train, self.train_tf), batch_sampler=keyed,
+                            num_workers=self.workers, pin_memory=setup.device.type == "cuda")
+        backbone = self.model.backbone
+        for (gb, _), (images, labels, _) in zip(plan, loader):
+            x = normalize_batch(images, self.norm, setup.device, self.channels_last)
+            if self.frozen_backbone_step:  # frozen, uncached: features without autograd, then the head
+                backbone.eval()
+                with torch.no_grad(), torch.autocast(setup.device.type, dtype=setup.amp_dtype,
+                                                     enabled=setup.amp_dtype is not None):
+                    x = backbone(x)
+            yield x, labels, len(gb)
+
+    def val_image_batches(self, setup, data, cfg):
+        from torch.utils.data import DataLoader
+
+        from .. import distributed as D
+        from ..data import ImageDataset, normalize_batch
+
+        mine = D.shard_indices(len(data.split.val), setup.ctx).tolist()
+        bs = max(cfg.batch_size, 64)
+        loader = DataLoader(ImageDataset(data.split.val, self.eval_tf),
+                            batch_sampler=[mine[i:i + bs] for i in range(0, len(mine), bs)],
+                            num_workers=self.workers, pin_memory=setup.device.type == "cuda")
+        for images, labels, _ in loader:
+            yield normalize_batch(images, self.norm, setup.device, self.channels_last), labels
+
+
+def prepare_inputs(cfg, setup, data, built) -> Inputs:
+    """Move the model to the device and decide the path: cached features (extracted here, the one
+    extraction call of a run) or images through the model every step."""
+    import torch
+
+    from ..data import EvalTransform, TrainTransform
+
+    model, split = built.model, data.split
+    eval_tf = EvalTransform(built.norm)
+    train_tf = TrainTransform(built.norm) if cfg.augment else eval_tf
+    cached = built.full_freeze and (not cfg.augment or cfg.views > 0)
+    model.to(setup.device)
+    if setup.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    feats, val_feats, info, stats = None, None, {}, ()
+    if cached:
+        (feats, val_feats), info, stats = extract_features(
+            model, split, cfg, train_tf, eval_tf, built.norm, device=setup.device, amp_dtype=setup.amp_dtype,
+            workers=data.workers, channels_last=setup.channels_last)
+    elif cfg.views:
+        warnings.warn("--views is ignored: feature caching needs the whole backbone frozen", stacklevel=4)
+    initial_head = copy.deepcopy(model.head).to(setup.device)
+    return Inputs(model=model, device=setup.device, norm=built.norm, cached=cached,
+                  frozen_backbone_step=built.full_freeze and not cached, train_tf=train_tf, eval_tf=eval_tf,
+                  train_features=feats, val_features=val_feats, cache_info=info, feature_stats=tuple(stats),
+                  initial_head=initial_head, standardize=cfg.standardize, workers=data.workers,
+                  channels_last=setup.channels_last, augment=cfg.augment)
+
+
+def hold_out(cfg, labels, cached: bool):
+    """--holdout F: a stratified part of the training images (features) to choose the epoch and
+    the weight decay on, so the reported validation split never takes part in a choice.
+    Returns (fit rows, holdout rows or None, why there is none or None)."""
+    import torch
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    note = None
+    held: list[int] = []
+    if cached:
+        rng = np.random.default_rng(cfg.seed + 7919)  # its own stream: the val split is drawn elsewhere
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            if len(idx) >= 3:  # at least two left to fit on
+                held.extend(rng.permutation(idx)[:max(1, round(cfg.holdout * len(idx)))].tolist())
+        if len(held) < MIN_HOLDOUT_IMAGES or len(np.unique(labels[held])) < 2:
+            note = (f"too few training images to hold out {cfg.holdout:g} of them "
+                    f"({len(held)} would be held out); the last epoch is kept")
+            held = []
+    else:
+        note = ("the last epoch is kept: choosing it on a holdout needs cached features (the whole "
+                "backbone frozen, and --views with --augment)")
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    fit_index = torch.as_tensor(np.flatnonzero(mask))
+    return fit_index, (torch.as_tensor(np.sort(np.asarray(held))) if held else None), note
 
 
 def extract_features(model, split, cfg, train_tf, eval_tf, norm, *, device, amp_dtype, workers: int,
