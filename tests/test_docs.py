@@ -34,6 +34,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -248,12 +249,18 @@ class Session:
                 lines.append(f"printf '%s\\n' {shlex.quote('$ ' + cmd)} >&2")
                 lines.append(cmd)
             argv = ["bash", "-c", "\n".join(lines)]
+        # its own process group, so that a block past its time is stopped with everything it started
+        # (a `zoo bench` child, torchrun's workers), not only the shell
+        proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
         try:
-            return subprocess.run(argv, cwd=self.cwd, env=self.env, capture_output=True, text=True, check=False,
-                                  timeout=BLOCK_TIMEOUT)
-        except subprocess.TimeoutExpired as exc:
-            return subprocess.CompletedProcess(argv, 124, exc.stdout or "", (exc.stderr or "") +
+            out, err = proc.communicate(timeout=BLOCK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            return subprocess.CompletedProcess(argv, 124, out or "", (err or "") +
                                                f"\n[docs suite: timed out after {BLOCK_TIMEOUT} s]")
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def check(self, block: Block) -> str | None:
         """Run a block and judge it against its expectation: None when it behaves as documented."""
@@ -284,7 +291,10 @@ class Session:
                 break
             if not b.runnable or b.index in self.done:
                 continue
-            self.done[b.index] = self.check(b)
+            try:
+                self.done[b.index] = self.check(b)
+            except Exception as exc:  # noqa: BLE001 - a failure of the suite itself: recorded, not rerun
+                self.done[b.index] = f"{b.doc}:{b.line}: the docs suite failed running it: {type(exc).__name__}: {exc}"
 
 
 @pytest.fixture(scope="module")

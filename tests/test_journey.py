@@ -38,6 +38,7 @@ def _zoo(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # five commands, each a fresh process: lite0 took 768 s on 2 cores at a load average of ~20
 @pytest.mark.parametrize("backbone", ["timm/tf_efficientnet_lite0", "torchvision/mobilenet_v2.IMAGENET1K_V1"])
 def test_train_evaluate_export_predict(backbone, tmp_path):
     torch_home = tmp_path / "torch-home"
