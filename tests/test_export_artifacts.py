@@ -7,7 +7,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from zoo_timm import lite_packages
+from zoo_timm import lite_packages  # noqa: E402 - after the importorskip
 
-import zoo
-from zoo.errors import WeightsUnavailableError
+import zoo  # noqa: E402 - after the importorskip
+from zoo.errors import WeightsUnavailableError  # noqa: E402 - after the importorskip
 
 VARIANTS = [0, 1, 2]
 # Egyptian cat (ImageNet 285) for Lite1/2 at p = 0.433 / 0.602 (the figures); Lite0 says

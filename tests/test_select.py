@@ -19,11 +19,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainhelpers import make_image_folder
+from trainhelpers import make_image_folder  # noqa: E402 - after the importorskip
 
-import zoo
-from zoo.cli.main import main
-from zoo.plugin import registry
+import zoo  # noqa: E402 - after the importorskip
+from zoo.cli.main import main  # noqa: E402 - after the importorskip
+from zoo.plugin import registry  # noqa: E402 - after the importorskip
 
 SLOW_MS = 100.0  # per image: far above the tiny backbones (a fraction of a ms; tens on a loaded machine)
 

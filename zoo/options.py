@@ -189,7 +189,7 @@ class TrainConfig:
     unfreeze_after: int = opt(0, number(0, integer=True))
     # learning-rate multipliers of the trained layer groups, the last group first (the head: 1); groups
     # beyond the list take its last value; empty: 1 for all
-    lr_mult: tuple = opt((), lambda v: None if isinstance(v, (tuple, list)) and all(
+    lr_mult: tuple[float, ...] = opt((), lambda v: None if isinstance(v, (tuple, list)) and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
         else "a list of positive numbers, e.g. 1,0.3,0.1")
     standardize: bool = opt(True, flag="--no-standardize")  # per-feature standardization, folded into the head
@@ -302,7 +302,7 @@ class PredictConfig:
 
 
 # --------------------------------------------------------------------------- select
-def _names(v) -> str | None:
+def _names(v: Any) -> str | None:
     ok = isinstance(v, (tuple, list)) and all(isinstance(s, str) and s.strip() for s in v)
     return None if ok else "a list of backbone names (provider/model[.tag]); empty: every backbone with offline weights"
 
@@ -315,13 +315,13 @@ class SelectConfig:
 
     data: str | None = opt(None, text())
     csv: str | None = opt(None, text())
-    backbones: tuple = opt((), _names, flag="BACKBONE")
+    backbones: tuple[str, ...] = opt((), _names, flag="BACKBONE")
     budget_ms: float | None = opt(None, number(0, lo_open=True, optional=True))  # keep backbones at most this fast
     folds: int = opt(5, number(2, integer=True))
     seed: int = opt(0, number(0, 2 ** 63 - 1, integer=True))
     device: str = opt("auto", device_name)
     amp: str = opt("auto", choice("auto", "bf16", "fp16", "off"))
-    engine: str = opt("auto", choice("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"))
+    engine: str = opt("auto", engine_name)
     batch_size: int = opt(64, number(1, integer=True))
     timing_batch: int = opt(8, number(1, integer=True))  # the batch the forward pass is timed at
     strict: bool = opt(False)
@@ -331,7 +331,7 @@ class SelectConfig:
     num_workers: int | None = opt(None, number(0, integer=True, optional=True), flag="--workers")
     progress: bool = opt(True, flag="--no-progress")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.backbones, (list, str)):
             self.backbones = (self.backbones,) if isinstance(self.backbones, str) else tuple(self.backbones)
         validate_fields(self)

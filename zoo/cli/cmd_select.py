@@ -29,8 +29,9 @@ def add_parser(sub):
     p.add_argument("--device", help="auto (CUDA, then MPS, then CPU; default), cpu, cuda[:N] or mps")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision, as for zoo train "
                    "(default auto)")
-    p.add_argument("--engine", choices=("auto", "eager", "channels_last", "bf16", "onnxruntime", "compile"),
-                   help="feature extraction engine, as for zoo train (default auto)")
+    p.add_argument("--engine", metavar="ENGINE",
+                   help="feature extraction engine, as for zoo train: auto (default) or a registered engine "
+                   "(`zoo plugins` lists them)")
     p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
     p.add_argument("--timing-batch", type=int, help=f"images per timed forward call (default {d['timing_batch']})")
     p.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes (default: auto)")

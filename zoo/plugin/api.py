@@ -393,8 +393,9 @@ def check_provider(obj: Any, kind: str) -> Any:
     if not isinstance(getattr(obj, "name", None), str) or not obj.name or "/" in obj.name or obj.name != obj.name.strip():
         raise TypeError(f"{cls.__name__}.name must be a non-empty name without '/': set it as a class attribute, "
                         f"e.g. name = \"myprovider\" (got {getattr(obj, 'name', None)!r})")
-    if kind == "engines" and obj.numerics not in ("fp32", "bf16"):
-        raise TypeError(f"{cls.__name__}.numerics must be \"fp32\" or \"bf16\", got {obj.numerics!r}")
+    numerics = getattr(obj, "numerics", None)
+    if kind == "engines" and numerics not in ("fp32", "bf16"):
+        raise TypeError(f"{cls.__name__}.numerics must be \"fp32\" or \"bf16\", got {numerics!r}")
     suffix = getattr(obj, "suffix", None)
     if kind == "exporters" and (not isinstance(suffix, str) or not suffix.startswith(".")):
         raise TypeError(f"{cls.__name__}.suffix must be the artifact's file ending, e.g. \".onnx\", got {suffix!r}")

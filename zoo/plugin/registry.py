@@ -443,7 +443,7 @@ class EngineRegistry:
         self._engines: dict[str, tuple[ExtractionEngine, str]] = {}
         call_hook(host, "zoo_register_engines", self._load_plugin)
 
-    def _load_plugin(self, plugin_name: str, registered: list) -> None:
+    def _load_plugin(self, plugin_name: str, registered: list[Any]) -> None:
         staged: dict[str, ExtractionEngine] = {}
         try:
             for obj in registered:
