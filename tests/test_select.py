@@ -105,8 +105,9 @@ def _plugin_module():
 
 @pytest.fixture
 def only_test_plugin(monkeypatch, fresh_plugins):
-    """No installed plugin autoloads; the test plugin is registered by hand."""
-    monkeypatch.setenv("ZOO_LOAD_PLUGINS", "")
+    """No installed backbone or exporter plugin autoloads (only the core's own extraction engines, an
+    entry point like any plugin's); the test plugin is registered by hand."""
+    monkeypatch.setenv("ZOO_LOAD_PLUGINS", "engines")
     fresh_plugins.reset()
     assert fresh_plugins.get_host().register(_plugin_module(), "selecttest")
     registry.reset()
