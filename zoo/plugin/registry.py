@@ -16,7 +16,7 @@ import difflib
 import fnmatch
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from ..errors import (
     AmbiguousBackboneError,
@@ -487,40 +487,34 @@ class EngineRegistry:
         return self._engines[name][1]
 
 
-_backbones: BackboneRegistry | None = None
-_exporters: ExporterRegistry | None = None
-_engines: EngineRegistry | None = None
+_Registry = TypeVar("_Registry", BackboneRegistry, ExporterRegistry, EngineRegistry)
+_current: dict[type, Any] = {}  # registry class -> its process-wide instance
 _lock = threading.Lock()
+
+
+def _singleton(cls: type[_Registry]) -> _Registry:
+    """The process-wide registry of one kind, rebuilt when the plugin host it was built from is gone."""
+    host = get_host()
+    with _lock:
+        reg = _current.get(cls)
+        if reg is None or reg.host is not host:
+            reg = _current[cls] = cls(host)
+        return reg
 
 
 def backbones() -> BackboneRegistry:
     """The process-wide backbone registry (rebuilt after `reset()` or `zoo.plugin.host.reset()`)."""
-    global _backbones
-    host = get_host()
-    with _lock:
-        if _backbones is None or _backbones.host is not host:
-            _backbones = BackboneRegistry(host)
-        return _backbones
+    return _singleton(BackboneRegistry)
 
 
 def exporters() -> ExporterRegistry:
     """The process-wide exporter registry (rebuilt after `reset()` or `zoo.plugin.host.reset()`)."""
-    global _exporters
-    host = get_host()
-    with _lock:
-        if _exporters is None or _exporters.host is not host:
-            _exporters = ExporterRegistry(host)
-        return _exporters
+    return _singleton(ExporterRegistry)
 
 
 def engines() -> EngineRegistry:
     """The process-wide extraction-engine registry (rebuilt after `reset()` or `zoo.plugin.host.reset()`)."""
-    global _engines
-    host = get_host()
-    with _lock:
-        if _engines is None or _engines.host is not host:
-            _engines = EngineRegistry(host)
-        return _engines
+    return _singleton(EngineRegistry)
 
 
 def default_backbone(with_tag: bool = True) -> str:
@@ -538,8 +532,5 @@ def reset() -> None:
     """Forget the registries, keeping the loaded plugins: the next lookup asks every plugin's
     registration hooks again (e.g. after `get_host().register(module, name)` by hand).
     `zoo.plugin.host.reset()` forgets the plugins too."""
-    global _backbones, _exporters, _engines
     with _lock:
-        _backbones = None
-        _exporters = None
-        _engines = None
+        _current.clear()
