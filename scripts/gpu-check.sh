@@ -52,7 +52,7 @@ tail -n 25 "$OUT/pytest.log"
 step "embedded main job on $([[ $DRY -eq 1 ]] && echo cpu || echo cuda)"
 job=(train --out "$OUT/run" --json --no-progress)
 if [[ $DRY -eq 1 ]]; then job+=(--device cpu --epochs 1); else job+=(--device cuda); fi
-timeout 150 "$PY" -m zoo.cli.main "${job[@]}" >"$OUT/train.json" 2>"$OUT/train.log"
+timeout "$([[ $DRY -eq 1 ]] && echo 600 || echo 150)" "$PY" -m zoo.cli.main "${job[@]}" >"$OUT/train.json" 2>"$OUT/train.log"
 trc=$?
 [[ $trc -eq 0 ]] || { status=1; tail -n 5 "$OUT/train.log"; }
 
