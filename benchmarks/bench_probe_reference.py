@@ -32,7 +32,7 @@ CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 BACKBONE = "timm/tf_efficientnet_lite0.in1k"
 
 
-def read_idx(images: Path, labels: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+def read_idx(images: Path, labels: Path, n: int | None) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(images) as f:
         x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
     with gzip.open(labels) as f:

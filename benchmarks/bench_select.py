@@ -23,7 +23,6 @@ pick's regret (best test top-1 minus the pick's). Four candidates: one swap move
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import os
 import shutil
@@ -33,35 +32,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_probe_reference import CLASSES, read_idx, write_folder  # one Fashion-MNIST reader (IDX gz -> PNG folders)
 
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 BACKBONES = ("timm/tf_efficientnet_lite0.in1k", "timm/tf_efficientnet_lite1.in1k", "timm/tf_efficientnet_lite2.in1k",
              "torchvision/mobilenet_v2.IMAGENET1K_V1")
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
-
-
-def read_idx(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(images) as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(labels) as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return x, y
 
 
 def stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     per = n // len(CLASSES)
     return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(len(CLASSES))]))
-
-
-def write_folder(root: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    from PIL import Image
-
-    for i, (img, label) in enumerate(zip(x, y)):
-        d = root / CLASSES[label]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(d / f"{i:05d}.png")
-    return root
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:
@@ -116,10 +97,10 @@ def main(argv=None) -> int:
 
         import zoo
 
-        x, y = read_idx(fm / "train-images-idx3-ubyte.gz", fm / "train-labels-idx1-ubyte.gz")
+        x, y = read_idx(fm / "train-images-idx3-ubyte.gz", fm / "train-labels-idx1-ubyte.gz", None)
         idx = stratified(y, args.train, args.seed)
         train_dir = write_folder(work / "train", x[idx], y[idx])
-        tx, ty = read_idx(fm / "t10k-images-idx3-ubyte.gz", fm / "t10k-labels-idx1-ubyte.gz")
+        tx, ty = read_idx(fm / "t10k-images-idx3-ubyte.gz", fm / "t10k-labels-idx1-ubyte.gz", None)
         test_dir = write_folder(work / "test", tx[:args.test], ty[:args.test])
         cache = work / "cache"
         print(f"bench_select: {len(idx)} train / {args.test} test images, torch {torch.__version__}, "
