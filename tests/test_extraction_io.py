@@ -1,8 +1,9 @@
 """What a run reads and decodes, and what it does when files change under it.
 
-A cold run reads each image's bytes for its content hash and decodes each image once (the
-extraction's decode is the verification); a warm run decodes nothing. A file deleted, rewritten or
-damaged after the run listed it is skipped with its reason (listed in the run's record), never a
+A cold run reads each image's bytes once: for its content hash, and the extraction decodes those
+same bytes (the decode is the verification); a warm run reads each file to hash it and decodes
+nothing. A file deleted, rewritten or damaged before the run read it, or (its bytes over the held
+budget, so read again) after, is skipped with its reason (listed in the run's record), never a
 worker traceback, and the split is the one an up-front check would have given. A damaged cache
 index is rebuilt from its intact lines, or refused naming the file and --no-cache."""
 
@@ -20,7 +21,8 @@ from PIL import Image
 from trainhelpers import BACKBONE, make_image_folder, random_weights_file, train_kwargs
 
 import zoo
-from zoo.data import decode_count
+import zoo.data.sources
+from zoo.data import decode_count, read_count
 from zoo.errors import ZooError
 
 
@@ -62,24 +64,41 @@ def _count_opens(monkeypatch, root):
     return opened
 
 
-def test_cold_run_decodes_each_image_once_warm_run_none(tmp_path, weights, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cold_run_reads_and_decodes_each_image_once_warm_run_reads_once_decodes_none(tmp_path, weights,
+                                                                                      monkeypatch, workers):
+    data = _jpegs(tmp_path / "d")
+    n = 12
+    opened = _count_opens(monkeypatch, data)  # this process's opens (a worker's are its own)
+    reads, decodes = read_count(), decode_count()
+    cold = _train(tmp_path, data, weights, num_workers=workers)
+    assert cold.cache["misses"] == n and cold.cache["read_again"] == 0
+    # one read per image: for the content hash; the extraction decodes those bytes (one decode,
+    # which is the verification) and never opens the file again
+    assert sorted(opened.values()) == [1] * n, opened
+    if workers == 0:  # in-process: the counters see the extraction's reads and decodes too
+        assert read_count() - reads == n and decode_count() - decodes == n
+    opened.clear()
+    reads, decodes = read_count(), decode_count()
+    warm = _train(tmp_path, data, weights, num_workers=workers)
+    assert warm.cache["hits"] == n and decode_count() == decodes  # warm: hashes only
+    assert sorted(opened.values()) == [1] * n and read_count() - reads == n
+    for k, v in cold.model.head.state_dict().items():  # the same head, cold or warm
+        assert torch.equal(v, warm.model.head.state_dict()[k])
+
+
+def test_the_read_counts_see_a_second_read(tmp_path, weights, monkeypatch):
+    """Negative control: with no room to hold bytes the extraction reads every file again (checked
+    against its hash), and the counters and the run's record say so."""
+    monkeypatch.setattr(zoo.data.sources, "HELD_BYTES_BUDGET", 0)
     data = _jpegs(tmp_path / "d")
     n = 12
     opened = _count_opens(monkeypatch, data)
-    before = decode_count()
+    reads, decodes = read_count(), decode_count()
     cold = _train(tmp_path, data, weights)
-    assert cold.cache["misses"] == n
-    assert decode_count() - before == n  # one decode per image: verification is the extraction's decode
-    # each file's bytes: read for its content hash, and read once more by the extraction to decode
-    # (checked against that hash); never a third time
-    assert len(opened) == n and max(opened.values()) == 2, opened
-    opened.clear()
-    before = decode_count()
-    warm = _train(tmp_path, data, weights)
-    assert warm.cache["hits"] == n and decode_count() == before  # warm: hashes only
-    assert max(opened.values()) == 1
-    for k, v in cold.model.head.state_dict().items():  # the same head, cold or warm
-        assert torch.equal(v, warm.model.head.state_dict()[k])
+    assert cold.cache["misses"] == n and cold.cache["read_again"] == n
+    assert sorted(opened.values()) == [2] * n and read_count() - reads == 2 * n
+    assert decode_count() - decodes == n
 
 
 def test_strict_still_refuses_a_damaged_file_up_front(tmp_path, weights):
@@ -105,9 +124,12 @@ def test_a_damaged_file_is_skipped_by_the_extraction_with_the_split_of_an_up_fro
 
 
 @pytest.mark.parametrize("change", ["deleted", "rewritten"])
-def test_a_file_that_changes_after_listing_is_skipped_and_named(tmp_path, weights, monkeypatch, change):
+def test_a_file_that_changes_after_it_was_read_is_skipped_and_named_when_read_again(tmp_path, weights, monkeypatch,
+                                                                                     change):
+    """Bytes over the held budget are read again by the extraction, checked against the hash."""
     from zoo.training import trainer as T
 
+    monkeypatch.setattr(zoo.data.sources, "HELD_BYTES_BUDGET", 0)
     data = _jpegs(tmp_path / "d")
     victim = data / "a" / "a2.jpg"
     real = T._Trainer._build_model
@@ -180,3 +202,27 @@ def test_a_damaged_index_that_cannot_be_rebuilt_is_refused_naming_it(tmp_path, w
     monkeypatch.setattr(zoo.io, "atomic_path", read_only)
     with pytest.raises(ZooError, match=rf"(?s){index}.*damaged.*--no-cache"):
         _train(tmp_path, data, weights)
+
+
+def test_a_file_that_changes_after_it_was_read_is_decoded_as_read(tmp_path, weights, monkeypatch):
+    """Held bytes: the run decodes the bytes it hashed (the cache row's name is their hash), so a
+    later change to the file cannot make the features disagree with their key; the next run sees
+    the new content as a new image."""
+    from zoo.training import trainer as T
+
+    data = _jpegs(tmp_path / "d")
+    victim = data / "a" / "a2.jpg"
+    real = T._Trainer._build_model
+
+    def build_then_change(self, *args):
+        built = real(self, *args)  # the files are listed, read and hashed by now
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(victim, quality=90)
+        return built
+
+    monkeypatch.setattr(T._Trainer, "_build_model", build_then_change)
+    cold = _train(tmp_path, data, weights, num_workers=1, out=str(tmp_path / "run"))
+    assert cold.cache["misses"] == 12 and not json.loads((tmp_path / "run" / "metrics.json").read_text())["final"][
+        "skipped"]
+    monkeypatch.setattr(T._Trainer, "_build_model", real)
+    again = _train(tmp_path, data, weights)
+    assert (again.cache["hits"], again.cache["misses"]) == (11, 1)  # the rewritten file is new content

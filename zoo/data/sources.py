@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +25,74 @@ from PIL import Image
 from ..errors import DataError
 from ..io import file_sha256
 from ..preprocess import IMAGE_SUFFIXES, load_image, printable, special_file_reason, to_rgb
-from .verify import DataWarning, _listing, count_decode, verify_images
+from .verify import DataWarning, _listing, count_decode, count_read, verify_images
+
+# The bytes a run read to hash its files, kept for the extraction to decode (one read per image on
+# a cold run) up to this many bytes in all; files beyond it are read again by the extraction.
+HELD_BYTES_BUDGET = 256 << 20
+
+
+class HeldBytes:
+    """Files' bytes by content hash, read once for the hash and kept (at most `budget` bytes in all)
+    until the extraction decodes them or finds their rows cached. Bytes with one hash are the same
+    bytes, so a key is its own check: decoding them decodes exactly what was hashed, and a file
+    changed on disk since is not looked at again. Thread-safe (files are hashed by a thread pool);
+    pickled empty, so a DataLoader worker started by spawn does not get a copy."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = int(HELD_BYTES_BUDGET if budget is None else budget)
+        self.used, self.over_budget = 0, 0  # over_budget: files hashed whose bytes were not kept
+        self._data: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def fits(self, size: int) -> bool:
+        if self.used + size <= self.budget:
+            return True
+        with self._lock:
+            self.over_budget += 1
+        return False
+
+    def keep(self, h: str, data: bytes) -> None:
+        with self._lock:
+            if h in self._data:
+                return
+            if self.used + len(data) > self.budget:
+                self.over_budget += 1
+                return
+            self._data[h] = data
+            self.used += len(data)
+
+    def get(self, h: str | None, take: bool = False) -> bytes | None:
+        """The bytes whose sha256 is h (None when not held); take: and let them go."""
+        if h is None:
+            return None
+        with self._lock:
+            data = self._data.pop(h, None) if take else self._data.get(h)
+            if take and data is not None:
+                self.used -= len(data)
+            return data
+
+    def drop(self, hashes) -> None:
+        for h in hashes:
+            self.get(h, take=True)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __reduce__(self):
+        return (HeldBytes, (0,))
 
 
 @dataclass
 class Samples:
-    """Labelled images: file paths or in-memory uint8 arrays (H, W[, C])."""
+    """Labelled images: file paths or in-memory uint8 arrays (H, W[, C]). With `held` (hold_bytes),
+    the bytes of a file read for its content hash are kept there for the extraction to decode."""
 
     items: list
     labels: np.ndarray
     classes: tuple[str, ...]
     _hashes: list | None = field(default=None, repr=False)
+    held: HeldBytes | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -51,6 +109,7 @@ class Samples:
     def load(self, i: int, max_pixels: int | None = None) -> Image.Image:
         item = self.items[i]
         if isinstance(item, (str, os.PathLike)):
+            count_read()
             count_decode()
             return load_image(item, max_pixels)
         return to_rgb(Image.fromarray(np.asarray(item)))
@@ -63,7 +122,7 @@ class Samples:
         if h is None:
             item = self.items[i]
             if isinstance(item, (str, os.PathLike)):
-                h = file_sha256(item)
+                h = _hash_file(item, self.held)
             else:
                 arr = np.ascontiguousarray(item)
                 d = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
@@ -72,13 +131,32 @@ class Samples:
             self._hashes[i] = h
         return h
 
+    def hold_bytes(self, budget: int | None = None) -> HeldBytes:
+        """Keep the bytes of files hashed from now on (see HeldBytes); the store, made if needed."""
+        if self.held is None:
+            self.held = HeldBytes(budget)
+        return self.held
+
     def subset(self, indices: Sequence[int]) -> "Samples":
         indices = list(indices)
         hashes = [self._hashes[i] for i in indices] if self._hashes is not None else None
-        return Samples([self.items[i] for i in indices], self.labels[indices], self.classes, hashes)
+        return Samples([self.items[i] for i in indices], self.labels[indices], self.classes, hashes, self.held)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.classes))
+
+
+def _hash_file(path: str | os.PathLike, held: HeldBytes | None) -> str:
+    """sha256 of the file's bytes, read once: whole, and kept in `held`, when they fit its budget;
+    streamed in chunks otherwise (then the extraction reads the file again, checked against it)."""
+    count_read()
+    if held is not None and held.fits(os.stat(path).st_size):
+        with open(path, "rb") as f:
+            data = f.read()
+        h = hashlib.sha256(data).hexdigest()
+        held.keep(h, data)
+        return h
+    return file_sha256(path)
 
 
 @dataclass
@@ -234,7 +312,8 @@ def align_labels(samples: Samples, labels: Sequence[str], where: str, hint: str 
         raise DataError(f"{where} has classes {unknown} that {hint or 'the model does not know'}; "
                         f"the known classes are {labels}")
     remap = np.array([labels.index(c) for c in samples.classes], dtype=np.int64)
-    return Samples(samples.items, remap[samples.labels] if len(samples) else samples.labels, tuple(labels))
+    return Samples(samples.items, remap[samples.labels] if len(samples) else samples.labels, tuple(labels),
+                   held=samples.held)
 
 
 def embedded_samples() -> tuple[Samples, Samples]:
@@ -287,6 +366,10 @@ def load_data(data: str | os.PathLike | None = None, csv_file: str | os.PathLike
         val_samples, val_skipped = scan_folder(val_data, flag="--val-data", min_classes=1)
         val_samples = align_labels(val_samples, samples.classes, f"--val-data {str(val_data)!r}",
                                    "the training data lacks")
+    if defer_decode:  # the extraction decodes the bytes read here for the hash: one read per image
+        held = samples.hold_bytes()
+        if val_samples is not None:
+            val_samples.held = held
     samples, skipped = verify_images(samples, strict, already_skipped=skipped, max_pixels=max_pixels,
                                    known_readable=known_readable, decode=not defer_decode, known_bad=known_bad)
     _check_no_empty_class(samples, skipped, source)

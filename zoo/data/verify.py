@@ -1,5 +1,5 @@
 """Every file decoded once, up front: unreadable, truncated or oversized images are skipped with a
-warning that lists them (strict=True refuses them); the decode count the warm-path tests read."""
+warning that lists them (strict=True refuses them); the decode and read counts the tests read."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class DataWarning(UserWarning):
 
 
 _DECODES = [0]
+_READS = [0]
 
 
 def count_decode(n: int = 1) -> None:
@@ -30,6 +31,16 @@ def decode_count() -> int:
     """Image files decoded by this process so far (Samples.load and the extraction datasets): the
     warm-path tests and benchmarks count decodes with it, not with timings."""
     return _DECODES[0]
+
+
+def count_read(n: int = 1) -> None:
+    _READS[0] += n
+
+
+def read_count() -> int:
+    """Image files read by this process so far (for a content hash, to decode up front, or by the
+    extraction): the one-read-per-image tests count reads with it."""
+    return _READS[0]
 
 
 

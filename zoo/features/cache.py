@@ -43,6 +43,7 @@ class CacheStats:
     engine: dict = field(default_factory=dict)
     damaged: list = field(default_factory=list)
     unreadable: list = field(default_factory=list)  # (file, reason): failed the extraction's decode, or changed
+    reread: int = 0  # files the extraction read again: their bytes were over the HeldBytes budget
 
     def add(self, other: "CacheStats") -> None:
         self.hits += other.hits
@@ -52,6 +53,7 @@ class CacheStats:
         self.engine = self.engine or other.engine
         self.damaged += other.damaged
         self.unreadable += other.unreadable
+        self.reread += other.reread
 
 
 # ------------------------------------------------------------------------------------------ cache

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data import ImageDataset, Samples, count_decode
+from ..data import ImageDataset, Samples, count_decode, count_read
 from ..records import Normalization
 
 
@@ -33,6 +33,7 @@ def read_checked(path, expected: str | None) -> bytes:
 
     from ..preprocess import ImageDecodeError
 
+    count_read()
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -46,16 +47,19 @@ def read_checked(path, expected: str | None) -> bytes:
 
 
 def decode_item(samples: Samples, i: int, expected: str | None = None, max_pixels: int | None = None,
-                draft: int | None = None):
-    """(PIL RGB image, pixel count) of sample i: a file is read once (read_checked) and decoded
-    from those bytes by the reference decoder (zoo.preprocess.load_image); raises ImageDecodeError."""
+                draft: int | None = None, data: bytes | None = None):
+    """(PIL RGB image, pixel count) of sample i, decoded by the reference decoder
+    (zoo.preprocess.load_image) from `data` (the bytes the run read for the content hash, so the
+    file is not opened again) or else from the file read once here (read_checked against
+    `expected`); raises ImageDecodeError."""
     from ..preprocess import load_image
 
     item = samples.items[i]
     if not isinstance(item, (str, os.PathLike)):
         img = samples.load(i)
         return img, img.width * img.height
-    data = read_checked(item, expected)
+    if data is None:
+        data = read_checked(item, expected)
     count_decode()
     img = load_image(item, max_pixels, data=data, draft=draft)
     return img, img.width * img.height
@@ -91,8 +95,9 @@ class JpegBytesDataset(ImageDataset):
         i = key if not isinstance(key, tuple) else None
         item = self.samples.items[i] if i is not None else None
         if isinstance(item, (str, os.PathLike)) and str(item).lower().endswith((".jpg", ".jpeg")):
-            data = torch.frombuffer(bytearray(read_checked(item, getattr(self, "expected", None))),
-                                    dtype=torch.uint8)
+            held = getattr(self, "data", None)
+            data = torch.frombuffer(bytearray(held if held is not None else
+                                              read_checked(item, getattr(self, "expected", None))), dtype=torch.uint8)
             return ("jpeg", data, int(self.samples.labels[i]), i)
         arr, label, idx = super().__getitem__(key)
         return ("pixels", arr, label, idx)
@@ -224,7 +229,9 @@ def _placeholder(transform) -> torch.Tensor:
 class _PoolDataset:
     """Every (source, decoding) the run extracts from, in one dataset: the workers get it once and
     serve the train and validation passes (and every view) from it. Key: (source, kind, dataset key,
-    expected content hash or None), kind "plain", "bytes" (device decoding) or ("draft", target size).
+    expected content hash or None, the file's bytes or None), kind "plain", "bytes" (device
+    decoding) or ("draft", target size). With the bytes (those the run hashed: HeldBytes) the file
+    is not opened again; without, it is read and checked against the expected hash.
 
     An item is (uint8 HWC, label, index, failure reason ("" when it decoded), pixel count). The
     extraction's decode is the run's verification: a file that does not decode, or that changed
@@ -253,19 +260,20 @@ class _PoolDataset:
 
         from ..preprocess import ImageDecodeError
 
-        s, kind, k, expected = key
+        s, kind, k, expected, data = key
         samples, transform = self.sources[s]
         i, seed = (k if isinstance(k, tuple) else (k, None))
         label = int(samples.labels[i])
         if kind == "bytes":
             ds = self._dataset(s, kind)
-            ds.expected = expected
+            ds.expected, ds.data = expected, data
             try:
                 return ds[k]
             except ImageDecodeError as exc:
                 return ("failed", _failure_reason(exc), label, i)
         try:
-            img, px = decode_item(samples, i, expected, self.max_pixels, kind[1] if isinstance(kind, tuple) else None)
+            img, px = decode_item(samples, i, expected, self.max_pixels, kind[1] if isinstance(kind, tuple) else None,
+                                  data)
         except ImageDecodeError as exc:
             return _placeholder(transform), label, i, _failure_reason(exc), 0
         arr = transform(img, random.Random(seed) if seed is not None else None)
@@ -274,13 +282,16 @@ class _PoolDataset:
 
 class _Batches:
     """A persistent loader's batch sampler: the main process iterates it afresh at each pass (workers
-    only ever receive keys), so each pass sets its own batches."""
+    only ever receive keys), so each pass sets its own batches. A batch is let go once handed out:
+    its keys carry files' bytes, which need not outlive their trip to a worker."""
 
     def __init__(self):
         self.batches: list = []
 
     def __iter__(self):
-        return iter(self.batches)
+        for b in range(len(self.batches)):
+            batch, self.batches[b] = self.batches[b], None
+            yield batch
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -330,13 +341,14 @@ class DecodePool:
         return self._loader
 
     def batches(self, samples: Samples, transform, keys: Sequence, batch_size: int, kind="plain",
-                hashes: Sequence[str | None] | None = None):
+                hashes: Sequence[str | None] | None = None, data: Sequence[bytes | None] | None = None):
         """(batches of positions into keys, an iterator of the decoded batches, in that order).
-        hashes[j]: the content hash keys[j]'s file must still have (None: not checked)."""
+        hashes[j]: the content hash keys[j]'s file must still have (None: not checked); data[j]: its
+        bytes, already read (None: the worker reads the file)."""
         s = self.source(samples, transform)
         positions = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
-        self._sampler.batches = [[(s, kind, keys[j], hashes[j] if hashes is not None else None) for j in b]
-                                 for b in positions]
+        self._sampler.batches = [[(s, kind, keys[j], hashes[j] if hashes is not None else None,
+                                   data[j] if data is not None else None) for j in b] for b in positions]
         return positions, iter(self._get_loader())
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ into shards, gather over ranks).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as D
-from ..data import Samples, normalize_batch, sample_seed
+from ..data import HeldBytes, Samples, normalize_batch, sample_seed
 from ..errors import DataError
 from ..records import Normalization
 from . import cache as C
@@ -54,14 +55,15 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                  cache_dir=None, on_batch=None, progress: bool = False, desc: str = "features",
                  draft_target: int | None = None, device_decode: bool = False, say=None,
                  pool: DecodePool | None = None, name: str | None = None, hashes: Sequence[str] | None = None,
-                 failed: list | None = None, decoded: list | None = None):
+                 failed: list | None = None, decoded: list | None = None, data: Sequence[bytes | None] | None = None):
     """Extract keys[j] into out[positions[j]] (out: a (rows, D) tensor, or a callable(D) -> tensor
     allocating it once D is known); on_batch(js, feats) sees every batch (for streaming shards).
     pool: the run's DecodePool (its workers, persistent); None: one for this call (num_workers).
     name: the backbone's name, for errors. A batch with NaN/inf features raises NonFiniteFeaturesError
     naming the files (earlier batches' rows stay valid; the bad batch reaches neither out nor on_batch)
     hashes[j]: keys[j]'s planned content hash; its file is read once, checked against it and decoded
-    from those bytes. failed: collects (j, reason) for files that did not decode or changed since
+    from those bytes; data[j]: keys[j]'s bytes as read for that hash (then the file is not read
+    again), None where not held. failed: collects (j, reason) for files that did not decode or changed since
     they were listed (their rows reach neither out nor on_batch); None: such a file raises DataError.
     decoded: collects (j, pixel count) of the files decoded here (the readable set's entries).
     Returns (out, the engine Chooser or None when nothing was extracted)."""
@@ -74,11 +76,11 @@ def extract_into(backbone: nn.Module, samples: Samples, keys: Sequence, transfor
                                 batch_size=batch_size, engine=engine, allow_reduced=allow_reduced, total=total,
                                 cache_dir=cache_dir, on_batch=on_batch, progress=progress, desc=desc,
                                 draft_target=draft_target, device_decode=device_decode, say=say, pool=pool,
-                                name=name, hashes=hashes, failed=failed, decoded=decoded)
+                                name=name, hashes=hashes, failed=failed, decoded=decoded, data=data)
     bound_heap_growth()
     backbone.eval()
     kind = "bytes" if device_decode else ("draft", int(draft_target)) if draft_target else "plain"
-    batches, loader = pool.batches(samples, transform, keys, batch_size, kind, hashes)
+    batches, loader = pool.batches(samples, transform, keys, batch_size, kind, hashes, data)
     if device_decode:
         decoder = DeviceJpegDecoder(samples, transform, norm, device)
         loader = map(decoder, loader)
@@ -198,6 +200,7 @@ class _Job:
     """What one cached_features call works with, decided up front (before any image is read)."""
 
     samples: Samples
+    held: HeldBytes  # the files' bytes as read for their content hash, until decoded or found cached
     views: list
     fc: FeatureCache | None
     readable: ReadableSet | None
@@ -218,9 +221,12 @@ def _cached_features(backbone, samples, transform, norm, key_fields, device, vie
     job = _job(samples, views, key_fields, device, cache, cache_dir, engine, allow_reduced, norm, jpeg_draft,
                gpu_decode, progress and ctx.is_main, ctx)
     plan = _plan(job, stats)
-    out = _Out(job, _known_dim(job, plan))
-    sel = _extract_misses(job, plan, out, stats, backbone, transform, norm, device, view_seed, cache_dir if cache
-                          else False, batch_size, pool, progress and ctx.is_main, desc, key_fields.get("backbone"))
+    try:
+        out = _Out(job, _known_dim(job, plan))
+        sel = _extract_misses(job, plan, out, stats, backbone, transform, norm, device, view_seed, cache_dir if cache
+                              else False, batch_size, pool, progress and ctx.is_main, desc, key_fields.get("backbone"))
+    finally:  # whatever was not decoded (a failure, another rank's rows) is not held past the job
+        job.held.drop(nm.split(".v")[0] for p in plan[:1] for nm in p.names if nm is not None)
     feats = _gather(job, plan, out, stats)
     _finish_stats(stats, sel, job)
     stats.seconds = time.perf_counter() - t0
@@ -241,7 +247,9 @@ def _job(samples, views, key_fields, device, cache, cache_dir, engine, allow_red
     elif draft_target:
         key["decode"] = "jpeg-draft-2x"
     root = cache_root(cache_dir)
-    return _Job(samples, list(views), FeatureCache(root, key) if cache else None, ReadableSet(root) if cache else None,
+    # The bytes read for a content hash are kept for the decode: one read per image (a run's
+    # load_data has hashed them already with its own store; hashing here fills this one).
+    return _Job(samples, samples.hold_bytes(), list(views), FeatureCache(root, key) if cache else None, ReadableSet(root) if cache else None,
                 list(D.shard_indices(len(samples), ctx)), not ctx.enabled, numerics,
                 "bf16" if engine == "auto" and numerics == "bf16" else engine, draft_target, device_decode)
 
@@ -255,7 +263,8 @@ class _ViewPlan:
 
 def _plan(job: _Job, stats: CacheStats) -> list[_ViewPlan]:
     """Where each row comes from: the cache (one index read) or extraction. A file that vanished
-    since it was listed cannot be hashed: it is a failure of this run (stats.unreadable), not a crash."""
+    since it was listed cannot be hashed: it is a failure of this run (stats.unreadable), not a crash.
+    The bytes of a file whose rows are all cached are let go here (a warm run decodes nothing)."""
     hashes: list[str | None] = []
     for i in job.mine:
         try:
@@ -271,6 +280,7 @@ def _plan(job: _Job, stats: CacheStats) -> list[_ViewPlan]:
         known = [nm for nm in names if nm is not None]
         found = iter(job.fc.locate(known) if job.fc is not None else [None] * len(known))
         plan.append(_ViewPlan(v, names, [next(found) if nm is not None else None for nm in names]))
+    job.held.drop(h for j, h in enumerate(hashes) if h is not None and all(p.where[j] is not None for p in plan))
     return plan
 
 
@@ -320,6 +330,10 @@ def _extract_misses(job: _Job, plan: list[_ViewPlan], out: _Out, stats: CacheSta
             continue
         shard = _ShardWriter(fc)
         hashes = [p.names[j].split(".v")[0] for j in miss]
+        # the held bytes go with the keys (let go after the last view that decodes the file)
+        data = [job.held.get(h) for h in hashes]
+        stats.reread += sum(d is None and isinstance(samples.items[int(job.mine[j])], (str, os.PathLike))
+                            for d, j in zip(data, miss))
         keys = [int(job.mine[j]) if p.view is None else
                 (int(job.mine[j]), sample_seed(view_seed, p.view, hashes[k])) for k, j in enumerate(miss)]
         failed: list = []
@@ -332,7 +346,9 @@ def _extract_misses(job: _Job, plan: list[_ViewPlan], out: _Out, stats: CacheSta
                                 [p.names[miss[j]] for j in js], f),
                             progress=loud, desc=desc if p.view is None else f"{desc} (view {p.view})",
                             draft_target=job.draft_target, device_decode=job.device_decode and p.view is None,
-                            say=say, name=name, hashes=hashes, failed=failed, decoded=decoded)
+                            say=say, name=name, hashes=hashes, failed=failed, decoded=decoded, data=data)
+        del data
+        job.held.drop(h for h, j in zip(hashes, miss) if not any(q.where[j] is None for q in plan[vi + 1:]))
         shard.flush()
         if job.readable is not None and decoded:
             job.readable.add((hashes[k], px) for k, px in decoded)

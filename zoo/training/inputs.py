@@ -336,5 +336,5 @@ def extract_features(model, split, cfg, train_tf, eval_tf, norm, *, device, amp_
     for st in feature_stats:
         total.add(st)
     info = {"hits": total.hits, "misses": total.misses, "enabled": cfg.cache, "seconds": round(total.seconds, 3),
-            "engine": dict(total.engine)}
+            "engine": dict(total.engine), "read_again": total.reread}
     return (train_feats, val_feats), info, feature_stats
