@@ -226,3 +226,18 @@ def test_a_file_that_changes_after_it_was_read_is_decoded_as_read(tmp_path, weig
     monkeypatch.setattr(T._Trainer, "_build_model", real)
     again = _train(tmp_path, data, weights)
     assert (again.cache["hits"], again.cache["misses"]) == (11, 1)  # the rewritten file is new content
+
+
+def test_held_bytes_keep_within_their_budget_and_never_travel_pickled():
+    import pickle
+
+    from zoo.data import HeldBytes
+
+    held = HeldBytes(budget=10)
+    held.keep("a", b"123456")
+    held.keep("b", b"123456")  # over the budget: not kept (the extraction reads that file again)
+    assert (len(held), held.used, held.over_budget) == (1, 6, 1)
+    assert held.get("a") == b"123456" and held.get("b") is None
+    assert held.get("a", take=True) == b"123456" and (len(held), held.used) == (0, 0)
+    held.keep("c", b"xyz")
+    assert len(pickle.loads(pickle.dumps(held))) == 0  # a spawned worker never gets a copy

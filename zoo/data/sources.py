@@ -76,6 +76,11 @@ class HeldBytes:
         for h in hashes:
             self.get(h, take=True)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.used = 0
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -332,6 +332,9 @@ def extract_features(model, split, cfg, train_tf, eval_tf, norm, *, device, amp_
                 **common)
             feature_stats.append(val_stats)
             val_feats = val_feats[0]
+    for samples in (split.train, split.val):  # files that never reached the extraction (skipped): nothing
+        if samples is not None and samples.held is not None:  # of their bytes outlives the phase
+            samples.held.clear()
     total = CacheStats()
     for st in feature_stats:
         total.add(st)
