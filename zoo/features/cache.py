@@ -43,7 +43,8 @@ class CacheStats:
     engine: dict = field(default_factory=dict)
     damaged: list = field(default_factory=list)
     unreadable: list = field(default_factory=list)  # (file, reason): failed the extraction's decode, or changed
-    reread: int = 0  # files the extraction read again: their bytes were over the HeldBytes budget
+    reread: int = 0  # files the extraction read again: bytes not held (over the HeldBytes budget, or hashed
+    #                  before holding began: a caller that verified up front)
 
     def add(self, other: "CacheStats") -> None:
         self.hits += other.hits
