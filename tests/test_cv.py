@@ -82,6 +82,27 @@ def test_cv_refuses_too_few_images_and_mismatched_labels():
         cross_validate(torch.zeros(5, 3), torch.zeros(4, dtype=torch.int64), epochs=1)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_batched_linear_cv_takes_the_steps_of_one_fit_per_head(monkeypatch, label_smoothing):
+    """A linear head's (weight decay, fold) fits run batched; the per-fit loop (Fitter.fit per
+    head) gives the same grid, so the batched path is the same procedure, not another one."""
+    import zoo.training.fit as F
+
+    x, y = _blobs(n_per_class=13, classes=3, dim=16)  # 39 images: folds of two sizes
+    kw = dict(epochs=5, batch_size=8, lr=3e-2, weight_decays=(0.0, 1.0, 10.0), folds=4, seed=2,
+              label_smoothing=label_smoothing)
+    batched = cross_validate(x, y, **kw)
+    monkeypatch.setattr(F, "_plain_linear", lambda head: None)
+    looped = cross_validate(x, y, **kw)
+    assert [(r["weight_decay"], r["epoch"], r["fold_top1"]) for r in batched.grid] == \
+        [(r["weight_decay"], r["epoch"], r["fold_top1"]) for r in looped.grid]
+    assert max(abs(a["cv_loss"] - b["cv_loss"]) for a, b in zip(batched.grid, looped.grid)) < 1e-5
+    assert (batched.epoch, batched.weight_decay) == (looped.epoch, looped.weight_decay)
+    # not vacuous: the decay changes the curves, so a batched fit that ignored it would differ
+    last = {r["weight_decay"]: r["cv_loss"] for r in looped.grid if r["epoch"] == 5}
+    assert abs(last[0.0] - last[10.0]) > 1e-3
+
+
 def test_cv_standardizes_inside_each_fold_only():
     """The fold's held-out rows never enter its standardization: a huge outlier in one image
     changes only the folds that train on it, so CV with the outlier differs from CV without it
