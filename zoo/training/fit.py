@@ -486,33 +486,38 @@ def _batched_linear_cv(feats, labels_t, fold_val, weight_decays, epochs: int, fi
         by_size.setdefault(len(fit), []).append(f)
     out: dict[tuple[float, int], list[tuple[float, float, int]]] = {}
     for size, group in by_size.items():
-        models = [(wd, f) for wd in weight_decays for f in group]
+        # head m = (fold g, decay w) at g * len(weight_decays) + w: a fold's rows are gathered and
+        # standardized once per step for all its decays, whose weights sit side by side
+        g_n, w_n = len(group), len(weight_decays)
+        models = [(wd, f) for f in group for wd in weight_decays]
         m = len(models)
-        folds = [f for _, f in models]
         mean = std = None
         if standardize:
-            st = {f: feature_statistics(feats[:, torch.as_tensor(fits[f])]) for f in group}
-            mean = torch.stack([st[f][0] for f in folds]).to(dev).unsqueeze(1)
-            std = torch.stack([st[f][1] for f in folds]).to(dev).unsqueeze(1)
+            st = [feature_statistics(feats[:, torch.as_tensor(fits[f])]) for f in group]
+            mean = torch.stack([a for a, _ in st]).to(dev).unsqueeze(1)  # (G, 1, D)
+            std = torch.stack([b for _, b in st]).to(dev).unsqueeze(1)
         weight = linear.weight.detach().float().to(dev).unsqueeze(0).repeat(m, 1, 1).requires_grad_()
         bias = linear.bias.detach().float().to(dev).unsqueeze(0).repeat(m, 1).requires_grad_()
         optimizer = torch.optim.AdamW([weight, bias], lr=fitter.lr, weight_decay=0.0)  # decay: below, per head
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(math.ceil(size / fitter.batch_size) * epochs))
         decay = torch.tensor([wd for wd, _ in models], dtype=torch.float32, device=dev).view(m, 1, 1)
-        fit_rows = torch.as_tensor(np.stack([fits[f] for f in folds]))  # (M, size)
-        val_rows = torch.as_tensor(np.stack([fold_val[f] for f in folds]))  # (M, n - size)
-        val_x, val_y = feats[0][val_rows].to(dev), labels_t[val_rows].to(dev)
+        fit_rows = torch.as_tensor(np.stack([fits[f] for f in group]))  # (G, size)
+        val_rows = torch.as_tensor(np.stack([fold_val[f] for f in group]))  # (G, n - size)
+        val_x = feats[0][val_rows].to(dev)
+        val_y = labels_t[val_rows].to(dev).unsqueeze(1).expand(-1, w_n, -1).reshape(m, -1)
 
-        def logits(x):
+        def logits(x):  # x (G, B, D) -> (M, B, C)
             if mean is not None:
                 x = (x - mean) / std
-            return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            z = torch.baddbmm(bias.view(g_n, 1, -1), x, weight.view(g_n, w_n * k_classes, -1).transpose(1, 2))
+            return z.view(g_n, -1, w_n, k_classes).transpose(1, 2).reshape(m, -1, k_classes)
 
         for epoch in range(1, epochs + 1):
             view = feats[(epoch - 1) % views]
             for gb in D.global_batches(size, fitter.batch_size, fitter.seed, epoch):
                 rows = fit_rows[:, torch.as_tensor(gb)]
-                x, y = view[rows].to(dev), labels_t[rows].to(dev)
+                x = view[rows].to(dev)
+                y = labels_t[rows].to(dev).unsqueeze(1).expand(-1, w_n, -1).reshape(m, -1)
                 loss = F.cross_entropy(logits(x).reshape(-1, k_classes), y.reshape(-1), reduction="sum",
                                        label_smoothing=fitter.label_smoothing) / len(gb)
                 optimizer.zero_grad(set_to_none=True)
