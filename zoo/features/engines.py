@@ -23,14 +23,17 @@ always available.
     batch an engine sees warms it up, the next is timed; every one of those batches is output (an
     engine is checked before its first batch counts). Eager's rate comes free from the reference
     rows;
-  * an engine whose preparation is not cached (an ONNX export, compilation) is prepared only when
-    the job's expected saving exceeds its cost: remaining images x (1/best rate - 1/(best rate x
-    expected speedup)) > expected preparation seconds, both from what this machine measured before
-    (choices.json) or the engine's own prior (`prior_speedup`, `prepare_seconds`). Small jobs thus
-    get the fastest engine whose preparation is cached or cheap;
+  * an engine whose preparation is not cached (an ONNX export, compilation) is prepared in a
+    background thread on a copy of the backbone while the job goes on with the fastest engine so
+    far, then checked, warmed up and timed like the others; it is started only when the job's
+    expected saving exceeds its cost (`pays`): (remaining images - those extracted meanwhile) x
+    (1/best rate - 1/(best rate x expected speedup)) > OVERLAP_COST x expected preparation seconds,
+    from what this machine measured before (choices.json) or the engine's own prior
+    (`prior_speedup`, `prepare_seconds`). Small jobs thus get the fastest engine whose preparation
+    is cached or cheap;
   * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
-The whole probe costs the eager reference rows plus any preparation the job pays for; no batch
-is computed twice.
+No batch is computed twice. The selection's `overhead_seconds` is what the job spent until the
+choice beyond what the chosen engine alone would have taken on the same images.
 
 Numerics: fp32 engines agree to cosine >= 0.9999 and share the cache key's "numerics": "fp32";
 bf16 features are rounded differently and are cached under "bf16" (never mixed with fp32 ones).
