@@ -255,3 +255,107 @@ def test_a_third_party_engine_is_registered_and_checked_like_a_builtin(tmp_path,
     sel = E.select("twice", tiny_backbone(), batch(), torch.device("cpu"), allow_reduced=False, total=10,
                    cache_root=None, choice_key="k", say=quiet)
     assert sel.engine.name == "eager" and "disagree with eager" in sel.rejected["twice"]  # checked, refused
+
+
+# --- the probe's decisions, from injected timings (a fake clock the fake engines advance) ----------
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+RATES = {"eager": 20.0, "channels_last": 40.0, "onnxruntime": 70.0}  # img/s on the fake clock
+
+
+def fake_engines(clock, rates=RATES, gate=None):
+    """Engines that compute eager's features (so they pass their check) and advance the clock by
+    len(x) / their rate; gate: an Event the onnxruntime preparation waits for."""
+    prepared = []
+
+    def prep(name, backbone, example, device, **kw):
+        prepared.append(name)
+        if gate is not None and name == "onnxruntime":
+            gate.wait(10)
+        run = E.prepare("eager", backbone, example, device).run
+
+        def timed(x):
+            clock.t += len(x) / rates.get(name, 10.0)
+            return run(x)
+        return E.Prepared(name, E.numerics_of(name), timed)
+    return prep, prepared
+
+
+def _probe(tmp_path, total, export_seconds, **kw):
+    clock = FakeClock()
+    prep, prepared = fake_engines(clock, **{k: v for k, v in kw.items() if k == "gate"})
+    m = tiny_backbone()
+    if export_seconds is not None:  # what exporting this architecture took on this machine before
+        E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", export_seconds)
+    sel = E.select("auto", m, batch(16), torch.device("cpu"), allow_reduced=False, total=total, cache_root=tmp_path,
+                   choice_key="k", say=quiet, _prepare=prep, _clock=clock)
+    return sel, prepared
+
+
+@pytest.mark.parametrize("total,export_seconds,exported", [(320, 4.0, False), (640, 4.0, True), (640, 20.0, False),
+                                                            (5000, 20.0, True)])
+def test_the_export_runs_only_when_its_saving_on_this_job_exceeds_its_cost(tmp_path, total, export_seconds, exported):
+    sel, prepared = _probe(tmp_path, total, export_seconds)
+    assert sel.how == "probe" and sel.rates["channels_last"] == pytest.approx(40.0)
+    if exported:  # prepared beside the extraction, then timed on the job's own batches and kept
+        assert "onnxruntime" in prepared and sel.engine.name == "onnxruntime"
+        assert sel.rates["onnxruntime"] == pytest.approx(70.0)
+    else:  # a small job keeps the cheap engine and says why
+        assert "onnxruntime" not in prepared and sel.engine.name == "channels_last"
+        assert "would cost this job more" in sel.rejected["onnxruntime"]
+
+
+def test_the_probes_overhead_is_what_the_job_spent_beyond_the_chosen_engine(tmp_path):
+    sel, _ = _probe(tmp_path, 5000, 4.0)
+    # until the choice (64 images): eager's 8 reference rows, channels_last's check rows and two
+    # batches, onnxruntime's check rows and two batches, the chosen engine's run on the check rows;
+    # the chosen engine alone would have taken 64 / 70 s
+    spent = 8 / 20 + 8 / 40 + 32 / 40 + 8 / 70 + 32 / 70 + 8 / 70
+    assert sel.overhead_seconds == pytest.approx(spent - 64 / 70)
+    assert sel.overhead_seconds < 0.1 * 5000 / 70  # the issue's bound: under 10% of the feature phase
+    assert "probe overhead" in sel.describe()
+    assert E.ChoiceStore(tmp_path).get("k") == "onnxruntime"  # remembered for the next job
+
+
+def test_a_cached_export_is_cheap_so_a_small_job_gets_it(tmp_path, monkeypatch):
+    engine = E._registry().get("onnxruntime")
+    monkeypatch.setattr(type(engine), "prepare_seconds", lambda self, backbone, workdir: 0.0)
+    sel, prepared = _probe(tmp_path, 320, None)
+    assert "onnxruntime" in prepared and sel.engine.name == "onnxruntime"
+    assert "onnxruntime" not in sel.rejected
+
+
+def test_pays_weighs_the_saving_against_the_preparation():
+    # 600 images left at 40 img/s, an engine 1.5x faster: 1/40 - 1/60 s saved per image
+    fg_saving, fg_price = E.pays(600, 40.0, 1.5, 4.0, background=False)
+    assert fg_saving == pytest.approx(600 / 120) and fg_price == 4.0
+    bg_saving, bg_price = E.pays(600, 40.0, 1.5, 4.0, background=True)
+    # beside the extraction the 160 images extracted meanwhile gain nothing; the job pays part of it
+    assert bg_saving == pytest.approx(440 / 120) and bg_price == pytest.approx(E.OVERLAP_COST * 4.0)
+    assert E.pays(600, 40.0, 1.0, 0.0, background=True)[0] == 0.0  # no faster: never pays
+
+
+def test_a_job_that_ends_while_the_export_runs_keeps_its_engine_and_leaves_the_export(tmp_path):
+    import threading
+
+    gate = threading.Event()
+    clock = FakeClock()
+    prep, prepared = fake_engines(clock, gate=gate)
+    m = tiny_backbone()
+    E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 1.0)
+    ch = E.Chooser("auto", m, torch.device("cpu"), allow_reduced=False, total=5000, cache_root=tmp_path,
+                   choice_key="k", say=quiet, _prepare=prep, _clock=clock)
+    x = batch(16)
+    for _ in range(4):  # the export is still running: the job goes on with channels_last
+        ch.run(x)
+        assert ch.engine_name == "channels_last" and ch.selection is None
+    gate.set()
+    sel = ch.finish()
+    assert sel.engine.name == "channels_last" and "last batch" in sel.rejected["onnxruntime"]
+    assert "onnxruntime" in prepared and "onnxruntime" in sel.prepare_seconds

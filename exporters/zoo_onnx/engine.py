@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -113,6 +115,38 @@ class OnnxRuntimeEngine(ExtractionEngine):
         return PreparedEngine(run, note=note, cleanup=cleanup)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's chatter silenced. sys.stdout/stderr and the warning filters are the whole
+    process's: in a background thread (auto prepares an export beside the extraction) swapping them
+    would swallow or clobber the main thread's output, so there only the exporter's own loggers are
+    quietened and its warnings are left to the filters in force."""
+    if threading.current_thread() is threading.main_thread():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+        return
+    me, shown = threading.current_thread(), warnings.showwarning
+
+    def show(*args, **kwargs):  # this thread's warnings dropped, every other thread's shown as before
+        if threading.current_thread() is not me:
+            shown(*args, **kwargs)
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = shown
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _export(backbone, example, path: Path) -> None:
     """Dynamic-batch export, atomically: the TorchScript-based exporter first (fast), dynamo if it
     fails; any failure rejects the engine (eager and the others remain)."""
@@ -127,9 +161,7 @@ def _export(backbone, example, path: Path) -> None:
     try:
         for how, opset in (("legacy", ENGINE_OPSET), ("auto", None)):
             try:
-                with torch.inference_mode(False), atomic_path(path) as tmp, warnings.catch_warnings(), \
-                        contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    warnings.simplefilter("ignore")
+                with torch.inference_mode(False), atomic_path(path) as tmp, _quiet():
                     x = example[:2].detach().float().cpu().clone()  # a normal tensor, even from inference mode
                     export_module(module.to("cpu"), x, tmp, opset=opset, onnx_exporter=how)
                 return

@@ -23,14 +23,17 @@ always available.
     batch an engine sees warms it up, the next is timed; every one of those batches is output (an
     engine is checked before its first batch counts). Eager's rate comes free from the reference
     rows;
-  * an engine whose preparation is not cached (an ONNX export, compilation) is prepared only when
-    the job's expected saving exceeds its cost: remaining images x (1/best rate - 1/(best rate x
-    expected speedup)) > expected preparation seconds, both from what this machine measured before
-    (choices.json) or the engine's own prior (`prior_speedup`, `prepare_seconds`). Small jobs thus
-    get the fastest engine whose preparation is cached or cheap;
+  * an engine whose preparation is not cached (an ONNX export, compilation) is prepared in a
+    background thread on a copy of the backbone while the job goes on with the fastest engine so
+    far, then checked, warmed up and timed like the others; it is started only when the job's
+    expected saving exceeds its cost (`pays`): (remaining images - those extracted meanwhile) x
+    (1/best rate - 1/(best rate x expected speedup)) > OVERLAP_COST x expected preparation seconds,
+    from what this machine measured before (choices.json) or the engine's own prior
+    (`prior_speedup`, `prepare_seconds`). Small jobs thus get the fastest engine whose preparation
+    is cached or cheap;
   * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
-The whole probe costs the eager reference rows plus any preparation the job pays for; no batch
-is computed twice.
+No batch is computed twice. The selection's `overhead_seconds` is what the job spent until the
+choice beyond what the chosen engine alone would have taken on the same images.
 
 Numerics: fp32 engines agree to cosine >= 0.9999 and share the cache key's "numerics": "fp32";
 bf16 features are rounded differently and are cached under "bf16" (never mixed with fp32 ones).
@@ -39,11 +42,13 @@ bf16 features are rounded differently and are cached under "bf16" (never mixed w
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +68,10 @@ BF16_COSINE = 0.99
 CHECK_ROWS = 8  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
 FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken engine disagrees on every image
 DEFAULT_PREPARE_SECONDS = 60.0  # an engine whose preparation cost is unknown and never measured here
+# What preparing an engine in the background costs the extraction running beside it, as a fraction
+# of the preparation's own seconds: measured on 2 busy cores (ResNet-18, channels_last batches of 64
+# beside the ONNX export in a thread; benchmarks/bench_vs_peers.py reports the job's real overhead).
+OVERLAP_COST = 0.5
 REFERENCE, DEFAULT = "eager", "channels_last"
 
 
@@ -172,12 +181,16 @@ class Selection:
     how: str  # "asked", "probe", "remembered", ...
     rates: dict[str, float]  # img/s of each engine timed in this job
     rejected: dict[str, str]  # engine -> reason
-    probe_seconds: float = 0.0  # eager reference rows + preparations paid for in this job
+    probe_seconds: float = 0.0  # main-thread seconds of the probe: eager reference rows, checks, waits
+    overhead_seconds: float = 0.0  # the job's extraction seconds beyond what the chosen engine alone would take
+    prepare_seconds: dict[str, float] = field(default_factory=dict)  # engine -> its preparation (background or not)
 
     def describe(self) -> str:
         e = self.engine
         text = f"engine: {e.name} ({e.numerics}{', ' + e.note if e.note else ''}; {self.how}; check cosine " \
                f">= {self.cosine_min:.6f})"
+        if self.how == "probe":
+            text += f"; probe overhead {self.overhead_seconds:.1f} s"
         if self.rates:
             text += "; probe img/s " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(self.rates.items(), key=lambda kv: -kv[1]))
         if self.rejected:
@@ -289,11 +302,13 @@ class Chooser:
     def __init__(self, asked: str, backbone: nn.Module, device: torch.device, *, allow_reduced: bool, total: int,
                  cache_root: str | os.PathLike | None, choice_key: str, threads: int | None = None,
                  say: Callable[[str], None] | None = None, may_probe: bool = True, machine: str = "",
-                 _prepare=prepare):
+                 background: bool = True, _prepare=prepare, _clock: Callable[[], float] = time.perf_counter):
         if asked not in engine_choices():
             raise ZooError(f"--engine must be one of {', '.join(engine_choices())}, got {asked!r}")
         self.asked, self.backbone, self.device, self.allow_reduced = asked, backbone, device, allow_reduced
         self.total, self.threads, self.may_probe, self._prepare = int(total), threads, may_probe, _prepare
+        self.background = background  # a costly preparation runs in a thread beside the extraction
+        self._clock = _clock  # tests inject a clock that their fake engines advance
         self.say = say or (lambda msg: print(msg, file=sys.stderr))
         self.workdir = Path(cache_root) / "engines" / "onnx" if cache_root is not None else None
         self.store, self.key = ChoiceStore(cache_root), choice_key
@@ -312,6 +327,9 @@ class Chooser:
         self._prepared: dict[str, Prepared] = {}
         self._plan: list[str] = []  # probe: engines still to warm up and time, in order
         self._warm: set[str] = set()
+        self._pending: tuple[str, threading.Thread, dict] | None = None  # a preparation in the background
+        self._spent = 0.0  # main-thread seconds in run() until the choice: the job's extraction while choosing
+        self.prepare_times: dict[str, float] = {}
         self.how = "asked"
 
     # -- the first batch: reference rows, then the plan -------------------------------------------
@@ -330,12 +348,12 @@ class Chooser:
                 order, self.how = [], "probe"
         probing = self.how == "probe"
         rows = CHECK_ROWS if probing or any(self._numerics(n) != "fp32" for n in order) else FP32_CHECK_ROWS
-        t0 = time.perf_counter()
+        t0 = self._clock()
         eager = self._prepare(REFERENCE, self.backbone, x, self.device)
         with torch.inference_mode():
             self.reference = eager.run(x[:rows]).float().cpu()
         _sync(self.device)
-        dt = time.perf_counter() - t0
+        dt = self._clock() - t0
         self.probe_seconds += dt
         if not torch.isfinite(self.reference).all():
             raise NonFiniteFeaturesError(REFERENCE, torch.nonzero(~torch.isfinite(self.reference).all(1)).flatten()
@@ -400,24 +418,67 @@ class Chooser:
         if name in self.rejected:
             return None
         costly = not self._cheap(name)
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
-            engine = self._prepare(name, self.backbone, self.check_x, self.device, onnx_dir=self.workdir,
-                                   threads=self.threads)
-            _, cos = check(engine, self.check_x, self.reference)
-        except EngineRejected as exc:
-            self.rejected[name] = str(exc).split(": ", 1)[-1] if str(exc).startswith(name + ":") else str(exc)
-            return None
-        except Exception as exc:  # noqa: BLE001 - any failure of an optional engine is a rejection
-            self.rejected[name] = _first_line(exc)
-            return None
+            engine, why = self._build(name, self.backbone)
+            return self._adopt(name, engine, why, self._clock() - t0, costly)
         finally:
-            self.probe_seconds += time.perf_counter() - t0
-        seconds = time.perf_counter() - t0
-        if costly and self.may_probe:
-            self.store.put_prepare_seconds(name, self.arch, self.machine, seconds)
+            self.probe_seconds += self._clock() - t0
+
+    def _build(self, name: str, module: nn.Module) -> tuple[Prepared | None, str | None]:
+        """Prepare engine `name` for `module`: (the engine, None) or (None, why it was rejected)."""
+        try:
+            return self._prepare(name, module, self.check_x, self.device, onnx_dir=self.workdir,
+                                 threads=self.threads), None
+        except Exception as exc:  # noqa: BLE001 - any failure of an optional engine is a rejection
+            return None, _reason(name, exc)
+
+    def _adopt(self, name: str, engine: Prepared | None, why: str | None, seconds: float,
+               costly: bool) -> Prepared | None:
+        """Check a prepared engine against the reference rows and keep it, or record its rejection."""
+        cos = 0.0
+        if engine is not None:
+            try:
+                _, cos = check(engine, self.check_x, self.reference)
+            except Exception as exc:  # noqa: BLE001
+                why = _reason(name, exc)
+        if engine is None or why is not None:
+            self.rejected[name] = why or "could not be prepared"
+            return None
+        if costly:
+            self.prepare_times[name] = seconds
+            if self.may_probe:
+                self.store.put_prepare_seconds(name, self.arch, self.machine, seconds)
         self._prepared[name], self._cos[name] = engine, cos
         return engine
+
+    # -- a costly preparation beside the extraction ----------------------------------------------
+    def _prepare_in_background(self, name: str) -> None:
+        """Prepare `name` in a thread on a copy of the backbone (an export changes the module's
+        memory format, and the extraction goes on with the module meanwhile)."""
+        module, box = copy.deepcopy(self.backbone), {}
+
+        def work() -> None:
+            t0 = self._clock()
+            box["engine"], box["why"] = self._build(name, module)
+            box["seconds"] = self._clock() - t0
+
+        thread = threading.Thread(target=work, name=f"zoo-prepare-{name}", daemon=True)
+        self._pending = (name, thread, box)
+        thread.start()
+
+    def _collect(self, wait: bool) -> Prepared | None:
+        """The background preparation's engine once it is ready (checked), else None."""
+        name, thread, box = self._pending
+        if thread.is_alive() and not wait:
+            return None
+        t0 = self._clock()
+        thread.join()
+        self._pending = None
+        try:
+            return self._adopt(name, box.get("engine"), box.get("why"), box.get("seconds", 0.0), costly=True)
+        finally:
+            self.probe_seconds += self._clock() - t0
 
     def _use_first_usable(self, names: list[str], warming: bool) -> None:
         self._current = None
@@ -435,23 +496,34 @@ class Chooser:
     # -- each batch ------------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The features of batch x (float32, CPU), from the engine of the moment."""
+        choosing, entered = self.selection is None, self._clock()
         if self.reference is None:
             self._start(x)
+        if self._pending is not None:
+            ready = self._collect(wait=False)
+            if ready is not None:  # it takes over: warmed up on this batch, timed on the next
+                self._current, self._plan = ready, [ready.name]
+            elif self._pending is None:  # rejected: the next candidate, or the choice
+                self._next()
         engine = self._current
-        timed = self.selection is None and engine.name in self._warm
-        t0 = time.perf_counter()
+        timed = self.selection is None and self._pending is None and engine.name in self._warm
+        t0 = self._clock()
         with torch.inference_mode():
             f = engine.run(x).float().cpu()
         _sync(self.device)
-        dt = time.perf_counter() - t0
+        dt = self._clock() - t0
         self.seen += len(x)
-        if self.selection is None:
+        if self.selection is None and self._pending is None:
             if timed:
                 self.rates[engine.name] = len(x) / max(dt, 1e-9)
                 self._plan = [n for n in self._plan if n != engine.name]
                 self._next()
             else:
                 self._warm.add(engine.name)
+        if choosing:
+            self._spent += self._clock() - entered
+            if self.selection is not None:
+                self._settle()
         return f
 
     def _next(self) -> None:
@@ -459,16 +531,21 @@ class Chooser:
         self._use_first_usable(self._plan, warming=True)
         if self._current is not None:
             return
-        best = max((r for n, r in self.rates.items() if n in self._prepared), default=0.0)
+        timed = {n: r for n, r in self.rates.items() if n in self._prepared}
+        best_name = max(timed, key=timed.__getitem__) if timed else None
         remaining = max(0, self.total - self.seen)
         for name in self._candidates():
             if name in self.rates or name in self.rejected or name in self._prepared:
                 continue
             cost = self._expected_prepare_seconds(name)
             speedup = self.store.speedup(name, DEFAULT, self.machine) or _registry().get(name).prior_speedup
-            # the engine must also be timed: two batches of it are part of its trial, not a saving
-            saving = remaining * (1.0 / best - 1.0 / (best * speedup)) if best > 0 and speedup > 1 else 0.0
-            if saving > cost:
+            saving, price = pays(remaining, timed.get(best_name, 0.0), speedup, cost, self.background)
+            if saving > price and self.background:
+                self._prepare_in_background(name)
+                if best_name is not None:  # meanwhile the fastest engine so far runs the job
+                    self._current = self._prepared[best_name]
+                return
+            if saving > price:
                 engine = self._get(name)
                 if engine is not None:
                     self._plan = [name]
@@ -497,8 +574,28 @@ class Chooser:
     def finish(self) -> Selection:
         """The selection, deciding now if the job ended while candidates were still being timed."""
         if self.selection is None:
+            t0 = self._clock()
+            if self._pending is not None:  # the job ended first: its preparation is cached for the next job
+                name = self._pending[0]
+                if self._collect(wait=True) is not None:
+                    self.rejected[name] = "ready after the job's last batch (prepared for the next job)"
             self._decide()
+            self._spent += self._clock() - t0
+            self._settle()
         return self.selection
+
+    def _settle(self) -> None:
+        """The probe's overhead (the job's seconds until the choice beyond what the chosen engine
+        alone would have taken on the same images), then say what was chosen."""
+        sel = self.selection
+        rate = self.rates.get(sel.engine.name, 0.0)
+        sel.probe_seconds = self.probe_seconds
+        sel.prepare_seconds = dict(self.prepare_times)
+        if self.how == "probe" and rate > 0:
+            sel.overhead_seconds = max(0.0, self._spent - self.seen / rate)
+        else:  # asked or remembered: the reference rows and the check are all it costs
+            sel.overhead_seconds = self.probe_seconds
+        self.say(sel.describe())
 
     def _decide(self) -> None:
         timed = {n: r for n, r in self.rates.items() if n in self._prepared}
@@ -522,22 +619,45 @@ class Chooser:
             feats = engine.run(self.check_x).float().cpu() if engine.name != REFERENCE else ref
         self.selection = Selection(engine, ref, feats, self._cos.get(engine.name, 1.0), self.how, dict(self.rates),
                                    dict(self.rejected), self.probe_seconds)
-        self.say(self.selection.describe())
 
 
 def select(asked: str, backbone: nn.Module, x: torch.Tensor, device: torch.device, *, allow_reduced: bool,
            total: int, cache_root: str | os.PathLike | None, choice_key: str, threads: int | None = None,
-           say: Callable[[str], None] | None = None, may_probe: bool = True, _prepare=prepare) -> Selection:
+           say: Callable[[str], None] | None = None, may_probe: bool = True, _prepare=prepare,
+           _clock: Callable[[], float] = time.perf_counter) -> Selection:
     """The engine a job of `total` images would use, choosing on batch x run again and again (each
-    run standing for the job's next batch): what Chooser does on a real job, for tests and tools."""
+    run standing for the job's next batch): what Chooser does on a real job, for tests and tools.
+    A background preparation is waited for before the next batch, so the choice does not depend
+    on how fast this machine prepares."""
     ch = Chooser(asked, backbone, device, allow_reduced=allow_reduced, total=total, cache_root=cache_root,
-                 choice_key=choice_key, threads=threads, say=say, may_probe=may_probe, _prepare=_prepare)
+                 choice_key=choice_key, threads=threads, say=say, may_probe=may_probe, _prepare=_prepare,
+                 _clock=_clock)
     for _ in range(64):
+        if ch._pending is not None:
+            ch._pending[1].join()
         ch.run(x)
         if ch.selection is not None:
             return ch.selection
-    ch._decide()
-    return ch.selection
+    return ch.finish()
+
+
+def pays(remaining: int, best_rate: float, speedup: float, cost: float, background: bool) -> tuple[float, float]:
+    """(expected saving, price) in seconds of preparing an engine `speedup` times the best rate so
+    far that costs `cost` seconds to prepare, with `remaining` images of the job left. In the
+    background the images extracted meanwhile gain nothing and the job pays OVERLAP_COST of the
+    preparation (the cores it takes); in the foreground the job waits for all of it."""
+    if best_rate <= 0 or speedup <= 1:
+        return 0.0, cost
+    per_image = 1.0 / best_rate - 1.0 / (best_rate * speedup)
+    if background:
+        return max(0.0, remaining - best_rate * cost) * per_image, OVERLAP_COST * cost
+    return remaining * per_image, cost
+
+
+def _reason(name: str, exc: BaseException) -> str:
+    if isinstance(exc, EngineRejected):
+        return str(exc).split(": ", 1)[-1] if str(exc).startswith(name + ":") else str(exc)
+    return _first_line(exc)
 
 
 def _restore_layout(engine: Prepared, backbone) -> None:

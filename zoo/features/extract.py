@@ -403,7 +403,9 @@ def _finish_stats(stats: CacheStats, sel, job: _Job) -> None:
         stats.engine = {"name": sel.engine.name, "numerics": sel.engine.numerics, "how": sel.how,
                         "check_cosine_min": round(sel.cosine_min, 7), "note": sel.engine.note,
                         "rejected": dict(sel.rejected), "rates": {k: round(v, 1) for k, v in sel.rates.items()},
-                        "probe_seconds": round(sel.probe_seconds, 3)}
+                        "probe_seconds": round(sel.probe_seconds, 3),
+                        "overhead_seconds": round(sel.overhead_seconds, 3),
+                        "prepare_seconds": {k: round(v, 2) for k, v in sel.prepare_seconds.items()}}
         stats._selection = sel  # the check batch, for the head-predictions check
     else:
         stats.engine = {"name": None, "numerics": job.numerics, "how": "all cached"}
