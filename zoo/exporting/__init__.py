@@ -37,13 +37,15 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from .artifact import (ARTIFACT_STEM, INPUT_LAYOUTS, INPUT_NAMES, METADATA_VERSION, PREPROCESS_MODES,
-                       artifact_metadata, bare_module_to_onnx, check_preprocess, deploy_module, example_input,
+                       artifact_metadata, bare_module_to_onnx, check_preprocess, deploy_module, distribution_versions,
+                       example_input,
                        output_names, quiet, versions)
 from .plan import check_requirements, exporter_options, resolve_formats
 from .run import verdict
 
 __all__ = ["ARTIFACT_STEM", "INPUT_LAYOUTS", "INPUT_NAMES", "METADATA_VERSION", "PREPROCESS_MODES",
            "artifact_metadata", "bare_module_to_onnx", "check_preprocess", "check_requirements", "deploy_module",
+           "distribution_versions",
            "example_input", "export", "exporter_options", "output_names", "quiet", "resolve_formats", "verdict",
            "versions"]
 

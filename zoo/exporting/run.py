@@ -65,7 +65,7 @@ def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, im
         "images": ref.vimages.to_dict(),
         **({"calibration": {"source": ref.calibration[1], "count": int(len(ref.calibration[0]))}}
            if ref.calibration else {}),
-        "versions": versions(),
+        "versions": versions(*plan.names),
         "seconds": seconds,  # per step: plan, reference (images + eager outputs), then per format
         "artifacts": {},
     }
