@@ -282,6 +282,7 @@ class ExportConfig:
     images: Any = opt(None)
     embedding: bool = opt(True, flag="--no-embedding")
     strict: bool = opt(False)
+    step_budget: float | None = opt(None, number(0, lo_open=True, optional=True))
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -49,6 +49,10 @@ def add_parser(sub):
     p.add_argument("--strict", action="store_true", help="refuse unreadable --images files up front (default: they "
                    "are listed, skipped, and named in the report)")
     p.add_argument("--no-embedding", action="store_true", help="leave the embedding output out")
+    p.add_argument("--step-budget", type=float, default=d["step_budget"], metavar="SECONDS",
+                   help="the time each export step (reference outputs, each format's export, each format's "
+                        "validation) may take before it is stopped with an error naming it (default: "
+                        "$ZOO_EXPORT_STEP_BUDGET, else 600 s + 30 s per million parameters)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p
 
@@ -232,7 +236,7 @@ def run(args) -> int:
         report = export(source, formats=args.format or "all", out=out, preprocess=args.preprocess,
                         quantize=args.quantize, tolerance=args.tolerance, images=args.images,
                         embedding=not args.no_embedding, int8_agreement=args.int8_agreement, progress=progress,
-                        strict=args.strict,
+                        strict=args.strict, step_budget=args.step_budget,
                         options=_options(args))
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)

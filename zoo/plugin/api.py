@@ -136,7 +136,10 @@ class ExportOption:
         """`value` (possibly a command-line string) as this option's type, checked against choices."""
         if isinstance(value, str) and self.type is not str:
             if self.type is bool:
-                value = value.strip().lower() in ("1", "true", "yes", "on")
+                word = value.strip().lower()
+                if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(f"option {self.name!r} is a switch: true or false, got {value!r}")
+                value = word in ("1", "true", "yes", "on")
             else:
                 value = self.type(value)
         if self.choices and value not in self.choices:
