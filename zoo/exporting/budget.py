@@ -41,7 +41,7 @@ def default_budget(model: Any) -> float:
     """Seconds per step for this model: BASE_SECONDS + SECONDS_PER_MILLION_PARAMETERS per million
     parameters (a step of a large model legitimately takes longer)."""
     try:
-        params = sum(p.numel() for p in model.parameters())
+        params = int(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 - a model without parameters() gets the base budget
         params = 0
     return BASE_SECONDS + SECONDS_PER_MILLION_PARAMETERS * params / 1e6
