@@ -193,3 +193,16 @@ def test_the_budget_holds_off_the_main_thread(slow, tmp_path):
     assert not thread.is_alive()
     assert len(caught) == 1 and isinstance(caught[0], StepTimeout), caught
     assert (tmp_path / "t" / "model.slow").read_text() == "v1"
+
+
+def test_a_budget_inside_a_step_keeps_the_steps_own():
+    from zoo.exporting.budget import budget
+
+    with pytest.raises(StepTimeout, match="^outer did not finish within its time budget of 0.5 s"):
+        with budget("outer", 0.5):
+            with budget("inner", 30):  # an exporter timing a sub-step: done in time
+                _sleep(0.1)
+            _sleep(30)  # the outer budget still holds after the inner one was disarmed
+    with budget("control", 30):
+        _sleep(0.1)  # finishes: nothing raised, and no alarm left armed afterwards
+    _sleep(0.6)

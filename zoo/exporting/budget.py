@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
 from ..errors import ZooError
@@ -84,12 +85,16 @@ def _alarm(seconds: float) -> Iterator[None]:
         raise _Expired()
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # an enclosing budget's timer (an exporter timing its own sub-step) is re-armed on the way out
+    outer_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
 
 
 @contextlib.contextmanager
