@@ -52,7 +52,7 @@ def add_parser(sub):
     p.add_argument("--step-budget", type=float, default=d["step_budget"], metavar="SECONDS",
                    help="the time each export step (reference outputs, each format's export, each format's "
                         "validation) may take before it is stopped with an error naming it (default: "
-                        "$ZOO_EXPORT_STEP_BUDGET, else 600 s + 30 s per million parameters)")
+                        "$ZOO_EXPORT_STEP_BUDGET, else 900 s + 60 s per million parameters)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p
 

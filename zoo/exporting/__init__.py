@@ -92,7 +92,7 @@ def export(
         report's images.skipped and left out).
     step_budget: seconds each step (the reference outputs, each format's export, each format's
         validation) may run before it is stopped with StepTimeout naming the step (exit 2; nothing
-        of that format put in place). Default: $ZOO_EXPORT_STEP_BUDGET, else 600 s + 30 s per
+        of that format put in place). Default: $ZOO_EXPORT_STEP_BUDGET, else 900 s + 60 s per
         million parameters (`zoo.exporting.budget`).
     options / **exporter_options: the exporters' own options by name, e.g. opset=17,
         onnx_exporter="legacy", optimize=True, int8_ops="matmul" for the ONNX exporters
