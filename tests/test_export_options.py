@@ -1,6 +1,6 @@
 """Exporter options are `zoo export` flags generated from each `Exporter.options` (the core declares
 none), options of the same name in two formats follow one stated rule, each exporter contributes its
-own versions, and every export step has a time budget (a fake slow exporter, budgets of a second)."""
+own versions, and every export step has a time budget (a fake slow exporter, budgets of seconds; the reference step has the same budget, so not less)."""
 
 from __future__ import annotations
 
@@ -158,8 +158,8 @@ def test_a_step_over_its_budget_stops_naming_it_and_keeps_the_previous_artifact(
     assert first["artifacts"]["slowfmt"]["status"] == "passed" and first["options"]["step_budget_seconds"] == 30
     t = time.perf_counter()
     with pytest.raises(StepTimeout, match=r"export format 'slowfmt': the export step did not finish within its "
-                                          r"time budget of 1 s .*--step-budget SECONDS"):
-        zoo.export(tiny_model(), formats="slowfmt", out=out, step_budget=1, export_sleep=60, content="v2")
+                                          r"time budget of 5 s .*--step-budget SECONDS"):
+        zoo.export(tiny_model(), formats="slowfmt", out=out, step_budget=5, export_sleep=60, content="v2")
     assert time.perf_counter() - t < 30  # stopped, not slept out (a bound on the mechanism, not on speed)
     assert sorted(p.name for p in out.iterdir()) == ["export-report.json", "model.slow", "model.slow.json"]
     assert (out / "model.slow").read_text() == "v1"  # the earlier validated file, not the half-done one
@@ -167,8 +167,8 @@ def test_a_step_over_its_budget_stops_naming_it_and_keeps_the_previous_artifact(
     assert report["status"] == "timed out" and "time budget" in report["artifacts"]["slowfmt"]["error"]
     assert StepTimeout("x").exit_code == 2
 
-    monkeypatch.setenv("ZOO_EXPORT_STEP_BUDGET", "0.5")  # the environment sets it too; validation has one
-    with pytest.raises(StepTimeout, match="'slowfmt': the validation step .* 0.5 s"):
+    monkeypatch.setenv("ZOO_EXPORT_STEP_BUDGET", "5")  # the environment sets it too; validation has one
+    with pytest.raises(StepTimeout, match="'slowfmt': the validation step .* 5 s"):
         zoo.export(tiny_model(), formats="slowfmt", out=out, validate_sleep=60, content="v3")
     assert (out / "model.slow").read_text() == "v1"
     monkeypatch.setenv("ZOO_EXPORT_STEP_BUDGET", "soon")
@@ -181,9 +181,9 @@ def test_the_budget_holds_off_the_main_thread(slow, tmp_path):
 
     def work():
         try:
-            zoo.export(tiny_model(), formats="slowfmt", out=tmp_path / "t", step_budget=1, export_sleep=0.0,
+            zoo.export(tiny_model(), formats="slowfmt", out=tmp_path / "t", step_budget=5, export_sleep=0.0,
                        validate_sleep=0.0)  # control: passes inside the thread
-            zoo.export(tiny_model(), formats="slowfmt", out=tmp_path / "t", step_budget=1, export_sleep=60)
+            zoo.export(tiny_model(), formats="slowfmt", out=tmp_path / "t", step_budget=5, export_sleep=60)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             caught.append(exc)
 
@@ -206,3 +206,31 @@ def test_a_budget_inside_a_step_keeps_the_steps_own():
     with budget("control", 30):
         _sleep(0.1)  # finishes: nothing raised, and no alarm left armed afterwards
     _sleep(0.6)
+
+
+def test_an_enclosing_alarm_keeps_its_deadline_and_handler():
+    """pytest-timeout (or any caller) arming SIGALRM around an export: its sooner deadline still fires."""
+    import signal
+
+    from zoo.exporting.budget import budget
+
+    class Outer(Exception):
+        pass
+
+    def outer(signum, frame):
+        raise Outer()
+
+    previous = signal.signal(signal.SIGALRM, outer)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Outer):
+            with budget("step", 30):
+                _sleep(30)  # the caller's 0.5 s comes first, through the caller's handler
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with budget("step", 30):
+            _sleep(0.1)  # done before either deadline
+        with pytest.raises(Outer):
+            _sleep(30)  # the caller's timer was re-armed on the way out
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -82,20 +82,32 @@ def budget(step: str, seconds: float) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _alarm(seconds: float) -> Iterator[None]:
+    """SIGALRM after `seconds`. An enclosing timer (a budget around this one, pytest-timeout's) keeps
+    its own deadline: whichever is due first fires, the enclosing one through its own handler, and
+    it is re-armed on the way out."""
+    start = time.monotonic()
+    own_deadline = start + seconds
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    outer_deadline = start + outer_left if outer_left > 0 else math.inf
+
     def expire(signum: int, frame: Any) -> None:
-        raise _Expired()
+        nonlocal outer_deadline
+        now = time.monotonic()
+        if now >= own_deadline - 1e-3 or not callable(previous):
+            raise _Expired()
+        outer_deadline = math.inf  # the enclosing timer's turn: its handler decides (and may raise)
+        previous(signum, frame)
+        signal.setitimer(signal.ITIMER_REAL, max(own_deadline - time.monotonic(), 1e-3))
 
     previous = signal.signal(signal.SIGALRM, expire)
-    # an enclosing budget's timer (an exporter timing its own sub-step) is re-armed on the way out
-    outer_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, max(min(own_deadline, outer_deadline) - start, 1e-3))
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        if outer_left > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
+        if outer_deadline < math.inf:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_deadline - time.monotonic(), 1e-3))
 
 
 @contextlib.contextmanager
