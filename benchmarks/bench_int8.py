@@ -1,7 +1,7 @@
 """Is int8 worth shipping? Every static int8 recipe (`-O int8_recipe=...`) on three models, in one run.
 
     python benchmarks/bench_int8.py [--run RUN] [--recipes nncf ort-minmax ...] [--models main mnv2 fmnist]
-                                    [--fmnist 2000 1000] [--json out.json]
+                                    [--fmnist 2000 1000] [--optimized] [--json out.json]
 
 Models:
   main    the main job: `zoo train` with no options (lite0, ImageNet weights, the embedded
@@ -146,27 +146,35 @@ def speed_ratios(fp32: Path, int8: Path, x: np.ndarray, rounds: int = 5) -> dict
     return out
 
 
-def measure(model, name: str, pixels, targets, calibration, recipes, work: Path) -> list[dict]:
+def measure(model, name: str, pixels, targets, calibration, recipes, work: Path, optimized: bool = False) -> list[dict]:
     from zoo_onnx import export_onnx
+    from zoo_onnx.graph import _ort_optimize
     from zoo_onnx.int8 import _consumer_runner, _quantize_static, _top1, int8_gate
 
     from zoo.validation import Tolerance, eager_outputs
 
     fp32 = work / f"{name}-fp32.onnx"
     export_onnx(model, fp32, preprocess="normalize")
+    # --optimized: each recipe also quantizes the fp32 file with ONNX Runtime's basic offline
+    # optimizations saved in (what `--optimize` exports); speed is always against the default fp32 file
+    bases = {"": fp32}
+    if optimized:
+        bases["+opt"] = work / f"{name}-fp32-opt.onnx"
+        shutil.copy(fp32, bases["+opt"])
+        _ort_optimize(bases["+opt"])
     ref_top1 = eager_outputs(model, pixels)["logits"].argmax(1)
     tol = Tolerance()
     rows = []
-    for recipe in recipes:
-        int8 = work / f"{name}-{recipe}.onnx"
+    for recipe, tag in [(r, t) for r in recipes for t in bases]:
+        base, int8 = bases[tag], work / f"{name}-{recipe}{tag}.onnx"
         t0 = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory(dir=work) as tmp:
-                _quantize_static(model, str(fp32), int8, calibration, "normalize", "all", tmp, recipe)
+                _quantize_static(model, str(base), int8, calibration, "normalize", "all", tmp, recipe)
         except Exception as exc:  # noqa: BLE001 - a recipe that cannot run here is a row saying so
-            rows.append({"model": name, "recipe": recipe, "error": f"{type(exc).__name__}: {exc}"})
+            rows.append({"model": name, "recipe": recipe + tag, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        row = {"model": name, "recipe": recipe, "quantize_seconds": round(time.perf_counter() - t0, 1),
+        row = {"model": name, "recipe": recipe + tag, "quantize_seconds": round(time.perf_counter() - t0, 1),
                "images": len(pixels), "calibration_images": len(calibration),
                "size_ratio": round(int8.stat().st_size / fp32.stat().st_size, 3)}
         for runtime in ("onnxruntime", "openvino", "opencv"):
@@ -206,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["main", "mnv2", "fmnist"], choices=("main", "mnv2", "fmnist"))
     ap.add_argument("--recipes", nargs="+", default=list(INT8_RECIPES), choices=tuple(INT8_RECIPES))
     ap.add_argument("--fmnist", nargs=2, type=int, default=(2000, 1000), metavar=("TRAIN", "VAL"))
+    ap.add_argument("--optimized", action="store_true",
+                    help="also quantize each recipe from the ORT-optimized fp32 file (what --optimize exports)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -220,7 +230,7 @@ def main(argv=None) -> int:
             if not args.run:
                 zoo.train(out=run_dir, progress=False)
             model = load_model(run_dir)
-            rows += measure(model, "main", *run_split(run_dir, model), args.recipes, work)
+            rows += measure(model, "main", *run_split(run_dir, model), args.recipes, work, args.optimized)
         if "mnv2" in args.models:
             src = SHARED / "weights" / MOBILENET_FILE
             if src.is_file():
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
                 os.environ["TORCH_HOME"] = str(work / "torch-home")
                 model = pretrained_classifier("torchvision/mobilenet_v2", weights="IMAGENET1K_V1")
                 judged, calib = photo_views(model.meta.normalization)
-                rows += measure(model, "mnv2", judged, None, calib, args.recipes, work)
+                rows += measure(model, "mnv2", judged, None, calib, args.recipes, work, args.optimized)
             else:
                 print(f"mnv2 skipped: {src} is absent", file=sys.stderr)
         if "fmnist" in args.models:
@@ -241,7 +251,7 @@ def main(argv=None) -> int:
                 zoo.train("timm/tf_efficientnet_lite0", train_dir, val_data=str(val_dir), out=work / "fm-run",
                           progress=False)
                 model = load_model(work / "fm-run")
-                rows += measure(model, "fmnist", *run_split(work / "fm-run", model), args.recipes, work)
+                rows += measure(model, "fmnist", *run_split(work / "fm-run", model), args.recipes, work, args.optimized)
             else:
                 print(f"fmnist skipped: {FMNIST} is absent", file=sys.stderr)
     finally:

@@ -42,7 +42,7 @@ from .plugin.host import (
 from .records import BackboneSpec, Normalization
 from .plugin.registry import BackboneRecord, Catalog
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: exporter options carry type, flag and metavar (the `zoo export` flags)
 KEEP = 8  # index files kept (one per set of installed plugins, e.g. several virtualenvs)
 
 
@@ -135,8 +135,21 @@ class IndexCatalog(Catalog):
 
 def exporter_options(exporters: Any) -> dict[str, list[dict[str, Any]]]:
     """Each export format's own options, JSON-ready (what `zoo plugins --json` shows)."""
-    return {name: [{"name": o.name, "default": o.default, "choices": list(o.choices), "help": o.help}
+    return {name: [{"name": o.name, "default": o.default, "choices": list(o.choices), "help": o.help,
+                    "type": getattr(o.type, "__name__", "str"), "flag": o.cli_flag(), "metavar": o.metavar}
                    for o in exporters.get(name).options] for name in exporters.names()}
+
+
+def export_flag_options() -> dict[str, list[dict[str, Any]]]:
+    """`exporter_options` for building `zoo export`'s flags: from the index when it is current
+    (no plugin imported), else from the live registry (which writes the index)."""
+    cat = catalog()
+    options = getattr(cat, "exporter_options", None)
+    if options is None:  # the index was built just now, from the live registry
+        from .plugin import registry
+
+        options = exporter_options(registry.exporters())
+    return options
 
 
 def _dump(reg: Any, host: Any, exporters: Any) -> dict[str, Any]:

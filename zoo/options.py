@@ -22,7 +22,6 @@ from .errors import ZooError
 DEFAULT_BACKBONE = "default"  # the backbone (and offline weights) a plugin declares: zoo.plugin.registry.default_backbone
 MIN_IMAGE_SIZE = 16  # below this every backbone's stride-16/32 stages see less than one pixel
 MAX_IMAGE_SIZE = 4096
-ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -271,8 +270,8 @@ class EvaluateConfig:
 # --------------------------------------------------------------------------- export
 @dataclass
 class ExportConfig:
-    """The options every format shares; each exporter declares and checks its own (e.g. the ONNX
-    exporters' opset, whose range is ONNX_OPSETS)."""
+    """The options every format shares; each exporter declares and checks its own
+    (`Exporter.options`, which also become `zoo export` flags)."""
 
     formats: Any = opt("all")
     out: str | None = opt(None, text())
@@ -283,6 +282,7 @@ class ExportConfig:
     images: Any = opt(None)
     embedding: bool = opt(True, flag="--no-embedding")
     strict: bool = opt(False)
+    step_budget: float | None = opt(None, number(0, lo_open=True, optional=True))
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -31,9 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from zoo import Exporter, ExportOption, ExportOptions, ValidationResult, hookimpl
-from zoo.options import ONNX_OPSETS
-
-from .graph import (DEFAULT_OPSET, MAX_BATCH, MIN_DYNAMO_OPSET, _export_graph, _export_with_fallback,  # noqa: F401
+from zoo.exporting import distribution_versions
+from .graph import (DEFAULT_OPSET, MAX_BATCH, ONNX_OPSETS, MIN_DYNAMO_OPSET, _export_graph, _export_with_fallback,  # noqa: F401
                     batch_axis_is_dynamic, dynamo_unavailable_reason, export_module, export_onnx, graph_opset)
 from .int8 import (  # noqa: F401
     DEFAULT_RECIPE,
@@ -83,8 +82,8 @@ def validate_onnx(model, path, images, *, target: str | None = None, validate_ta
 
 # -- the providers -------------------------------------------------------------------------------------
 _GRAPH_OPTIONS = (
-    ExportOption("opset", DEFAULT_OPSET, f"ONNX opset (default {DEFAULT_OPSET}; < {MIN_DYNAMO_OPSET} uses the "
-                 "TorchScript-based exporter)", type=int,
+    ExportOption("opset", DEFAULT_OPSET, f"ONNX opset (< {MIN_DYNAMO_OPSET} uses the TorchScript-based exporter)",
+                 type=int,
                  choices=tuple(range(ONNX_OPSETS[0], ONNX_OPSETS[1] + 1))),  # what torch.onnx can write
     ExportOption("onnx_exporter", "auto", "torch exporter: auto (dynamo; TorchScript-based, with a warning, when "
                  "dynamo is missing or fails), dynamo (that fallback is an error), legacy",
@@ -122,6 +121,9 @@ class Onnx(Exporter):
     def export_module(self, module, example, path, options: ExportOptions):
         return export_module(module, example, path, **options.options)
 
+    def versions(self):
+        return distribution_versions(("onnx", "onnxruntime", "onnxscript"))
+
     def self_check(self, probe: bool = True):
         from .selfcheck import self_check
 
@@ -139,7 +141,7 @@ class OnnxInt8(Onnx):
         ExportOption("int8_mode", "static", "static (QDQ, calibrated on your images, batch-independent; ONNX Runtime "
                      "and OpenVINO) or dynamic (activation scales per batch; ONNX Runtime only)", choices=INT8_MODES),
         ExportOption("int8_recipe", DEFAULT_RECIPE, "static int8 recipe: " + "; ".join(
-            f"{k}: {v}" for k, v in INT8_RECIPES.items()) + f" (default {DEFAULT_RECIPE})", choices=tuple(INT8_RECIPES)),
+            f"{k}: {v}" for k, v in INT8_RECIPES.items()), choices=tuple(INT8_RECIPES)),
     )
     in_all = False
     builds_on = "onnx"
@@ -165,6 +167,9 @@ class OnnxInt8(Onnx):
 
     def export_module(self, module, example, path, options):
         raise NotImplementedError("onnx-int8 exports whole zoo models only")
+
+    def versions(self):  # the quantizer too (NNCF for the default recipe)
+        return {**super().versions(), **distribution_versions(("nncf",))}
 
     def self_check(self, probe: bool = True):
         return None  # the "onnx" format's self-check covers the same runtime

@@ -12,6 +12,7 @@ from typing import Any
 
 from .metadata import set_metadata
 
+ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)
 DEFAULT_OPSET = 18
 MIN_DYNAMO_OPSET = 18
 MAX_BATCH = 1 << 16

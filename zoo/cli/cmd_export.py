@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from zoo.options import ONNX_OPSETS, ExportConfig, defaults
+    from zoo.options import ExportConfig, defaults
 
     d = defaults(ExportConfig)
     p = sub.add_parser(
@@ -12,7 +12,9 @@ def add_parser(sub):
         description="Export the whole model (frozen backbone + head) of a run directory. Each artifact is "
         "validated against eager PyTorch on real images at batch sizes 1, 3 and 8 before it is moved into "
         "place; over tolerance, nothing is left behind, the numbers go to OUT/export-report.json, and the "
-        "exit code is 3.")
+        "exit code is 3. Each export format's own options are flags too (listed below, after the common ones, "
+        "with the formats that take them), generated from the installed exporters' declared options.",
+        late_arguments=add_exporter_flags)
     p.add_argument("run", metavar="RUN|BACKBONE",
                    help="run directory (model.json + head.safetensors), e.g. from `zoo train`; or, with "
                    "--head pretrained, a backbone name such as torchvision/mobilenet_v2")
@@ -26,14 +28,8 @@ def add_parser(sub):
                    "registered exporter; repeatable (default: all)")
     p.add_argument("--out", "-o", default=None, metavar="DIR", help="output folder (default: RUN/export)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
-                   help="an exporter's own option, repeatable (`zoo plugins --json` lists them), "
-                        "e.g. -O opset=17 -O onnx_exporter=legacy for ONNX")
-    p.add_argument("--opset", type=int, default=None,
-                   help=f"shorthand for -O opset=N (ONNX, {ONNX_OPSETS[0]}..{ONNX_OPSETS[1]}; default 18)")
-    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "legacy"), default=None,
-                   help="shorthand for -O onnx_exporter=...: auto (default) uses torch's dynamo exporter and falls "
-                        "back to the TorchScript-based one with a warning and the reason in export-report.json; "
-                        "dynamo makes that fallback an error; legacy: the TorchScript-based exporter")
+                   help="an export format's own option, repeatable (`zoo plugins --json` lists them; each also "
+                        "has its flag below); a flag given too wins")
     p.add_argument("--preprocess", choices=("normalize", "none", "full"), default=d["preprocess"],
                    help="normalize (default): the model takes RGB uint8 NHWC at its input size, scaling and mean/std "
                         "inside (resize and crop first, with Pillow, exactly as the metadata's \"resize\" says); "
@@ -43,22 +39,6 @@ def add_parser(sub):
     p.add_argument("--quantize", default=d["quantize"], metavar="KIND",
                    help="also write each format's quantized variant, e.g. int8: model.int8.onnx (static QDQ int8 "
                         "calibrated on your images), validated on top-1 agreement, size and speed reported")
-    p.add_argument("--int8-mode", choices=("static", "dynamic"), default=None,
-                   help="int8 kind: static (default: QDQ, per-channel, calibrated on the run's training images or "
-                   "--images; batch-independent) or dynamic (activation scales per batch; ONNX Runtime only)")
-    p.add_argument("--int8-ops", choices=("all", "matmul"), default=None,
-                   help="shorthand for -O int8_ops=...: quantize Conv+MatMul+Gemm (all, default) or only MatMul+Gemm")
-    p.add_argument("--optimize", action="store_true", help="shorthand for -O optimize=true (ONNX Runtime's basic "
-                   "offline graph optimizations saved into the .onnx)")
-    p.add_argument("--target", choices=("onnxruntime", "openvino", "opencv"), default=None,
-                   help="shorthand for -O target=...: the runtime the ONNX file is for (default onnxruntime); its graph "
-                        "is fitted to that runtime's profile and validated in it")
-    p.add_argument("--no-validate-target", action="store_true",
-                   help="shorthand for -O validate_target=false: validate in ONNX Runtime instead of the target "
-                        "runtime (e.g. where it is not installed); the report says the target was not tried")
-    p.add_argument("--dynamic-size", action="store_true",
-                   help="shorthand for -O dynamic_size=true: dynamic input height and width where the backbone "
-                        "allows (verified at a second size)")
     p.add_argument("--tolerance", type=float, default=d["tolerance"], metavar="TOL",
                    help="the fp32 bound: |logit diff| <= TOL x (1 + max|eager logit| of the batch) (default 1e-4)")
     p.add_argument("--int8-agreement", type=float, default=d["int8_agreement"], metavar="FRAC",
@@ -69,6 +49,10 @@ def add_parser(sub):
     p.add_argument("--strict", action="store_true", help="refuse unreadable --images files up front (default: they "
                    "are listed, skipped, and named in the report)")
     p.add_argument("--no-embedding", action="store_true", help="leave the embedding output out")
+    p.add_argument("--step-budget", type=float, default=d["step_budget"], metavar="SECONDS",
+                   help="the time each export step (reference outputs, each format's export, each format's "
+                        "validation) may take before it is stopped with an error naming it (default: "
+                        "$ZOO_EXPORT_STEP_BUDGET, else 900 s + 60 s per million parameters)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p
 
@@ -105,8 +89,85 @@ def _print_table(report) -> None:
             print(f"  {name}: {line}")
 
 
+OPTION_DEST = "exporter_option:"  # argparse dest prefix of the generated flags (never a Python name)
+_TYPES = {"int": int, "float": float}
+
+
+def export_flags(declared: dict) -> list[dict]:
+    """One flag per option name, from each exporter's declared options (`zoo.index.exporter_options`:
+    format -> [{name, default, choices, help, type, flag, metavar}], in registry order).
+
+    The rule for a name several formats declare: one flag feeding all of them (each parses the
+    value itself). Where they agree on the flag's spelling and type, the flag is the first
+    declaration's (a switch stays a switch); where they disagree (a switch here, a value there), the
+    flag takes a VALUE (true/false for the switches) and its help gives each format's meaning."""
+    by_name: dict[str, list[tuple[str, dict]]] = {}
+    for fmt, options in declared.items():
+        for o in options:
+            by_name.setdefault(o["name"], []).append((fmt, o))
+    flags = []
+    for name, decls in by_name.items():
+        first = decls[0][1]
+        formats = ", ".join(fmt for fmt, _ in decls)
+        agree = all(o.get("flag") == first.get("flag") and o.get("type") == first.get("type") for _, o in decls)
+        if agree:
+            defaults = {repr(o["default"]) for _, o in decls}
+            flags.append({"name": name, "flag": first["flag"], "type": first.get("type", "str"),
+                          "default": first["default"] if len(defaults) == 1 else None,
+                          "choices": first.get("choices") or [], "metavar": first.get("metavar") or "",
+                          "help": f"{first['help']} [{formats}]"})
+        else:
+            meanings = "; ".join(f"{fmt}: {o['help']} (default {_shown(o['default'])})" for fmt, o in decls)
+            flags.append({"name": name, "flag": "--" + name.replace("_", "-"), "type": "str", "default": None,
+                          "choices": [], "metavar": "VALUE",
+                          "help": f"{name}, declared differently by {formats}; each parses VALUE itself "
+                                  f"(true/false for a switch): {meanings}"})
+    return flags
+
+
+def _shown(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+def add_exporter_flags(parser) -> None:
+    """The installed exporters' options as flags (from the plugin index: no plugin imported). A
+    flag that would shadow one of `zoo export`'s own is left out (the option stays reachable as
+    -O NAME=VALUE); an index that cannot be read leaves only -O (the export itself then reports
+    the plugin problem)."""
+    import argparse
+
+    try:
+        from zoo import index
+
+        declared = index.export_flag_options()
+    except Exception:  # noqa: BLE001 - help and parsing must work with a broken plugin set
+        return
+    taken = set(parser._option_string_actions)
+    group = parser.add_argument_group("export formats' own options (each feeds every format that declares it)")
+    for f in export_flags(declared):
+        if f["flag"] in taken:
+            continue
+        taken.add(f["flag"])
+        common = {"dest": OPTION_DEST + f["name"], "default": argparse.SUPPRESS}
+        if f["type"] == "bool":
+            on = f["flag"].startswith("--no-")
+            group.add_argument(f["flag"], action="store_const", const=not on, **common,
+                               help=f"{f['help']} ({'on by default; this flag turns it off' if on else 'default: off'})")
+            continue
+        kind = _TYPES.get(f["type"], str)
+        choices = f["choices"] if f["choices"] and kind is str else None
+        # non-text choices are checked by the exporter (argparse would list every one as the metavar)
+        ranged = ([f"{min(f['choices'])}..{max(f['choices'])}"] if f["choices"] and kind is int
+                  else [f"one of {', '.join(map(str, f['choices']))}"] if f["choices"] and not choices else [])
+        notes = ([] if f["default"] is None else [f"default {f['default']}"]) + ranged
+        default = f" ({'; '.join(notes)})" if notes else ""
+        metavar = f["metavar"] or (None if choices else {"int": "N", "float": "X"}.get(f["type"], "VALUE"))
+        group.add_argument(f["flag"], type=kind, choices=choices, metavar=metavar, **common,
+                           help=f"{f['help']}{default}")
+
+
 def _options(args) -> dict:
-    """-O KEY=VALUE pairs (strings; each exporter parses its own) plus the shorthand flags."""
+    """-O KEY=VALUE pairs (strings; each exporter parses its own), then the generated flags given."""
     from zoo.errors import ZooError
 
     out: dict = {}
@@ -115,12 +176,7 @@ def _options(args) -> dict:
         if not sep or not key.strip():
             raise ZooError(f"--option expects KEY=VALUE, got {item!r}")
         out[key.strip()] = value
-    for key, value in (("opset", args.opset), ("onnx_exporter", args.onnx_exporter), ("int8_ops", args.int8_ops), ("int8_mode", args.int8_mode),
-                       ("optimize", args.optimize or None), ("target", args.target),
-                       ("validate_target", False if args.no_validate_target else None),
-                       ("dynamic_size", args.dynamic_size or None)):
-        if value is not None:
-            out[key] = value
+    out.update({dest[len(OPTION_DEST):]: value for dest, value in vars(args).items() if dest.startswith(OPTION_DEST)})
     return out
 
 
@@ -180,7 +236,7 @@ def run(args) -> int:
         report = export(source, formats=args.format or "all", out=out, preprocess=args.preprocess,
                         quantize=args.quantize, tolerance=args.tolerance, images=args.images,
                         embedding=not args.no_embedding, int8_agreement=args.int8_agreement, progress=progress,
-                        strict=args.strict,
+                        strict=args.strict, step_budget=args.step_budget,
                         options=_options(args))
     except ExportValidationError as exc:
         report = getattr(exc, "report", None)

@@ -69,14 +69,8 @@ def run(args: Any) -> int:
 def _from_index() -> tuple[list[Any], dict[str, Any], dict[str, list[str]]]:
     from zoo import index
 
-    cat = index.catalog()
-    statuses = index.plugin_statuses(cat)
-    options = getattr(cat, "exporter_options", None)
-    if options is None:  # built live just now
-        from zoo.plugin import registry
-
-        options = index.exporter_options(registry.exporters())
-    return statuses, options, {}
+    statuses = index.plugin_statuses(index.catalog())
+    return statuses, index.export_flag_options(), {}
 
 
 def _check() -> tuple[list[Any], dict[str, Any], dict[str, list[str]]]:

@@ -51,9 +51,25 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line `zoo CMD: error: ...` (exit 2) like every other
     error, pointing at --help instead of printing the usage block."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, late_arguments=None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        # arguments that cost a look-up to declare (e.g. `zoo export`'s flags from the plugin index):
+        # added when this command is parsed or its help shown, so other commands never pay for them
+        self._late_arguments = late_arguments
+
+    def _add_late_arguments(self) -> None:
+        late, self._late_arguments = self._late_arguments, None
+        if late is not None:
+            late(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_late_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._add_late_arguments()
+        return super().format_help()
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -37,13 +37,15 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from .artifact import (ARTIFACT_STEM, INPUT_LAYOUTS, INPUT_NAMES, METADATA_VERSION, PREPROCESS_MODES,
-                       artifact_metadata, bare_module_to_onnx, check_preprocess, deploy_module, example_input,
+                       artifact_metadata, bare_module_to_onnx, check_preprocess, deploy_module, distribution_versions,
+                       example_input,
                        output_names, quiet, versions)
 from .plan import check_requirements, exporter_options, resolve_formats
 from .run import verdict
 
 __all__ = ["ARTIFACT_STEM", "INPUT_LAYOUTS", "INPUT_NAMES", "METADATA_VERSION", "PREPROCESS_MODES",
            "artifact_metadata", "bare_module_to_onnx", "check_preprocess", "check_requirements", "deploy_module",
+           "distribution_versions",
            "example_input", "export", "exporter_options", "output_names", "quiet", "resolve_formats", "verdict",
            "versions"]
 
@@ -63,6 +65,7 @@ def export(
     validate: bool = True,
     strict: bool = False,
     progress=None,
+    step_budget: float | None = None,
     options: Mapping[str, Any] | None = None,
     **exporter_options: Any,
 ) -> dict[str, Any]:
@@ -87,6 +90,10 @@ def export(
     validate=False skips validation (the report says so; the artifacts are marked unvalidated).
     strict=True refuses unreadable `images` files up front (default: they are listed in the
         report's images.skipped and left out).
+    step_budget: seconds each step (the reference outputs, each format's export, each format's
+        validation) may run before it is stopped with StepTimeout naming the step (exit 2; nothing
+        of that format put in place). Default: $ZOO_EXPORT_STEP_BUDGET, else 900 s + 60 s per
+        million parameters (`zoo.exporting.budget`).
     options / **exporter_options: the exporters' own options by name, e.g. opset=17,
         onnx_exporter="legacy", optimize=True, int8_ops="matmul" for the ONNX exporters
         (`zoo plugins --json` lists each exporter's options). An option no chosen format
@@ -101,12 +108,12 @@ def export(
 
     ExportConfig(formats=formats, out=None if out is None else os.fspath(out), preprocess=preprocess,
                  quantize=quantize, tolerance=tolerance, int8_agreement=int8_agreement, images=images,
-                 embedding=embedding, strict=strict)  # checks the common options; each exporter parses its own
+                 embedding=embedding, strict=strict, step_budget=step_budget)  # checks the common options; each exporter parses its own
     model, run_dir = _load(run_or_model)
     given = {**(options or {}), **exporter_options}
     was_training = model.training
     try:
         return run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
-                          batch_sizes, int8_agreement, validate, progress, given, strict)
+                          batch_sizes, int8_agreement, validate, progress, given, strict, step_budget)
     finally:
         model.train(was_training)  # exporting never leaves a model in training switched to eval

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 from ..plugin.api import ExportOptions
 from ..errors import ZooError
@@ -98,16 +98,30 @@ def output_names(embedding: bool = True) -> list[str]:
     return ["logits", "probabilities"] + (["embedding"] if embedding else [])
 
 
-def versions() -> dict[str, str]:
-    """zoo and framework versions, for the artifacts' metadata."""
+def distribution_versions(dists: Iterable[str]) -> dict[str, str]:
+    """Installed version of each distribution in `dists` that is installed (package metadata only)."""
     from importlib import metadata as md
 
-    from .. import __version__
-
-    out = {"zoo": __version__}
-    for dist in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript"):
+    out = {}
+    for dist in dists:
         with contextlib.suppress(md.PackageNotFoundError):
             out[dist] = md.version(dist)
+    return out
+
+
+def versions(*formats: str) -> dict[str, str]:
+    """The zoo's and the model's frameworks' versions, plus what each export format in `formats`
+    says its artifacts are made and checked with (`Exporter.versions`), for the metadata."""
+    from .. import __version__
+
+    out = {"zoo": __version__, **distribution_versions(("torch", "torchvision", "timm"))}
+    if formats:
+        from ..plugin import registry
+
+        reg = registry.exporters()
+        for name in formats:
+            if name in reg.names():
+                out.update(reg.get(name).versions())
     return out
 
 
@@ -148,7 +162,7 @@ def artifact_metadata(model, fmt: str, preprocess: str = "normalize", embedding:
         "input_description": INPUT_LAYOUTS[preprocess],
         "input_name": INPUT_NAMES[preprocess],
         "outputs": output_names(embedding),
-        "versions": versions(),
+        "versions": versions(fmt),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }

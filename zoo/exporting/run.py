@@ -17,6 +17,7 @@ from ..errors import ExportValidationError, ZooError
 from ..io import file_sha256, write_json
 from ..plugin.api import ExportOptions
 from .artifact import ARTIFACT_STEM, check_preprocess, quiet, versions
+from .budget import StepTimeout, budget, resolve_budget
 from .images import QUANTIZED_VALIDATION_IMAGES, _calibration_images, _validation_images
 from .plan import _implements, _output_folder, check_requirements, exporter_options, resolve_formats
 
@@ -30,6 +31,7 @@ class Plan:
     own_options: dict[str, dict[str, Any]]
     out: Path
     batch_sizes: tuple[int, ...]
+    step_budget: float  # seconds each step (reference, each format's export and validation) may take
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,14 @@ class Reference:
 
 
 def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, images, embedding,
-               batch_sizes, int8_agreement, validate, progress, given, strict=False) -> dict[str, Any]:
+               batch_sizes, int8_agreement, validate, progress, given, strict=False,
+               step_budget: float | None = None) -> dict[str, Any]:
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    plan = _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given)
+    plan = _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given, step_budget)
     t1 = time.perf_counter()
-    ref = _reference(model, run_dir, plan, preprocess, tolerance, int8_agreement, images, validate, say, strict)
+    with budget("the reference step (validation images and eager PyTorch's outputs)", plan.step_budget):
+        ref = _reference(model, run_dir, plan, preprocess, tolerance, int8_agreement, images, validate, say, strict)
     seconds: dict[str, Any] = {"plan": round(t1 - t0, 2), "reference": round(time.perf_counter() - t1, 2)}
     report: dict[str, Any] = {
         "status": "running",
@@ -60,12 +64,13 @@ def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, im
                   "labels": list(model.meta.labels), "run": str(run_dir) if run_dir else None},
         "out": str(plan.out),
         "options": {"formats": plan.names, "preprocess": preprocess, "quantize": quantize, "embedding": embedding,
-                    "batch_sizes": list(plan.batch_sizes), "validate": validate, "exporters": plan.own_options},
+                    "batch_sizes": list(plan.batch_sizes), "validate": validate, "exporters": plan.own_options,
+                    "step_budget_seconds": round(plan.step_budget, 1)},
         "tolerance": ref.tolerance.to_dict(),
         "images": ref.vimages.to_dict(),
         **({"calibration": {"source": ref.calibration[1], "count": int(len(ref.calibration[0]))}}
            if ref.calibration else {}),
-        "versions": versions(),
+        "versions": versions(*plan.names),
         "seconds": seconds,  # per step: plan, reference (images + eager outputs), then per format
         "artifacts": {},
     }
@@ -97,7 +102,7 @@ def run_export(model, run_dir, formats, out, preprocess, quantize, tolerance, im
     return report
 
 
-def _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given) -> Plan:
+def _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given, step_budget=None) -> Plan:
     """Everything checked before anything is written."""
     from ..plugin import registry
 
@@ -116,9 +121,10 @@ def _plan(model, run_dir, formats, out, preprocess, quantize, batch_sizes, given
             raise ZooError(f"export format {name!r} does not write --preprocess {preprocess} artifacts (it writes "
                            f"{', '.join(spec.preprocess_modes)}); choose another format or preprocessing mode")
     own_options = exporter_options(specs, given)
+    seconds = resolve_budget(step_budget, model)
     out = _output_folder(Path(out))
     sweep_staging(out)
-    return Plan(names, specs, own_options, out, batch_sizes)
+    return Plan(names, specs, own_options, out, batch_sizes, seconds)
 
 
 def _reference(model, run_dir, plan: Plan, preprocess, tolerance, int8_agreement, images, validate, say,
@@ -179,7 +185,7 @@ def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedd
     export_report: dict[str, Any] = {}
     try:
         say(f"{name}: exporting")
-        with quiet():
+        with quiet(), budget(f"export format {name!r}: the export step", plan.step_budget):
             export_report = spec.export(model, str(staged), options) or {}
         entry["export"] = _jsonable(export_report)
         if export_report.get("fallback"):  # e.g. ONNX: dynamo exporter missing -> TorchScript-based
@@ -195,11 +201,11 @@ def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedd
                                     else (ref.vimages, ref.outputs))
                 if vimages is not ref.vimages:
                     entry["images"] = vimages.to_dict()
-                with quiet():
+                with quiet(), budget(f"export format {name!r}: the validation step", plan.step_budget):
                     result = spec.validate(model, str(staged), vimages.raw if full else vimages.pixels,
                                            options, outputs, ref.tolerance, plan.batch_sizes, vimages.targets)
                 vrep = verdict(name, result).to_dict()
-            except ExportValidationError:
+            except (ExportValidationError, StepTimeout):
                 raise
             except Exception as exc:  # an artifact that cannot even be run fails, it is not an error
                 vrep = {"passed": False, "problems": [f"running the artifact failed: {type(exc).__name__}: {exc}"]}
@@ -218,9 +224,10 @@ def _export_one(model, name: str, plan: Plan, ref: Reference, preprocess, embedd
     except BaseException as exc:  # an exporter's error, or Ctrl-C / SystemExit: the staging folder goes too
         shutil.rmtree(staging, ignore_errors=True)
         interrupted = not isinstance(exc, Exception)
-        entry.update(status="interrupted" if interrupted else "error", error=f"{type(exc).__name__}: {exc}")
+        status = "interrupted" if interrupted else "timed out" if isinstance(exc, StepTimeout) else "error"
+        entry.update(status=status, error=f"{type(exc).__name__}: {exc}")
         _keep_previous(entry, final)
-        report["status"] = "interrupted" if interrupted else "error"
+        report["status"] = status
         _write_report(out, report)
         raise
     if entry["status"] == "failed":

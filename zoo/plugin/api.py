@@ -114,24 +114,44 @@ class BackboneProvider(ABC):
 # -- exporters ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportOption:
-    """One option an exporter accepts (`zoo export -O name=value`, `zoo.export(..., name=value)`)."""
+    """One option an exporter accepts: `zoo export --FLAG`, `-O name=value`, `zoo.export(..., name=value)`.
+
+    Each option becomes a `zoo export` flag, generated from this record (the core declares none):
+    `--name-with-dashes VALUE`; a `bool` option is a switch instead, `--name` when its default is
+    False and `--no-name` when it is True. `flag` overrides that spelling (a long flag, e.g.
+    "--my-flag"), `metavar` the value's placeholder in `--help`; `help` says what it does (the
+    real default is appended). Options of the same name in several exporters are one flag feeding
+    all of them (each parses the value itself); a flag that would shadow one of `zoo export`'s own
+    stays reachable as `-O name=value` only."""
 
     name: str
     default: Any = None
     help: str = ""
     choices: tuple[Any, ...] = ()
     type: type = str  # how a command-line string is parsed: str, int, float or bool
+    flag: str = ""
+    metavar: str = ""
 
     def parse(self, value: Any) -> Any:
         """`value` (possibly a command-line string) as this option's type, checked against choices."""
         if isinstance(value, str) and self.type is not str:
             if self.type is bool:
-                value = value.strip().lower() in ("1", "true", "yes", "on")
+                word = value.strip().lower()
+                if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(f"option {self.name!r} is a switch: true or false, got {value!r}")
+                value = word in ("1", "true", "yes", "on")
             else:
                 value = self.type(value)
         if self.choices and value not in self.choices:
             raise ValueError(f"option {self.name!r} must be one of {list(self.choices)}, got {value!r}")
         return value
+
+    def cli_flag(self) -> str:
+        """The `zoo export` flag this option is given by (see the class docstring for the rule)."""
+        if self.flag:
+            return self.flag
+        dashed = self.name.replace("_", "-")
+        return f"--no-{dashed}" if self.type is bool and self.default is True else f"--{dashed}"
 
 
 @dataclass(frozen=True)
@@ -282,6 +302,13 @@ class Exporter(ABC):
         """Export a bare module (one float NCHW tensor "input" in, "output" out, dynamic batch),
         for `zoo bench`. Optional: raise NotImplementedError if the format cannot."""
         raise NotImplementedError(f"exporter {self.name!r} cannot export a bare module")
+
+    def versions(self) -> Mapping[str, str]:
+        """The versions of what this format's artifacts are made and checked with (distribution ->
+        version, e.g. {"onnx": "1.19.0"}), for the "versions" of its artifacts' metadata and of
+        the export report, beside the zoo's and torch's. Cheap: package metadata, no imports.
+        Default: none."""
+        return {}
 
     def self_check(self, probe: bool = True) -> SelfCheck | None:
         """Whether this machine can export (and run) the format, for `zoo doctor`: the runtime's

@@ -24,7 +24,7 @@ from .api import (BackboneProvider, BuiltBackbone, Exporter, ExportOption, Expor
 HELPERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("zoo.backbones", ("offline_weights_error",)),
     ("zoo.layers", ("auto_layer_groups", "groups_from_modules", "check_layer_groups")),
-    ("zoo.exporting", ("artifact_metadata", "deploy_module")),
+    ("zoo.exporting", ("artifact_metadata", "deploy_module", "distribution_versions")),
     ("zoo.validation", ("Tolerance", "model_inputs", "run_in_batches", "compare", "run_full", "compare_full")),
     ("zoo.testing", ("check_backbones", "check_backbone", "check_pretrained_head", "check_exporter", "tiny_model",
                      "ConformanceError")),
