@@ -143,3 +143,113 @@ def test_dynamic_size_never_hangs_on_size_dependent_padding(models, tmp_path):
         zoo.export(models["lite0"], formats="onnx", out=tmp_path, dynamic_size=True, onnx_exporter="dynamo")
     assert time.perf_counter() - t < 120  # refused up front, not after minutes of tracing
     assert not (tmp_path / "model.onnx").exists()
+
+
+# -- OpenVINO IR (--target openvino) and runtimes validated at their defaults -----------------------
+@pytest.fixture(scope="module")
+def openvino_export(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("openvino")
+    return out, zoo.export(models["resnet18"], formats="onnx", out=out, target="openvino", batch_sizes=(1, 3))
+
+
+def test_target_openvino_writes_ir_validated_at_defaults(openvino_export):
+    import json
+
+    import openvino as ov
+
+    from zoo_onnx.openvino_ir import RT_PRECISION_PIN, read_ir_metadata
+
+    out, report = openvino_export
+    a = report["artifacts"]["onnx"]
+    assert a["status"] == "passed" and {"model.xml", "model.bin", "model.onnx"} <= set(a["files"])
+    ir = a["validation"]["openvino_ir"]
+    assert ir["passed"] and ir["dynamic_batch"], ir["problems"]
+    # validated as a consumer compiles it (no configuration), at the precision that compile used
+    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU")
+    assert ir["precision"] == compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    if ir["precision"] == "f32":
+        assert ir["max_abs_logit_diff"] <= 1e-4 and ir["top1_agreement"] == 1.0
+    meta = read_ir_metadata(out / "model.xml")
+    assert meta["labels"] == LABELS and meta["format"] == "openvino-ir" and meta["openvino_precision"] == "f32"
+    assert meta["preprocess"] == "normalize" and meta["runtimes"] == ["openvino"]
+    assert ov.Core().read_model(str(out / "model.xml")).get_rt_info(RT_PRECISION_PIN).astype(str) == "f32"
+    # the ONNX file lists only runtimes it was run in at their defaults, each with version and precision
+    sidecar = json.loads((out / "model.onnx.json").read_text())
+    assert set(sidecar["runtimes"]) == set(sidecar["validated_in"]) and "openvino" in sidecar["runtimes"]
+    assert sidecar["validated_in"]["openvino"]["precision"] == ir["precision"]
+    assert zoo_onnx_meta(out / "model.onnx")["runtimes"] == sidecar["runtimes"]
+
+
+def test_predict_runs_the_ir(openvino_export, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from zoo.errors import ZooError
+    from zoo.predict import Predictor
+
+    out, _ = openvino_export
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (190, 170, 3), dtype=np.uint8)).save(img)
+    ir, onnx_file = Predictor(out / "model.xml"), Predictor(out / "model.onnx")
+    assert ir.labels == LABELS
+    p_ir, p_onnx = ir.probabilities([str(img)]), onnx_file.probabilities([str(img)])
+    assert p_ir.shape == (1, len(LABELS)) and np.abs(p_ir - p_onnx).max() < 1e-4
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ZooError, match=r"OpenVINO IR and openvino is not installed: pip install 'backbone-zoo\[openvino\]'"):
+        Predictor(out / "model.xml")
+
+
+def test_tampered_ir_fails_validation(models, openvino_export, tmp_path):
+    """Negative control: the IR check looks at the numbers (weights scaled by 1.5 in the .bin fail)."""
+    import shutil
+
+    from zoo.validation import Tolerance
+    from zoo_onnx.openvino_ir import validate_ir
+
+    out, _ = openvino_export
+    for name in ("model.xml", "model.bin"):
+        shutil.copy(out / name, tmp_path / name)
+    images = np.random.default_rng(2).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    good = validate_ir(models["resnet18"], tmp_path / "model.xml", images, reference=None, tolerance=Tolerance(),
+                       batch_sizes=(2,))
+    assert good["passed"], good["problems"]
+    import re
+
+    raw = bytearray((tmp_path / "model.bin").read_bytes())
+    for offset, size in re.findall(r'element_type="f32" shape="[^"]*" offset="(\d+)" size="(\d+)"',
+                                   (tmp_path / "model.xml").read_text()):  # the float weights only
+        w = np.frombuffer(raw, np.float32, int(size) // 4, int(offset)) * np.float32(1.5)
+        raw[int(offset):int(offset) + int(size)] = w.tobytes()
+    (tmp_path / "model.bin").write_bytes(bytes(raw))
+    bad = validate_ir(models["resnet18"], tmp_path / "model.xml", images, reference=None, tolerance=Tolerance(),
+                      batch_sizes=(2,))
+    assert not bad["passed"] and any("fp32 bound" in p for p in bad["problems"]), bad["problems"]
+
+
+def test_reduced_default_precision_is_judged_by_its_own_rule():
+    """Where compile_model defaults to bf16 (AVX512-BF16/AMX CPUs; this one may not have it), the
+    defaults are judged by the int8 gate and the file is also checked at f32 on the fp32 tolerance."""
+    from zoo_onnx.openvino_ir import judge_openvino
+
+    asked = []
+
+    def run_at(default_precision):
+        def run_at_config(config):
+            asked.append(config)
+            return object(), "f32" if config else default_precision
+        return run_at_config
+
+    def judge(passes_fp32, passes_reduced):
+        def judge_kind(run, kind):
+            ok = passes_fp32 if kind == "fp32" else passes_reduced
+            return {"passed": ok, "problems": [] if ok else [f"{kind} failed"], "max_abs_logit_diff": 0.1}
+        return judge_kind
+
+    at_f32 = judge_openvino(run_at("f32"), judge(True, False))
+    assert at_f32["passed"] and at_f32["precision"] == "f32" and asked == [None]
+    bf16 = judge_openvino(run_at("bf16"), judge(True, True))
+    assert bf16["passed"] and bf16["precision"] == "bf16" and asked[-1] == {"INFERENCE_PRECISION_HINT": "f32"}
+    assert "int8 gate" in bf16["reduced_precision_rule"]
+    failed = judge_openvino(run_at("bf16"), judge(True, False))
+    assert not failed["passed"] and failed["problems"] == ["OpenVINO at its default bf16: int8 failed"]
+    failed_f32 = judge_openvino(run_at("bf16"), judge(False, True))
+    assert not failed_f32["passed"] and failed_f32["problems"] == ["OpenVINO at f32: fp32 failed"]

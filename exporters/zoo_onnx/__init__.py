@@ -58,11 +58,13 @@ def session(path, optimize: bool = True):
 
 
 def validate_onnx(model, path, images, *, target: str | None = None, validate_target: bool = True,
-                  **options: Any) -> dict[str, Any]:
+                  metadata: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """Run the file in its target's runtime (ONNX Runtime with all graph optimizations on, as
     deployed, by default) on the validation images at each batch size and compare with eager
     PyTorch. validate_target=False (--no-validate-target) checks it in ONNX Runtime instead and
-    says that the target itself was not tried."""
+    says that the target itself was not tried. An fp32 file is then run in every other runtime
+    its metadata lists, at that runtime's defaults (`_validate_listed_runtimes`), and the IR that
+    `--target openvino` writes beside it is validated too (openvino_ir.validate_ir)."""
     from . import targets as tg
 
     target = tg.profile(target).name
@@ -70,6 +72,24 @@ def validate_onnx(model, path, images, *, target: str | None = None, validate_ta
     report = tg.validate_in_target(model, path, images, target=ran_in, **options)
     if ran_in != target:
         report["target_validation"] = f"skipped (--no-validate-target): validated in onnxruntime, not in {target}"
+    if options.get("kind", "fp32") == "fp32" and options.get("preprocess", "normalize") != "full":
+        _validate_listed_runtimes(model, path, images, report, ran_in, metadata, options)
+    from .openvino_ir import ir_path, validate_ir
+
+    xml = ir_path(path)
+    if target == "openvino" and validate_target and not xml.exists() and options.get("kind", "fp32") == "fp32":
+        report["passed"] = False
+        report["problems"] = [*report["problems"], f"the OpenVINO IR {xml.name} was not written"]
+    if ran_in != target and not xml.exists():
+        report["target_validation"] += f"; no OpenVINO IR ({xml.name}) was written" if target == "openvino" else ""
+    if target == "openvino" and xml.exists() and options.get("kind", "fp32") == "fp32":
+        ir = validate_ir(model, xml, images, reference=options.get("reference"), tolerance=options.get("tolerance"),
+                         batch_sizes=options.get("batch_sizes", (1, 3, 8)),
+                         preprocess=options.get("preprocess", "normalize"), targets=options.get("targets"))
+        report["openvino_ir"] = ir
+        if not ir["passed"]:
+            report["passed"] = False
+            report["problems"] = [*report["problems"], *(f"{xml.name}: {p}" for p in ir["problems"])]
     names = [o.name for o in __import__("onnx").load(str(path), load_external_data=False).graph.output]
     meta = read_metadata(path)
     if "embedding" in meta.get("outputs", []) and "embedding" not in names:
@@ -78,6 +98,61 @@ def validate_onnx(model, path, images, *, target: str | None = None, validate_ta
     if "top1_agreement" in report:
         report["agreement_delta"] = 1.0 - report["top1_agreement"]
     return report
+
+
+def _validate_listed_runtimes(model, path, images, report: dict[str, Any], validated_in: str,
+                              metadata: dict[str, Any] | None, options: dict[str, Any]) -> None:
+    """Every runtime the file's metadata lists besides the one it was validated in is run at its
+    own defaults (one pass over the validation images, at the largest batch size: the batch axis
+    itself was checked in the target) and judged on the same criteria. The file's `runtimes` (and
+    `metadata`, the sidecar's dict) keep only those that passed; `validated_in` records each one's
+    version and precision; OpenCV's claim is the major version validated."""
+    import onnx
+
+    from . import targets as tg
+
+    meta = read_metadata(path)
+    listed = list(meta.get("runtimes") or [])
+    checks: dict[str, Any] = {}
+    if report.get("passed"):
+        checks[validated_in] = _runtime_claim(validated_in, report)
+    batch = (max(options.get("batch_sizes") or (8,)),)
+    for runtime in [r for r in listed if r != validated_in]:
+        try:
+            rep = tg.validate_in_target(model, path, images, target=runtime, **{**options, "batch_sizes": batch})
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot run the file is not listed
+            rep = {"passed": False, "problems": [f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]}
+        if rep.get("passed"):
+            checks[runtime] = _runtime_claim(runtime, rep)
+        else:
+            report.setdefault("notes", []).append(f"not listed in the file's runtimes (failed there at its defaults): "
+                                                  f"{runtime}: {'; '.join(rep.get('problems') or [])[:300]}")
+    kept = [r for r in listed if r in checks or r == validated_in]
+    report["runtimes"] = kept
+    report["validated_in"] = checks
+    if kept == listed and meta.get("validated_in") == checks:
+        return
+    meta.update(runtimes=kept, validated_in=checks)
+    proto = onnx.load(str(path))
+    set_metadata(proto, meta)
+    onnx.save(proto, str(path))
+    if metadata is not None:  # the same dict the core writes the sidecar from
+        metadata.update(runtimes=kept, validated_in=checks)
+
+
+def _runtime_claim(runtime: str, report: dict[str, Any]) -> dict[str, Any]:
+    """What a listed runtime was validated as: its version, the precision it ran at, and the version
+    range the listing claims (OpenCV: the major version validated, its DNN importer differs between
+    4.x and 5.x)."""
+    from . import targets as tg
+
+    version = tg.runtime_version(runtime).split(" ", 1)[1]
+    claim: dict[str, Any] = {"version": version, "precision": report.get("precision", "f32"),
+                             "rule": report.get("reduced_precision_rule") or "fp32 tolerance"}
+    if runtime == "opencv" and version.split(".")[0].isdigit():
+        major = int(version.split(".")[0])
+        claim["claims"] = f"opencv>={major},<{major + 1}"
+    return claim
 
 
 # -- the providers -------------------------------------------------------------------------------------
@@ -107,16 +182,36 @@ class Onnx(Exporter):
     in_all = True
     preprocess_modes = ("normalize", "none", "full")
 
+    #: other artifact endings this exporter reads (`zoo predict`): the IR `--target openvino` writes
+    reads = (".xml",)
+
+    def __init__(self) -> None:
+        # export's metadata dict by staged path: the core writes the sidecar from it after
+        # validate(), which drops the runtimes where the file did not pass
+        self._metadata: dict[str, dict[str, Any]] = {}
+
     def export(self, model, path, options: ExportOptions):
-        return export_onnx(model, path, **options.as_kwargs())
+        report = export_onnx(model, path, **options.as_kwargs())
+        self._metadata[str(path)] = report["metadata"]
+        return report
 
     def validate(self, model, path, images, options, reference, tolerance, batch_sizes, targets):
         report = validate_onnx(model, path, images, reference=reference, tolerance=tolerance, batch_sizes=batch_sizes,
-                               targets=targets, **options.as_kwargs())
+                               targets=targets, metadata=self._metadata.pop(str(path), None), **options.as_kwargs())
         return ValidationResult.from_report(report)
 
     def read_metadata(self, artifact):
+        if str(artifact).endswith(".xml"):
+            from .openvino_ir import read_ir_metadata
+
+            return read_ir_metadata(artifact)
         return read_metadata(artifact)
+
+    def load_runner(self, path):
+        """`zoo predict model.xml`: the OpenVINO IR (ONNX files run in the core's onnxruntime path)."""
+        from .openvino_ir import load_ir_runner
+
+        return load_ir_runner(path)
 
     def export_module(self, module, example, path, options: ExportOptions):
         return export_module(module, example, path, **options.options)

@@ -153,10 +153,12 @@ def _dynamic_size_exporter(model, onnx_exporter: str) -> tuple[str, dict[str, st
 
 def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "normalize", embedding: bool = True,
                 optimize: bool = False, onnx_exporter: str = "auto", target: str | None = None,
-                dynamic_size: bool = False, **_: Any) -> dict[str, Any]:
+                dynamic_size: bool = False, openvino_ir: bool = True, **_: Any) -> dict[str, Any]:
     """Write the whole model (preprocessing if baked, backbone, head, softmax) to `path`, fitted
     to the deployment target's profile (see targets.py): at a fixed input size every
-    shape-dependent subgraph is folded to constants; the result must pass the target's checks."""
+    shape-dependent subgraph is folded to constants; the result must pass the target's checks.
+    For the openvino target (unless openvino_ir=False) OpenVINO IR is written beside it too
+    (model.xml/.bin, openvino_ir.py)."""
     import onnx
     import torch
 
@@ -249,6 +251,16 @@ def export_onnx(model, path, *, opset: int | None = None, preprocess: str = "nor
     if fallback:
         report["fallback"] = fallback
         report["fallback_reason"] = fallback["reason"]
+    if target == "openvino" and openvino_ir:
+        from .openvino_ir import ir_path, openvino_missing, write_ir
+
+        missing = openvino_missing()
+        xml = ir_path(path)
+        # without openvino the IR cannot be converted; the target validation then fails (or, with
+        # --no-validate-target, the report says no IR was written)
+        report["openvino_ir"] = ({"written": False, "reason": missing} if missing else
+                                 {"written": True, "path": str(xml), "weights": str(xml.with_suffix(".bin")),
+                                  "metadata": write_ir(path, xml, meta)})
     if not report["dynamic_batch"]:
         raise ZooError(f"the exported graph has a fixed batch axis ({path.name}); it must be dynamic")
     return report

@@ -289,7 +289,7 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
         fp32_report = None
         if source is None:
             source = os.path.join(tmp, "fp32.onnx")
-            fp32_report = export_onnx(model, source, **options)
+            fp32_report = export_onnx(model, source, **options, openvino_ir=False)  # the int8 file gets no IR
         if int8_mode == "static":
             how = _quantize_static(model, source, path, calibration, preprocess, int8_ops, tmp, int8_recipe)
         else:

@@ -2,7 +2,8 @@
 it, and running the artifact *in* that runtime for validation.
 
     onnxruntime  the default; accepts everything the exporters write (int8 QDQ included)
-    openvino     OpenVINO's CPU plugin (`pip install backbone-zoo[openvino]`); int8 QDQ included
+    openvino     OpenVINO's CPU plugin (`pip install backbone-zoo[openvino]`); int8 QDQ included; the
+                 export also writes OpenVINO IR (model.xml/.bin, openvino_ir.py), validated at defaults
     opencv       OpenCV DNN's ONNX importer (`pip install backbone-zoo[opencv]`), 4.x and 5.x; fp32
 
 Why a profile, not just "export and hope": the TorchScript-based exporter writes shape-dependent
@@ -299,16 +300,10 @@ def runner(target: str, path) -> tuple[Callable[[np.ndarray], dict[str, np.ndarr
         so.log_severity_level = 3
         sess = mod.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return (lambda b: dict(zip(names, sess.run(None, {input_name: b})))), names
-    if target == "openvino":
-        core = mod.Core()
-        # f32 inference: the CPU plugin otherwise may pick bf16 on CPUs that have it (not what was validated)
-        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        request = compiled.create_infer_request()
+    if target == "openvino":  # as a consumer calls it: compile_model(file, "CPU"), no configuration
+        from .openvino_ir import ir_runner
 
-        def run_ov(b):
-            res = request.infer({input_name: b})
-            return {name: np.array(res[compiled.output(name)]) for name in names}
-
+        run_ov, _ = ir_runner(path)
         return run_ov, names
     if target == "opencv":
         net = mod.dnn.readNetFromONNX(str(path))
@@ -360,7 +355,16 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
     else:
         reference = reference if reference is not None else eager_outputs(model, images)
         x = model_inputs(images, norm, preprocess)
-        report = compare(reference, run_in_batches(run, x, batch_sizes), tolerance, kind=kind, targets=targets)
+
+        def judge(fn, judged_kind):
+            return compare(reference, run_in_batches(fn, x, batch_sizes), tolerance, kind=judged_kind, targets=targets)
+
+        if target == "openvino" and kind == "fp32":  # at its defaults, judged at the precision it used
+            from .openvino_ir import ir_runner, judge_openvino
+
+            report = judge_openvino(lambda config: ir_runner(path, config), judge)
+        else:
+            report = judge(run, kind)
     problems = list(report["problems"])
     if dynamic_size:
         size = second_size(norm.input_size)

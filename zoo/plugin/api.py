@@ -261,6 +261,9 @@ class Exporter(ABC):
     #: the `ExportOptions.preprocess` modes this format writes; "full" (the decoded image at any
     #: size in, resize and crop inside) only where declared, else `zoo export` refuses it.
     preprocess_modes: ClassVar[tuple[str, ...]] = ("normalize", "none")
+    #: other artifact endings this exporter writes beside its own and reads back (its
+    #: `load_runner`/`read_metadata` take them), e.g. the ONNX exporter's OpenVINO IR ".xml"
+    reads: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def export(self, model: "ZooModel", path: str, options: ExportOptions) -> Mapping[str, Any]:

@@ -428,6 +428,9 @@ class ExporterRegistry:
     def for_artifact(self, path: str) -> Exporter | None:
         """The exporter whose suffix the file name ends with (the longest such suffix)."""
         hits = [e for e, _ in self._exporters.values() if str(path).endswith(e.suffix)]
+        if not hits:  # an ending an exporter writes beside its own artifact (e.g. OpenVINO IR)
+            hits = [e for e, _ in self._exporters.values() if any(str(path).endswith(s) for s in getattr(e, "reads", ()))]
+            return min(hits, key=lambda e: e.name) if hits else None
         return max(hits, key=lambda e: len(e.suffix)) if hits else None
 
 
