@@ -11,15 +11,7 @@ import pytest
 
 # Offline before anything imports huggingface_hub/timm: a cache miss fails at once, no retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Under pytest-xdist (`-n auto`, the README's command) each worker gets its own torch home and zoo
-# cache (below), so no test sees another worker's engine-choice memo, index or features: every
-# worker runs its files as a sequential session would. One OpenMP thread per worker: with one
-# worker per core, torch's default (a thread per core in every worker) oversubscribes the cores
-# and its spinning threads slow both workers down.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _WORKER:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TORCH_HOME", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"zoo-tests-torch-home{_WORKER}"))
+os.environ.setdefault("TORCH_HOME", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "zoo-tests-torch-home"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -103,4 +95,4 @@ def example_plugin(tmp_path, monkeypatch, fresh_plugins):
 
 
 # The listing index (zoo.index) of the test session lives in a private folder, never ~/.cache.
-os.environ.setdefault("ZOO_CACHE_DIR", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"zoo-tests-index{_WORKER}"))
+os.environ.setdefault("ZOO_CACHE_DIR", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "zoo-tests-index"))

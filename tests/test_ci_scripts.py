@@ -24,4 +24,4 @@ def test_ci_reads_the_readme_set_up_commands():
     text = (ROOT / ".ci" / "run").read_text()
     program = re.search(r"awk '([^']+)' README\.md", text)[1]
     proc = subprocess.run(["awk", program, str(ROOT / "README.md")], capture_output=True, text=True, check=True)
-    assert proc.stdout.splitlines() == ['pip install -e ".[test]"', "python -m pytest -n auto --dist loadfile"]
+    assert proc.stdout.splitlines() == ['pip install -e ".[test]"', "python -m pytest"]
