@@ -69,8 +69,9 @@ CHECK_ROWS = 8  # rows of the first batch that eager fp32 also computes (it is t
 FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken engine disagrees on every image
 DEFAULT_PREPARE_SECONDS = 60.0  # an engine whose preparation cost is unknown and never measured here
 # What preparing an engine in the background costs the extraction running beside it, as a fraction
-# of the preparation's own seconds: measured on 2 busy cores (ResNet-18, channels_last batches of 64
-# beside the ONNX export in a thread; benchmarks/bench_vs_peers.py reports the job's real overhead).
+# of the preparation's own seconds: an estimate from one measurement on 2 busy cores (ResNet-18,
+# channels_last batches of 64 beside the ONNX export in a thread: 43 s overlapped against 66 s one
+# after the other); benchmarks/bench_vs_peers.py reports the job's real overhead.
 OVERLAP_COST = 0.5
 REFERENCE, DEFAULT = "eager", "channels_last"
 
