@@ -244,12 +244,18 @@ def export_seconds(args) -> int:
                        for n, a in report.get("artifacts", {}).items()}
                 rows[name].append({"exit": proc.returncode, "wall": round(wall, 1), "cpu": round(cpu, 1), "formats": per,
                                    "steps": report.get("seconds")})
-                print(f"round {r} {name:<6} exit {proc.returncode} wall {wall:6.1f} s cpu {cpu:6.1f} s  " + "  ".join(
+                steps = report.get("seconds") or {}
+                print(f"round {r} {name:<6} exit {proc.returncode} wall {wall:6.1f} s cpu {cpu:6.1f} s  "
+                      f"reference {steps.get('reference')} s  " + "  ".join(
                     f"{n}: export {e} s validate {v} s" for n, (e, v) in per.items()), flush=True)
+                if proc.returncode != 0:  # a failed round is no timing: say why
+                    print(f"  {name} failed: " + (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:300],
+                          flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{os.cpu_count()} cores, load average {load:.1f} (other processes share the CPU: compare ratios)")
+    rows = {k: [x for x in v if x["exit"] == 0] for k, v in rows.items()}  # failed rounds time nothing
     med = {k: statistics.median(x["wall"] for x in v) for k, v in rows.items() if v}
     medc = {k: statistics.median(x["cpu"] for x in v) for k, v in rows.items() if v}
     for k in med:

@@ -281,15 +281,6 @@ def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor) -> tuple[t
     return got, cos
 
 
-def _load_factor() -> float:
-    """How much busier than one runnable process per core the machine is (>= 1)."""
-    try:
-        return max(1.0, os.getloadavg()[0] / (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                             else (os.cpu_count() or 1)))
-    except OSError:
-        return 1.0
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -318,6 +309,7 @@ class Chooser:
         self.rejected: dict[str, str] = {}
         self.rates: dict[str, float] = {}
         self.seen = 0  # images output so far
+        self.last_batch = 0
         self.reference: torch.Tensor | None = None
         self.check_x: torch.Tensor | None = None
         self.probe_seconds = 0.0
@@ -325,6 +317,7 @@ class Chooser:
         self._current: Prepared | None = None  # the engine giving this batch's features
         self._current_features: torch.Tensor | None = None
         self._cos: dict[str, float] = {}
+        self._check_features: dict[str, torch.Tensor] = {}  # each checked engine's features of the check rows
         self._prepared: dict[str, Prepared] = {}
         self._plan: list[str] = []  # probe: engines still to warm up and time, in order
         self._warm: set[str] = set()
@@ -437,10 +430,10 @@ class Chooser:
     def _adopt(self, name: str, engine: Prepared | None, why: str | None, seconds: float,
                costly: bool) -> Prepared | None:
         """Check a prepared engine against the reference rows and keep it, or record its rejection."""
-        cos = 0.0
+        cos, got = 0.0, None
         if engine is not None:
             try:
-                _, cos = check(engine, self.check_x, self.reference)
+                got, cos = check(engine, self.check_x, self.reference)
             except Exception as exc:  # noqa: BLE001
                 why = _reason(name, exc)
         if engine is None or why is not None:
@@ -451,6 +444,8 @@ class Chooser:
             if self.may_probe:
                 self.store.put_prepare_seconds(name, self.arch, self.machine, seconds)
         self._prepared[name], self._cos[name] = engine, cos
+        if got is not None:
+            self._check_features[name] = got
         return engine
 
     # -- a costly preparation beside the extraction ----------------------------------------------
@@ -514,6 +509,7 @@ class Chooser:
         _sync(self.device)
         dt = self._clock() - t0
         self.seen += len(x)
+        self.last_batch = len(x)
         if self.selection is None and self._pending is None:
             if timed:
                 self.rates[engine.name] = len(x) / max(dt, 1e-9)
@@ -534,7 +530,8 @@ class Chooser:
             return
         timed = {n: r for n, r in self.rates.items() if n in self._prepared}
         best_name = max(timed, key=timed.__getitem__) if timed else None
-        remaining = max(0, self.total - self.seen)
+        # the images left once a preparation is ready also pay its warm-up batch at the old rate
+        remaining = max(0, self.total - self.seen - self.last_batch)
         for name in self._candidates():
             if name in self.rates or name in self.rejected or name in self._prepared:
                 continue
@@ -566,11 +563,10 @@ class Chooser:
             s = e.prepare_seconds(self.backbone, str(self.workdir) if self.workdir else None)
         except Exception:  # noqa: BLE001
             s = None
-        if s is None:
-            return DEFAULT_PREPARE_SECONDS
-        # An engine's prior is for an idle machine; preparing (an export: mostly single-threaded
-        # Python) slows down with the machine's load while the rates just measured already include it.
-        return float(s) * _load_factor()
+        # The engine's own prior, as is: priors are measured beside a running extraction (the case
+        # they are used in). Scaling them by the load average counted this job's own decoding
+        # workers as load and priced Lite0's 2 s export at 10-11 s, so 640-image jobs never tried it.
+        return DEFAULT_PREPARE_SECONDS if s is None else float(s)
 
     def finish(self) -> Selection:
         """The selection, deciding now if the job ended while candidates were still being timed."""
@@ -616,8 +612,11 @@ class Chooser:
 
     def _select(self, engine: Prepared) -> None:
         ref = self.reference
-        with torch.inference_mode():
-            feats = engine.run(self.check_x).float().cpu() if engine.name != REFERENCE else ref
+        # the check already ran this engine on the check rows: its features of them are kept, not recomputed
+        feats = ref if engine.name == REFERENCE else self._check_features.get(engine.name)
+        if feats is None:
+            with torch.inference_mode():
+                feats = engine.run(self.check_x).float().cpu()
         self.selection = Selection(engine, ref, feats, self._cos.get(engine.name, 1.0), self.how, dict(self.rates),
                                    dict(self.rejected), self.probe_seconds)
 
