@@ -255,9 +255,9 @@ def export_seconds(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{os.cpu_count()} cores, load average {load:.1f} (other processes share the CPU: compare ratios)")
-    rows = {k: [x for x in v if x["exit"] == 0] for k, v in rows.items()}  # failed rounds time nothing
-    med = {k: statistics.median(x["wall"] for x in v) for k, v in rows.items() if v}
-    medc = {k: statistics.median(x["cpu"] for x in v) for k, v in rows.items() if v}
+    timed = {k: [x for x in v if x["exit"] == 0] for k, v in rows.items()}  # failed rounds time nothing
+    med = {k: statistics.median(x["wall"] for x in v) for k, v in timed.items() if v}
+    medc = {k: statistics.median(x["cpu"] for x in v) for k, v in timed.items() if v}
     for k in med:
         print(f"{k:<6} median wall {med[k]:.1f} s, CPU {medc[k]:.1f} s")
     if "before" in med:

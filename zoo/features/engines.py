@@ -26,8 +26,9 @@ always available.
   * an engine whose preparation is not cached (an ONNX export, compilation) is prepared in a
     background thread on a copy of the backbone while the job goes on with the fastest engine so
     far, then checked, warmed up and timed like the others; it is started only when the job's
-    expected saving exceeds its cost (`pays`): (remaining images - those extracted meanwhile) x
-    (1/best rate - 1/(best rate x expected speedup)) > OVERLAP_COST x expected preparation seconds,
+    expected saving exceeds its cost (`pays`): (remaining images - those extracted meanwhile - its
+    warm-up batch) x (1/best rate - 1/(best rate x expected speedup)) > OVERLAP_COST x expected
+    preparation seconds,
     from what this machine measured before (choices.json) or the engine's own prior
     (`prior_speedup`, `prepare_seconds`). Small jobs thus get the fastest engine whose preparation
     is cached or cheap;
