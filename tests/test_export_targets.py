@@ -253,3 +253,41 @@ def test_reduced_default_precision_is_judged_by_its_own_rule():
     assert not failed["passed"] and failed["problems"] == ["OpenVINO at its default bf16: int8 failed"]
     failed_f32 = judge_openvino(run_at("bf16"), judge(False, True))
     assert not failed_f32["passed"] and failed_f32["problems"] == ["OpenVINO at f32: fp32 failed"]
+
+
+def test_dynamo_trace_is_out_of_place_and_the_model_is_left_as_it_was():
+    """The dynamo export traces in-place activations out of place (it was half of lite0's ONNX
+    step), giving the same graph and numbers, and puts the user's modules back as they were."""
+    import torch
+    from zoo_onnx import graph
+
+    seen = []
+
+    class Probe(torch.nn.Module):  # records the flag the tracer sees
+        def __init__(self):
+            super().__init__()
+            self.inplace = True
+
+        def forward(self, x):
+            seen.append(self.inplace)
+            return torch.relu_(x) if self.inplace else torch.relu(x)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6(inplace=True), Probe(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    proto = graph._export_graph(net, x, 18, "input", ["logits"], "dynamo")
+    assert seen and not any(seen)  # traced out of place
+    assert net[1].inplace is True and net[2].inplace is True  # and restored
+
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x.clone()).numpy()
+    assert np.abs(got - want).max() < 1e-5
+
+    with pytest.raises(RuntimeError), graph.out_of_place(net):  # restored on an error too
+        assert net[1].inplace is False
+        raise RuntimeError("boom")
+    assert net[1].inplace is True
