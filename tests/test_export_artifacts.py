@@ -234,6 +234,9 @@ def test_sigint_during_export_leaves_no_staging(exported, tmp_path):
     save_model(exported[0], run)
     script = textwrap.dedent(f"""
         import os, signal, sys
+        # Python installs this handler at start-up unless SIGINT came in ignored (a test run
+        # started in the background, `nohup ... &`), where Ctrl-C would not reach an export anyway
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import zoo_torchscript
         real = zoo_torchscript.TorchScript.export
         def slow(self, model, path, options):
