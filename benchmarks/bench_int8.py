@@ -197,7 +197,7 @@ def line(row: dict) -> str:
     o = row["onnxruntime"]
     acc = (f"fp32 {o['fp32_accuracy']:.3f} int8 {o['int8_accuracy']:.3f} drop {100 * o['drop']:+.1f} "
            f"[{100 * o['drop_interval95'][0]:+.1f}, {100 * o['drop_interval95'][1]:+.1f}]") if "drop" in o else ""
-    other = " ".join(f"{rt[:2]} {row[rt].get('top1_agreement', float('nan')):.3f}"
+    other = " ".join(f"{'ov' if rt == 'openvino' else 'cv'} {row[rt].get('top1_agreement', float('nan')):.3f}"
                      f"{'' if row[rt].get('passed') else '(fail)'}" for rt in ("openvino", "opencv")
                      if "error" not in row[rt]) or "-"
     errs = " ".join(f"{rt} error" for rt in ("openvino", "opencv") if "error" in row[rt])

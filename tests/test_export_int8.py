@@ -183,3 +183,153 @@ def test_calibration_reader_reduces_batch_by_batch():
     assert len(reader) == 3
     reader.set_range(1, 2)
     assert reader.get_next()["image"][0, 0] == 1 and reader.get_next() is None
+
+
+
+def _residual_block_qdq():
+    """An inverted-residual block as NNCF writes it: a signed block input (int8 Q/DQ), a 1x1
+    expansion with ReLU6 into an unsigned (uint8) Q/DQ, a 1x1 projection into a signed one, and the
+    residual Add reading the block input's DQ as well."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def qdq(name, src, scale, zdtype):
+        inits.extend([nh.from_array(np.float32(scale), name + "s"), nh.from_array(np.zeros((), zdtype), name + "z")])
+        nodes.extend([helper.make_node("QuantizeLinear", [src, name + "s", name + "z"], [name + "q"]),
+                      helper.make_node("DequantizeLinear", [name + "q", name + "s", name + "z"], [name + "d"])])
+        return name + "d"
+
+    def conv(name, src, relu6=False):
+        inits.extend([nh.from_array(rng.integers(-127, 128, (3, 3, 1, 1)).astype(np.int8), name + "w"),
+                      nh.from_array(rng.uniform(0.01, 0.02, 3).astype(np.float32), name + "ws"),
+                      nh.from_array(np.zeros(3, np.int8), name + "wz")])
+        nodes.extend([helper.make_node("DequantizeLinear", [name + "w", name + "ws", name + "wz"], [name + "wd"], axis=0),
+                      helper.make_node("Conv", [src, name + "wd"], [name + "y"])])
+        if not relu6:
+            return name + "y"
+        inits.extend([nh.from_array(np.float32(0), name + "lo"), nh.from_array(np.float32(6), name + "hi")])
+        nodes.append(helper.make_node("Clip", [name + "y", name + "lo", name + "hi"], [name + "r"]))
+        return name + "r"
+
+    block_in = qdq("a", "x", 0.03, np.int8)
+    expanded = qdq("e", conv("c1", block_in, relu6=True), 6 / 255, np.uint8)
+    projected = qdq("p", conv("c2", expanded), 0.03, np.int8)
+    nodes.append(helper.make_node("Add", [block_in, projected], ["sum"]))
+    nodes.append(helper.make_node("Identity", [qdq("o", "sum", 0.04, np.int8)], ["out"]))
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 4, 4])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_uint8_reencoding_keeps_the_numbers_and_lets_onnxruntime_fuse(tmp_path):
+    """nncf-ort's re-encoding: every int8 Q/DQ becomes uint8 (zero point + 128). The graph computes
+    the same numbers (ORT with no optimization, bit for bit), and ORT then runs the whole block in
+    integer kernels (QLinearConv, QLinearAdd); on NNCF's mixed int8/uint8 original it leaves a
+    convolution and the Add in float between DequantizeLinear and QuantizeLinear."""
+    import collections
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+    from zoo_onnx.int8 import reencode_uint8
+
+    before = _residual_block_qdq()
+    after = copy.deepcopy(before)
+    assert reencode_uint8(after) == 8  # the int8 Q/DQ pairs a, p, o and the two weights' DQ
+    onnx.checker.check_model(after, full_check=True)
+    assert onnx.TensorProto.INT8 not in {i.data_type for i in after.graph.initializer}
+
+    x = np.random.default_rng(1).normal(0, 1.5, (2, 3, 4, 4)).astype(np.float32)
+
+    def run(proto, optimize):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        out = tmp_path / f"opt-{len(list(tmp_path.iterdir()))}.onnx"
+        so.optimized_model_filepath = str(out)
+        y = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return y, collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+
+    (a, _), (b, _) = run(before, False), run(after, False)
+    assert np.array_equal(a, b)
+    _, ops_before = run(before, True)
+    fused, ops_after = run(after, True)
+    assert ops_before["Conv"] == 1 and ops_before["Add"] == 1  # the original: float kernels left
+    assert ops_after["QLinearConv"] == 2 and ops_after["QLinearAdd"] == 1 and not ops_after["Conv"] + ops_after["Add"]
+    assert np.abs(fused - a).max() <= 2 * 0.04 + 1e-6  # integer rounding: within two steps of the output
+
+
+def test_a_graph_onnxruntime_cannot_run_is_named_with_the_reason():
+    """nncf-ort refuses a re-encoded graph ONNX Runtime cannot run (at any optimization level a
+    consumer may pick) instead of writing it: here a per-channel activation zero point, which
+    QLinearConv refuses at run time."""
+    from onnx import helper
+    from onnx import numpy_helper as nh
+    from zoo_onnx.int8 import _onnxruntime_failure, reencode_uint8
+
+    x = np.random.default_rng(1).normal(0, 1.5, (1, 3, 4, 4)).astype(np.float32)
+    good = _residual_block_qdq()
+    reencode_uint8(good)
+    assert _onnxruntime_failure(good, "x", np.concatenate([x, x])) is None
+    bad = _residual_block_qdq()
+    for init in bad.graph.initializer:  # the expansion's activation Q/DQ: per channel
+        if init.name in ("es", "ez"):
+            value = nh.to_array(init)
+            init.CopyFrom(nh.from_array(np.full((3,), value, value.dtype), init.name))
+    for node in bad.graph.node:
+        if node.input[1:2] == ["es"]:
+            node.attribute.append(helper.make_attribute("axis", 1))
+    reencode_uint8(bad)
+    reason = _onnxruntime_failure(bad, "x", np.concatenate([x, x]))
+    assert reason and reason.startswith("ORT_ENABLE_") and "zero point" in reason
+
+
+
+def test_nncf_ort_recipe_runs_in_integer_kernels(tmp_path):
+    """-O int8_recipe=nncf-ort on a real export (MobileNetV2-style blocks): no int8 tensor is left
+    and every quantized convolution becomes a QLinearConv, where the default recipe's file keeps
+    float ones."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from zoo.model import build_model
+    from zoo_onnx.int8 import KEEP_FIRST_CONVS, _quantize_static
+
+    def fp32(backbone):
+        import torch
+
+        import dataclasses
+
+        torch.manual_seed(0)
+        model = build_model(backbone, ["a", "b", "c"], weights=None)
+        norm = dataclasses.replace(model.meta.normalization, input_size=(3, 64, 64), resize_size=73)
+        model.meta = dataclasses.replace(model.meta, normalization=norm)
+        model.eval()
+        zoo.export(model, formats="onnx", out=tmp_path / backbone.replace("/", "-"))
+        return model, str(tmp_path / backbone.replace("/", "-") / "model.onnx")
+
+    calibration = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+
+    def quantized_ops(model, source, recipe):
+        path = tmp_path / f"{recipe}.onnx"
+        how = _quantize_static(model, source, path, calibration, "normalize", "all", str(tmp_path), recipe)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{recipe}.opt.onnx")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: calibration[:2]})
+        proto = onnx.load(str(path))
+        return how, proto, collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+    model, source = fp32("timm/mobilenetv2_050")
+    how, proto, ops = quantized_ops(model, source, "nncf-ort")
+    convs = sum(n.op_type == "Conv" for n in proto.graph.node)
+    assert "uint8 weights" in how
+    assert onnx.TensorProto.INT8 not in {i.data_type for i in proto.graph.initializer}
+    assert ops["QLinearConv"] == convs - KEEP_FIRST_CONVS  # all but the float stem and first block
+    _, _, default_ops = quantized_ops(model, source, "nncf")
+    assert default_ops["QLinearConv"] < ops["QLinearConv"]

@@ -68,6 +68,8 @@ def _calibration_batches(model, calibration, preprocess: str, batch: int = 8):
 INT8_RECIPES = {
     "nncf": "NNCF post-training quantization (nncf.quantize on the ONNX graph), bias correction",
     "nncf-fast": "NNCF post-training quantization, fast bias correction",
+    "nncf-ort": "NNCF with per-tensor activation ranges, re-encoded as uint8 so that ONNX Runtime fuses it "
+                "into integer kernels (faster there; less accurate where per-channel ranges matter)",
     "ort-minmax": "ONNX Runtime quantize_static, MinMax ranges",
     "ort-percentile": "ONNX Runtime quantize_static, 99.999th-percentile ranges",
 }
@@ -93,12 +95,12 @@ def _quantize_static(model, source: str, path: Path, calibration, preprocess: st
     batch (dynamic int8 computes activation scales per batch)."""
     batches = _calibration_batches(model, calibration, preprocess)
     if recipe.startswith("nncf"):
-        return _quantize_nncf(source, path, batches, int8_ops, fast=recipe == "nncf-fast")
+        return _quantize_nncf(source, path, batches, int8_ops, fast=recipe == "nncf-fast", for_ort=recipe == "nncf-ort")
     return _quantize_ort(source, path, batches, int8_ops, tmp,
                          method="Percentile" if recipe == "ort-percentile" else "MinMax")
 
 
-def _quantize_nncf(source: str, path: Path, batches, int8_ops: str, fast: bool) -> str:
+def _quantize_nncf(source: str, path: Path, batches, int8_ops: str, fast: bool, for_ort: bool = False) -> str:
     """NNCF's post-training quantization: min/max-style ranges per activation, quantizers placed where
     OpenVINO fuses them, then bias correction (the shift int8 weights give each channel's mean
     output, measured on the calibration images and folded back into the bias). Against ONNX
@@ -127,30 +129,113 @@ def _quantize_nncf(source: str, path: Path, batches, int8_ops: str, fast: bool) 
                              preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(images),
                              fast_bias_correction=fast, ignored_scope=scope, advanced_parameters=advanced)
 
-    quantized = run()
-    if not _runs_in_onnxruntime(quantized, input_name, images[0]):
+    per_tensor = AdvancedQuantizationParameters(
+        activations_quantization_params=QuantizationParameters(per_channel=False))
+    quantized = run(per_tensor if for_ort else None)
+    if not for_ort and not _runs_in_onnxruntime(quantized, input_name, images[0]):
         # NNCF picked per-channel activation scales (MobileNetV3's squeeze-excite convolutions),
         # which ONNX Runtime's QLinearConv refuses at run time: again with per-tensor ones. Only
         # then: forcing them everywhere cost MobileNetV2 agreement (0.974 -> 0.895 on the photos).
-        quantized = run(AdvancedQuantizationParameters(
-            activations_quantization_params=QuantizationParameters(per_channel=False)))
+        quantized = run(per_tensor)
+    if for_ort:
+        reencode_uint8(quantized)
+        failure = _onnxruntime_failure(quantized, input_name, images[0])
+        if failure:  # e.g. squeeze-excite blocks (MobileNetV3), where ORT's own fusion breaks the graph
+            from zoo.errors import ZooError
+
+            raise ZooError(f"int8 recipe 'nncf-ort': ONNX Runtime cannot run this backbone's re-encoded graph "
+                           f"({failure}); use -O int8_recipe=nncf (the default)")
     onnx.save(quantized, str(path))
     what = "every backbone op" if int8_ops == "all" else "MatMul/Gemm only"
-    return (f"QDQ static int8 by NNCF {nncf.__version__} (per-channel int8 weights, uint8 activations calibrated on "
+    codes = ("per-channel uint8 weights, per-tensor uint8 activations (re-encoded from NNCF's int8 for ONNX Runtime's "
+             "integer kernels)" if for_ort else "per-channel int8 weights, 8-bit activations")
+    return (f"QDQ static int8 by NNCF {nncf.__version__} ({codes} calibrated on "
             f"{len(images)} images, {'fast ' if fast else ''}bias correction; {what}; first {KEEP_FIRST_CONVS} convolutions and head fp32)")
+
+
+def reencode_uint8(proto) -> int:
+    """Re-encode every int8 QuantizeLinear/DequantizeLinear (activations and weights) as uint8 with
+    its zero point moved by 128: q_u8 = q_i8 + 128 dequantizes to the same (q - zp) x scale, and
+    quantizing saturates at the same ends, so the numbers the graph defines do not change. Returns
+    how many nodes it re-encoded.
+
+    Why: ONNX Runtime runs a QDQ convolution (or Add) in an integer kernel (QLinearConv, QLinearAdd)
+    only where its fusion matches, and on NNCF's residual blocks, which mix int8 (signed: block
+    inputs, projections) and uint8 (after ReLU6) tensors, it leaves the convolution and the Add that
+    read the block input in float between a DequantizeLinear and a QuantizeLinear. Main job (lite0):
+    11 of 46 int8 convolutions fused from NNCF's default file (per-channel activation ranges, which
+    QLinearConv cannot take, on the depthwise inputs), 32 with per-tensor ranges, all 46 and the 9
+    Adds after this re-encoding; the default file ran at 0.3-0.5x fp32. uint8 weights, not int8: on
+    a CPU without VNNI (AVX2), ONNX Runtime's uint8 x int8 kernel adds pairs of products in 16 bits,
+    which saturates with full-range 8-bit weights (the main job's re-encoded file with int8 weights,
+    fused: 81.0% -> 78.0% top-1, unfused 81.0%); uint8 x uint8 does not (81.0%)."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnx import numpy_helper as nh
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    moved: dict[str, str] = {}  # int8 initializer -> its uint8 copy
+
+    def to_uint8(name: str) -> str | None:
+        if name not in inits or inits[name].data_type != TensorProto.INT8:
+            return None
+        if name not in moved:
+            u = (nh.to_array(inits[name]).astype(np.int16) + 128).astype(np.uint8)
+            g.initializer.append(nh.from_array(u, f"{name}__uint8"))
+            moved[name] = f"{name}__uint8"
+        return moved[name]
+
+    outputs = set()
+    count = 0
+    for node in g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zp = to_uint8(node.input[2])
+        if zp is None:
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:  # a weight stored as int8
+            node.input[0] = to_uint8(node.input[0]) or node.input[0]
+        node.input[2] = zp
+        if node.op_type == "QuantizeLinear":
+            outputs.add(node.output[0])
+        count += 1
+    for vi in g.value_info:  # NNCF declares the quantized tensors' types
+        if vi.name in outputs:
+            vi.type.tensor_type.elem_type = TensorProto.UINT8
+    used = {i for n in g.node for i in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return count
 
 
 def _runs_in_onnxruntime(proto, input_name: str, image) -> bool:
     """Whether ONNX Runtime runs the quantized graph on one image (it refuses per-channel
     activation scales where it fuses a QLinearConv, for one)."""
+    return _onnxruntime_failure(proto, input_name, image) is None
+
+
+def _onnxruntime_failure(proto, input_name: str, image) -> str | None:
+    """None if ONNX Runtime runs the graph on one image at each graph optimization level a consumer
+    may set (its fusions differ between them, and one of them may build a kernel that refuses to
+    run), else why not."""
     import onnxruntime as ort
 
-    try:
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        sess.run(None, {input_name: image})
-    except Exception:  # noqa: BLE001 - any refusal means: quantize again, per-tensor
-        return False
-    return True
+    data = proto.SerializeToString()
+    levels = ort.GraphOptimizationLevel
+    for level in (levels.ORT_ENABLE_ALL, levels.ORT_ENABLE_EXTENDED, levels.ORT_ENABLE_BASIC):
+        try:
+            so = ort.SessionOptions()
+            so.log_severity_level = 4  # the reason is returned, not logged
+            so.graph_optimization_level = level
+            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            sess.run(None, {input_name: image})
+        except Exception as exc:  # noqa: BLE001 - any refusal is a reason
+            text = (str(exc).strip().splitlines() or [""])[-1]
+            text = text if len(text) <= 240 else f"{text[:80]} ... {text[-160:]}"  # the kernel's own words end it
+            return f"{level.name}: {type(exc).__name__}: {text}"
+    return None
 
 
 def _import_nncf():
@@ -213,7 +298,7 @@ def _head_nodes(graph) -> list[str]:
     return names
 
 
-def _value(fp32: str, int8: Path, model, calibration, preprocess: str) -> dict[str, Any]:
+def _value(fp32: str, int8: Path, model, calibration, preprocess: str, recipe: str | None = None) -> dict[str, Any]:
     """What the int8 file buys: its size and ONNX Runtime CPU speed against the fp32 file (same
     threads, same batch, best of a few runs). A measurement for the report, not a verdict."""
     import time
@@ -249,7 +334,9 @@ def _value(fp32: str, int8: Path, model, calibration, preprocess: str) -> dict[s
     if size_ratio >= 1:
         notes.append(f"the int8 file is not smaller than fp32 ({size_ratio:.2f}x its size)")
     if speed is not None and speed <= 1:
-        notes.append(f"the int8 file is not faster than fp32 in ONNX Runtime on this CPU ({speed:.2f}x)")
+        notes.append(f"the int8 file is not faster than fp32 in ONNX Runtime on this CPU ({speed:.2f}x)"
+                     + ("; -O int8_recipe=nncf-ort writes one that ONNX Runtime runs in integer kernels"
+                        if recipe in ("nncf", "nncf-fast") else ""))
     return {"fp32_bytes": os.path.getsize(fp32), "int8_bytes": int8.stat().st_size, "size_ratio": round(size_ratio, 4),
             "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3), "speedup": None if speed is None else round(speed, 3),
             "batch": len(x), "smaller": size_ratio < 1, "faster": bool(speed and speed > 1), "notes": notes}
@@ -296,7 +383,8 @@ def export_onnx_int8(model, path, *, artifacts: dict[str, str] | None = None, in
             quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS[int8_ops])
             how = f"onnxruntime dynamic int8 (QInt8 weights, activation scales per batch; {'/'.join(INT8_OPS[int8_ops])})"
         meta = dict(read_metadata(source))
-        value = _value(str(source), path, model, calibration, preprocess)
+        value = _value(str(source), path, model, calibration, preprocess,
+                       int8_recipe if int8_mode == "static" else None)
     target = meta.get("target", "onnxruntime")
     runtimes = [r for r in INT8_RUNTIMES[int8_mode] if r in (meta.get("runtimes") or [r])]
     meta.update(format="onnx-int8", int8_ops=int8_ops, int8_mode=int8_mode, runtimes=runtimes, quantization=how,
