@@ -152,8 +152,10 @@ def openvino_export(models, tmp_path_factory):
     return out, zoo.export(models["resnet18"], formats="onnx", out=out, target="openvino", batch_sizes=(1, 3))
 
 
-def test_target_openvino_writes_ir_validated_at_defaults(openvino_export):
+def test_target_openvino_writes_ir_validated_at_defaults(openvino_export, capsys):
     import json
+
+    from zoo.cli.cmd_export import _print_table
 
     import openvino as ov
 
@@ -178,6 +180,10 @@ def test_target_openvino_writes_ir_validated_at_defaults(openvino_export):
     assert set(sidecar["runtimes"]) == set(sidecar["validated_in"]) and "openvino" in sidecar["runtimes"]
     assert sidecar["validated_in"]["openvino"]["precision"] == ir["precision"]
     assert zoo_onnx_meta(out / "model.onnx")["runtimes"] == sidecar["runtimes"]
+    # `zoo export` says where the IR is: the table's row names model.onnx only
+    _print_table(report)
+    assert f"onnx: OpenVINO IR model.xml (beside model.onnx) passed ({ir['precision']} at compile_model defaults" \
+        in capsys.readouterr().out
 
 
 def test_predict_runs_the_ir(openvino_export, tmp_path, monkeypatch):
