@@ -403,6 +403,7 @@ def _finish_stats(stats: CacheStats, sel, job: _Job) -> None:
         stats.engine = {"name": sel.engine.name, "numerics": sel.engine.numerics, "how": sel.how,
                         "check_cosine_min": round(sel.cosine_min, 7), "note": sel.engine.note,
                         "rejected": dict(sel.rejected), "rates": {k: round(v, 1) for k, v in sel.rates.items()},
+                        "rates_lower_bounds": sorted(sel.lower_bounds),  # measured beside a preparation
                         "probe_seconds": round(sel.probe_seconds, 3),
                         "overhead_seconds": round(sel.overhead_seconds, 3),
                         "prepare_seconds": {k: round(v, 2) for k, v in sel.prepare_seconds.items()}}
