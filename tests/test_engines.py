@@ -408,3 +408,46 @@ def test_the_export_starts_after_the_cheap_engines_warm_up_and_only_a_close_engi
     else:
         assert sel.lower_bounds == {"channels_last"} and "channels_last >=40" in sel.describe()
         assert "channels_last" not in stored  # a lower bound is never remembered as a rate
+
+
+def test_an_engine_timed_on_its_own_keeps_its_rate_when_it_runs_on_beside_the_export(tmp_path):
+    """Here the export does not pay at channels_last's (fast) warm-up batch but does at its timed
+    rate, so it starts after the timed batch and channels_last runs on beside it: its rate stays
+    the one timed alone, not a lower bound."""
+    import threading
+
+    gate, clock = threading.Event(), FakeClock()
+    prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 100.0}, gate=gate)
+    calls = {"channels_last": 0}
+
+    def first_batch_fast(name, *a, **kw):
+        engine = prep(name, *a, **kw)
+        if name != "channels_last":
+            return engine
+        run = engine.run
+
+        def counted(x):
+            calls[name] += 1
+            if calls[name] == 2:  # the warm-up batch (after the check rows): next to no time
+                t = clock.t
+                out = run(x)
+                clock.t = t + 1e-6
+                return out
+            return run(x)
+        return E.Prepared(name, engine.numerics, counted)
+
+    m, x = tiny_backbone(), batch(16)
+    E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 1.0)
+    ch = E.Chooser("auto", m, torch.device("cpu"), allow_reduced=False, total=5000, cache_root=tmp_path,
+                   choice_key="k", say=quiet, _prepare=first_batch_fast, _clock=clock)
+    ch.run(x)  # warm-up, at a rate no export pays against
+    ch.run(x)  # timed: 40 img/s; now the export pays and starts
+    ch.run(x)  # beside the export
+    gate.set()
+    _join_preparations()
+    for _ in range(3):
+        ch.run(x)
+    sel = ch.finish()
+    assert sel.engine.name == "onnxruntime" and sel.rates["channels_last"] == pytest.approx(40.0)
+    assert not sel.lower_bounds and "channels_last >=" not in sel.describe()
+    assert json.loads((tmp_path / "engines" / "choices.json").read_text())["k"]["rates"]["channels_last"] == 40.0

@@ -89,9 +89,10 @@ def validate_onnx(model, path, images, *, target: str | None = None, validate_ta
                          preprocess=options.get("preprocess", "normalize"), targets=options.get("targets"))
         report["openvino_ir"] = ir
         if ir["passed"]:  # said beside the table, whose row names model.onnx only
-            report["notes"] = [*report.get("notes", []), f"OpenVINO IR {xml.name} (beside {Path(path).name}) passed ({ir.get('precision')} at "
+            report["notes"] = [*report.get("notes", []),
+                               f"OpenVINO IR {xml.name} (beside {Path(path).name}) passed ({ir.get('precision')} at "
                                f"{ir.get('precision_source')}, max|dlogit| {ir['max_abs_logit_diff']:.2e})"]
-        if not ir["passed"]:
+        else:
             report["passed"] = False
             report["problems"] = [*report["problems"], *(f"{xml.name}: {p}" for p in ir["problems"])]
     names = [o.name for o in __import__("onnx").load(str(path), load_external_data=False).graph.output]

@@ -519,7 +519,8 @@ class Chooser:
                 self._next()
         engine = self._current
         beside = self._pending is not None  # a preparation runs beside this batch: its rate is a lower bound
-        timed = self.selection is None and engine.name in self._warm
+        # (an engine timed on its own already, running on beside a preparation, keeps its rate)
+        timed = self.selection is None and engine.name in self._warm and engine.name not in self.rates
         t0 = self._clock()
         with torch.inference_mode():
             f = engine.run(x).float().cpu()
@@ -594,7 +595,7 @@ class Chooser:
         if self._early or not self.background or self._plan != [name]:
             return
         self._early = True
-        best = max([warm_rate] + [r for n, r in self.rates.items() if n in self._prepared and n != REFERENCE])
+        best = max(warm_rate, self._best_timed_rate())
         for candidate in self._untried():
             _, saving, price = self._pays_for(candidate, best)
             if saving > price:
@@ -605,10 +606,14 @@ class Chooser:
         """Cheap engines still to be timed that were run only beside a preparation: their rate then is
         a lower bound; one that the best engine timed beats RETIME_MARGIN times over is not timed
         again (it cannot win), its bound kept for the record."""
-        best = max((r for n, r in self.rates.items() if n in self._prepared and n != REFERENCE), default=0.0)
-        for name in [n for n in self._plan if n in self._beside and n not in self.rates]:
+        best = self._best_timed_rate()
+        for name in [n for n in self._plan if n in self._beside]:
             if best >= RETIME_MARGIN * self._beside[name]:
                 self._plan.remove(name)
+
+    def _best_timed_rate(self) -> float:
+        """The best rate timed on its own so far by a prepared engine other than the reference (0: none)."""
+        return max((r for n, r in self.rates.items() if n in self._prepared and n != REFERENCE), default=0.0)
 
     def _expected_prepare_seconds(self, name: str) -> float:
         e = _registry().get(name)
@@ -652,9 +657,7 @@ class Chooser:
 
     def _decide(self) -> None:
         timed = {n: r for n, r in self.rates.items() if n in self._prepared}
-        for name, bound in self._beside.items():  # for the record (describe says ">="); never remembered
-            if name not in self.rates:
-                self.rates[name] = bound
+        self.rates.update(self._beside)  # the bounds, for the record (describe says ">="); never remembered
         if any(n != REFERENCE for n in timed):
             name = max(timed, key=timed.get)
         else:  # nothing but the reference rows timed: keep the engine that ran the job
