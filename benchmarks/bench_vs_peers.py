@@ -7,8 +7,10 @@ interleaved, medians, ratios.
 Data: folders of photo-like RGB JPEGs (smooth gradients, shapes, texture and noise, quality 90),
 `--px` square, 4 classes, generated once per size.
 
-Contenders, each over the whole folder, random-init weights (speed does not depend on them),
-the same headless backbone module (`zoo.create_backbone`):
+Contenders, each over the whole folder in a fresh Python process of its own (as a user runs a
+script or `zoo train`: nothing imported, no kernel built before; the process start and imports are
+not timed), random-init weights (speed does not depend on them), the same headless backbone module
+(`zoo.create_backbone`):
   seed           torchvision ImageFolder + the backbone's eval transform (Resize, CenterCrop,
                  ToTensor, Normalize with the plugin's stats) + DataLoader(batch, workers=2), the
                  model in eval mode under inference_mode, NCHW: what the seed script wrote
@@ -27,9 +29,11 @@ Targets (issue 21): zoo cold >= 1.5x seed and >= 1.2x channels_last at 640 and 2
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,14 +114,42 @@ def zoo_cold(name: str, data: Path, cache: Path, batch: int, remembered: bool) -
     return n / run.cache["seconds"], run.cache
 
 
+def fresh(kind: str, name: str, data: Path, batch: int, cache: Path | None = None) -> tuple[float, dict]:
+    """One contender in a fresh process (kind: seed, channels_last, cold, remembered): (img/s, info)."""
+    argv = [sys.executable, __file__, "--contender", kind, "--name", name, "--data", str(data), "--batch", str(batch)]
+    if cache is not None:
+        argv += ["--cache", str(cache)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["rate"], result.get("info", {})
+
+
+def contender(args) -> int:
+    """The child side of fresh(): run one contender, print its result as JSON."""
+    data = Path(args.data)
+    if args.contender in ("seed", "channels_last"):
+        result = {"rate": peer(args.name, data, args.batch, channels_last=args.contender == "channels_last")}
+    else:
+        rate, info = zoo_cold(args.name, data, Path(args.cache), args.batch, remembered=args.contender == "remembered")
+        result = {"rate": rate, "info": info}
+    print(json.dumps(result, default=str))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contender", choices=("seed", "channels_last", "cold", "remembered"), help=argparse.SUPPRESS)
+    ap.add_argument("--name", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="320,640,2000")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backbones", default="torchvision/resnet18,timm/tf_efficientnet_lite0")
     ap.add_argument("--px", type=int, default=320)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.contender:
+        return contender(args)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; rounds interleaved, medians",
           flush=True)
@@ -129,16 +161,16 @@ def main(argv=None) -> int:
             for n in sizes:
                 data = photo_like_jpegs(tmp / f"data{n}", n, args.px)
                 primed = tmp / f"primed-{name.replace('/', '_')}-{n}"
-                zoo_cold(name, data, primed, args.batch, remembered=False)  # leaves its engine choice behind
+                fresh("cold", name, data, args.batch, primed)  # leaves its engine choice behind
                 rates: dict[str, list[float]] = {"seed": [], "channels_last": [], "zoo cold": [], "zoo remembered": []}
                 notes, overheads = [], []
                 for r in range(args.rounds):
-                    rates["seed"].append(peer(name, data, args.batch, channels_last=False))
-                    rate, info = zoo_cold(name, data, tmp / "fresh", args.batch, remembered=False)
+                    rates["seed"].append(fresh("seed", name, data, args.batch)[0])
+                    rate, info = fresh("cold", name, data, args.batch, tmp / "fresh")
                     rates["zoo cold"].append(rate)
                     notes.append(info["engine"])
-                    rates["channels_last"].append(peer(name, data, args.batch, channels_last=True))
-                    rate, rinfo = zoo_cold(name, data, primed, args.batch, remembered=True)
+                    rates["channels_last"].append(fresh("channels_last", name, data, args.batch)[0])
+                    rate, rinfo = fresh("remembered", name, data, args.batch, primed)
                     rates["zoo remembered"].append(rate)
                     print(f"{name} {n} round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
                           + f" | cold engine {info['engine'].get('name')} ({info['engine'].get('how')}; probe "

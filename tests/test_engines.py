@@ -451,3 +451,47 @@ def test_an_engine_timed_on_its_own_keeps_its_rate_when_it_runs_on_beside_the_ex
     assert sel.engine.name == "onnxruntime" and sel.rates["channels_last"] == pytest.approx(40.0)
     assert not sel.lower_bounds and "channels_last >=" not in sel.describe()
     assert json.loads((tmp_path / "engines" / "choices.json").read_text())["k"]["rates"]["channels_last"] == 40.0
+
+
+@pytest.mark.parametrize("measured_ratio,cheap_batches", [(None, 1), (30.0, 2)])
+def test_a_paying_export_starts_with_the_jobs_first_batch_at_the_cheap_engines_expected_rate(
+        tmp_path, measured_ratio, cheap_batches):
+    """At the first batch channels_last has not run yet: its rate is expected from the reference
+    rows' (eager 20 img/s here) times CHEAP_OVER_REFERENCE, or the channels_last/eager ratio this
+    machine measured. When the export pays at that rate it runs beside channels_last's first batch,
+    whose rate (a CPU's first batch) is a lower bound, so onnxruntime (100 img/s) wins after one
+    channels_last batch. Measured 30x faster than eager here, channels_last is expected too fast
+    for the export to pay at once: it starts after the warm-up batch, and channels_last runs two."""
+    import threading
+
+    gate, clock = threading.Event(), FakeClock()
+    prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 100.0}, gate=gate)
+    cheap = [0]
+
+    def counting(name, *a, **kw):
+        engine = prep(name, *a, **kw)
+        if name != "channels_last":
+            return engine
+
+        def run(x):
+            cheap[0] += len(x) > E.CHECK_ROWS  # a batch of the job, not the check rows
+            return engine.run(x)
+        return E.Prepared(name, engine.numerics, run)
+
+    m, x = tiny_backbone(), batch(16)
+    store = E.ChoiceStore(tmp_path)
+    store.put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 1.0)
+    if measured_ratio is not None:  # an earlier job here: channels_last ran 30x eager's reference rows
+        store.put("|earlier", "channels_last", {"eager": 20.0, "channels_last": 20.0 * measured_ratio})
+    ch = E.Chooser("auto", m, torch.device("cpu"), allow_reduced=False, total=640, cache_root=tmp_path,
+                   choice_key="k", say=quiet, _prepare=counting, _clock=clock)
+    ch.run(x)  # channels_last's first batch
+    gate.set()  # the export is ready from now on
+    _join_preparations()
+    for _ in range(4):
+        if ch.selection is None:
+            ch.run(x)
+    sel = ch.selection
+    assert sel is not None and sel.engine.name == "onnxruntime" and cheap[0] == cheap_batches
+    assert sel.rates["channels_last"] == pytest.approx(40.0)
+    assert sel.lower_bounds == ({"channels_last"} if cheap_batches == 1 else set())  # else timed on its own

@@ -31,11 +31,14 @@ always available.
     preparation seconds, from what this machine measured before (choices.json) or the engine's own
     prior (`prior_speedup`, `prepare_seconds`). Small jobs thus get the fastest engine whose
     preparation is cached or cheap;
-  * when: right after the last cheap engine's warm-up batch if it pays at that batch's rate
-    (`_start_early`), else after the timed batch. Started early, it runs beside the cheap
-    engine's timed batch, which then gives only a lower bound of that engine's rate: the prepared
-    engine wins outright if it beats the bound RETIME_MARGIN times over (the bound is reported
-    as ">=" and never remembered), otherwise the cheap engine is timed again on the next batch;
+  * when: with the job's first batch if it pays at the rate the cheap engine is expected to have
+    (the reference rows' rate x CHEAP_OVER_REFERENCE, or the ratio measured on this machine;
+    `_start_at_first_batch`); else right after the cheap engine's warm-up batch if it pays at that
+    batch's rate (`_start_early`); else after the timed batch. A batch that runs beside a
+    preparation gives only a lower bound of its engine's rate (on a CPU its warm-up batch too:
+    nothing is tuned there): the prepared engine wins outright if it beats the bound
+    RETIME_MARGIN times over (the bound is reported as ">=" and never remembered), otherwise the
+    cheap engine is timed again on the next batch;
   * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
 No batch is computed twice. The selection's `overhead_seconds` is what the job spent until the
 choice beyond what the chosen engine alone would have taken on the same images.
@@ -84,6 +87,11 @@ OVERLAP_COST = 0.5
 # batch. Measured on 2 cores (the main job, Lite0, 4 runs): channels_last ran 24-25 img/s beside
 # the ONNX export against 26-29 alone, so the bound is well within a factor of 2 of the rate.
 RETIME_MARGIN = 2.0
+# Before the cheap engine has run, its rate is guessed from the reference rows' (eager's first call,
+# on 8 rows): channels_last alone ran 2.7-3.3x that rate in fresh processes on 2 cores (ResNet-18
+# and Lite0, 320 and 640 images). A little under, so that the guess errs towards starting a
+# preparation that pays.
+CHEAP_OVER_REFERENCE = 2.5
 REFERENCE, DEFAULT = "eager", "channels_last"
 
 
@@ -378,6 +386,8 @@ class Chooser:
             self._use_first_usable(self._plan, warming=True)
             if self._current is None:
                 self._next()
+            else:
+                self._start_at_first_batch()
         else:
             self._use_first_usable(order, warming=False)
             if self._current is None:  # every asked/remembered engine failed: eager, said so
@@ -532,6 +542,11 @@ class Chooser:
         if self.selection is None:
             if not timed:
                 self._warm.add(engine.name)
+                if beside and self.device.type == "cpu" and engine.name not in self.rates:
+                    # On a CPU an engine's first batch costs little more than its next ones (nothing is
+                    # tuned), so beside a preparation it is a lower bound like a timed batch there. On a
+                    # GPU the first batch includes autotuning (cudnn) and bounds nothing usefully.
+                    self._beside[engine.name] = max(self._beside.get(engine.name, 0.0), rate)
                 if not beside:
                     self._start_early(engine.name, rate)
             elif beside:
@@ -595,12 +610,30 @@ class Chooser:
         if self._early or not self.background or self._plan != [name]:
             return
         self._early = True
-        best = max(warm_rate, self._best_timed_rate())
+        self._start_paying(max(warm_rate, self._best_timed_rate()))
+
+    def _start_at_first_batch(self) -> None:
+        """At the job's first batch, before the cheap engine has run: a costly preparation that pays
+        at the rate that engine is expected to have (the reference rows' rate times the ratio
+        measured on this machine, else CHEAP_OVER_REFERENCE) starts now, beside the cheap engine's
+        warm-up batch, whose rate (on a CPU) is then a lower bound. In fresh processes on 2 cores
+        (one run each, against starting after that batch) Lite0's 320-image job took 8.6-9.2 s
+        instead of 15.4-17.4 s (the export now paid) and ResNet-18's 640-image job 19.1-20.2 s
+        instead of 20.5-20.7 s; measured with a guess of 1.5x, before CHEAP_OVER_REFERENCE was set."""
+        name = self._current.name
+        if not self.background or self._pending is not None or self._plan != [name] or name == REFERENCE:
+            return
+        ratio = self.store.speedup(name, REFERENCE, self.machine) or CHEAP_OVER_REFERENCE
+        self._start_paying(self.rates[REFERENCE] * ratio)
+
+    def _start_paying(self, rate: float) -> bool:
+        """Start in the background the first costly candidate whose preparation pays against `rate`."""
         for candidate in self._untried():
-            _, saving, price = self._pays_for(candidate, best)
+            _, saving, price = self._pays_for(candidate, rate)
             if saving > price:
                 self._prepare_in_background(candidate)
-                return
+                return True
+        return False
 
     def _drop_clear_losers(self) -> None:
         """Cheap engines still to be timed that were run only beside a preparation: their rate then is
