@@ -119,8 +119,10 @@ def fresh(kind: str, name: str, data: Path, batch: int, cache: Path | None = Non
     argv = [sys.executable, __file__, "--contender", kind, "--name", name, "--data", str(data), "--batch", str(batch)]
     if cache is not None:
         argv += ["--cache", str(cache)]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:  # the child's own traceback, not only "returned non-zero exit status"
+        raise SystemExit(f"{kind} contender for {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     return result["rate"], result.get("info", {})
 
 

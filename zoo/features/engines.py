@@ -626,14 +626,13 @@ class Chooser:
         ratio = self.store.speedup(name, REFERENCE, self.machine) or CHEAP_OVER_REFERENCE
         self._start_paying(self.rates[REFERENCE] * ratio)
 
-    def _start_paying(self, rate: float) -> bool:
+    def _start_paying(self, rate: float) -> None:
         """Start in the background the first costly candidate whose preparation pays against `rate`."""
         for candidate in self._untried():
             _, saving, price = self._pays_for(candidate, rate)
             if saving > price:
                 self._prepare_in_background(candidate)
-                return True
-        return False
+                return
 
     def _drop_clear_losers(self) -> None:
         """Cheap engines still to be timed that were run only beside a preparation: their rate then is
