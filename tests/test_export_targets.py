@@ -159,7 +159,7 @@ def test_target_openvino_writes_ir_validated_at_defaults(openvino_export, capsys
 
     import openvino as ov
 
-    from zoo_onnx.openvino_ir import RT_PRECISION_PIN, read_ir_metadata
+    from zoo_onnx.openvino_ir import RT_PRECISION_PIN, compile_for_consumer, read_ir_metadata
 
     out, report = openvino_export
     a = report["artifacts"]["onnx"]
@@ -167,7 +167,7 @@ def test_target_openvino_writes_ir_validated_at_defaults(openvino_export, capsys
     ir = a["validation"]["openvino_ir"]
     assert ir["passed"] and ir["dynamic_batch"], ir["problems"]
     # validated as a consumer compiles it (no configuration), at the precision that compile used
-    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU")
+    compiled = compile_for_consumer(out / "model.xml")  # compile_model(file, "CPU"), signal stack kept
     assert ir["precision"] == compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     if ir["precision"] == "f32":
         assert ir["max_abs_logit_diff"] <= 1e-4 and ir["top1_agreement"] == 1.0
@@ -297,3 +297,67 @@ def test_dynamo_trace_is_out_of_place_and_the_model_is_left_as_it_was():
         assert net[1].inplace is False
         raise RuntimeError("boom")
     assert net[1].inplace is True
+
+
+# --- a signal after OpenVINO: handled, not a crash (exporters/zoo_onnx/signal_stack.py) ----------------
+SIGNAL_AFTER = """
+import ctypes, signal, sys
+sys.path[:0] = {path!r}
+mode = sys.argv[1]
+if mode.startswith("fake"):  # what OpenVINO 2026.4's CPU plugin does per compiled model, on mmap'd memory
+    from zoo_onnx.signal_stack import StackT
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                             ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    class Compiled:
+        def __init__(self):
+            self.mem, self.prev = libc.mmap(None, 65536, 3, 0x22, -1, 0), StackT()  # RW, private|anonymous
+            libc.sigaltstack(ctypes.byref(StackT(self.mem, 0, 65536)), ctypes.byref(self.prev))
+        def close(self):  # put back the stack it replaced, free its own
+            libc.sigaltstack(ctypes.byref(self.prev), None)
+            libc.munmap(self.mem, 65536)
+    if mode == "fake-kept":
+        from zoo_onnx.signal_stack import kept
+        def make():
+            with kept():
+                return Compiled()
+    else:
+        make = Compiled
+    a, b = make(), make()
+    a.close(); b.close()  # destroyed in the order they were made
+else:  # the product's own compile, twice, on a real ONNX file
+    from zoo_onnx.openvino_ir import compile_for_consumer
+    a, b = compile_for_consumer(sys.argv[2]), compile_for_consumer(sys.argv[2])
+    del a, b
+handled = []
+signal.signal(signal.SIGALRM, lambda *_: handled.append(True))
+signal.raise_signal(signal.SIGALRM)
+print("handled" if handled else "not handled")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fake native library uses Linux's mmap flags")
+def test_a_signal_after_openvino_compiles_is_handled_not_a_crash(tmp_path):
+    """After two compiled models are destroyed in the order they were made, a Python-handled signal
+    (Ctrl-C, the step budget's SIGALRM) runs its handler. Before the fix this process died with
+    SIGSEGV: the suite's workers died in the step-budget tests after an OpenVINO validation."""
+    import subprocess
+
+    import torch
+
+    onnx_path = tmp_path / "m.onnx"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    torch.onnx.export(model, torch.randn(1, 3, 16, 16), str(onnx_path), dynamo=False)
+    script = tmp_path / "signal_after.py"
+    script.write_text(SIGNAL_AFTER.format(path=sys.path), encoding="utf-8")
+
+    def run(mode):
+        return subprocess.run([sys.executable, str(script), mode, str(onnx_path)], capture_output=True, text=True,
+                              timeout=120)
+
+    control = run("fake")  # negative control: the dangling stack kills the process at the signal
+    assert control.returncode == -11, (control.returncode, control.stdout, control.stderr[-2000:])
+    for mode in ("fake-kept", "openvino"):
+        proc = run(mode)
+        assert proc.returncode == 0 and proc.stdout.strip() == "handled", (mode, proc.returncode, proc.stderr[-2000:])

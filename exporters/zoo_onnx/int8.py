@@ -431,9 +431,9 @@ def _consumer_runner(runtime: str, path):
         name = sess.get_inputs()[0].name
         return lambda b: sess.run(["logits"], {name: b})[0]
     if runtime == "openvino":
-        import openvino as ov
+        from .openvino_ir import compile_for_consumer
 
-        compiled = ov.Core().compile_model(str(path), "CPU")
+        compiled = compile_for_consumer(path)
         return lambda b: np.array(compiled(b)[compiled.output("logits")])
     if runtime == "opencv":
         import cv2

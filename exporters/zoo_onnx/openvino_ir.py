@@ -31,6 +31,8 @@ import numpy as np
 
 from zoo.errors import ZooError
 
+from . import signal_stack
+
 IR_SUFFIX = ".xml"
 RT_METADATA = ["zoo", "metadata"]
 RT_PRECISION_PIN = ["runtime_options", "INFERENCE_PRECISION_HINT"]
@@ -93,9 +95,12 @@ def precision_of(compiled) -> str:
 
 
 def compile_for_consumer(path, config: dict[str, Any] | None = None):
-    """compile_model(file, "CPU") as a consumer calls it (config None: no configuration at all)."""
+    """compile_model(file, "CPU") as a consumer calls it (config None: no configuration at all). The
+    thread's signal stack is put back afterwards (`signal_stack`: OpenVINO 2026.4 can leave it
+    dangling, and the next Ctrl-C then crashes the process); compile OpenVINO models only here."""
     core = _openvino().Core()
-    return core.compile_model(str(path), "CPU", config) if config else core.compile_model(str(path), "CPU")
+    with signal_stack.kept():
+        return core.compile_model(str(path), "CPU", config) if config else core.compile_model(str(path), "CPU")
 
 
 def ir_runner(path, config: dict[str, Any] | None = None) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], str]:
