@@ -7,8 +7,8 @@ destroyed in the order they were made (what a validation that compiles at the de
 at f32 does on its way out), the second one puts back the first one's stack, already freed. The
 thread is left with a dangling signal stack, and the next Python-handled signal on it (Ctrl-C, the
 export step budget's SIGALRM, pytest-timeout's) crashes the process with SIGSEGV instead of running
-its handler: a `zoo export` interrupted after its OpenVINO validation died without cleaning its
-staging folder, and the test suite's workers died in the step-budget tests.
+its handler: the test suite's workers died that way in the step-budget tests, and a `zoo export`
+interrupted after its OpenVINO validation would die the same way, without cleaning its staging folder.
 
 `kept()` around each compile puts the stack that was there before back as soon as the compile
 returns, so every compiled model remembers that one (never another compiled model's) and restores
