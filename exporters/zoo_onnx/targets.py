@@ -350,6 +350,14 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
         run, _ = runner(target, path)
     except ZooError as exc:
         return {"passed": False, "target": target, "problems": [str(exc)]}
+    def verdict(judge):
+        """judge(fn, kind) -> report on `run`; OpenVINO at its defaults, judged at the precision it used."""
+        if target == "openvino" and kind == "fp32":
+            from .openvino_ir import ir_runner, judge_openvino
+
+            return judge_openvino(lambda config: ir_runner(path, config), judge)
+        return judge(run, kind)
+
     if preprocess == "full":  # images at their own sizes, one at a time and in same-size batches
         report = compare_full(reference, run_full(run, images), tolerance, targets, getattr(images, "names", None))
     else:
@@ -359,12 +367,7 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
         def judge(fn, judged_kind):
             return compare(reference, run_in_batches(fn, x, batch_sizes), tolerance, kind=judged_kind, targets=targets)
 
-        if target == "openvino" and kind == "fp32":  # at its defaults, judged at the precision it used
-            from .openvino_ir import ir_runner, judge_openvino
-
-            report = judge_openvino(lambda config: ir_runner(path, config), judge)
-        else:
-            report = judge(run, kind)
+        report = verdict(judge)
     problems = list(report["problems"])
     if dynamic_size:
         size = second_size(norm.input_size)
@@ -374,12 +377,7 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
         def judge2(fn, judged_kind):
             return compare(ref2, run_in_batches(fn, x2, (1, 3)), tolerance, kind=judged_kind)
 
-        if target == "openvino" and kind == "fp32":  # the second size too at OpenVINO's defaults (bf16 on some CPUs)
-            from .openvino_ir import ir_runner, judge_openvino
-
-            rep2 = judge_openvino(lambda config: ir_runner(path, config), judge2)
-        else:
-            rep2 = judge2(run, kind)
+        rep2 = verdict(judge2)  # the second size judged like the first (bf16 defaults on some CPUs)
         report["second_size"] = {"size": list(size), **{k: rep2[k] for k in ("passed", "max_abs_logit_diff",
                                                                              "top1_agreement", "min_embedding_cosine",
                                                                              "precision", "at_f32") if k in rep2}}
