@@ -410,6 +410,57 @@ def test_the_export_starts_after_the_cheap_engines_warm_up_and_only_a_close_engi
         assert "channels_last" not in stored  # a lower bound is never remembered as a rate
 
 
+@pytest.mark.parametrize("ended_at,timed_again", [(0.25, False), (None, True)])
+def test_a_preparation_that_ends_early_in_a_batch_leaves_a_close_bound_that_needs_no_retiming(
+        tmp_path, ended_at, timed_again):
+    """channels_last's batch beside the export gives a lower bound (40 img/s on the fake clock);
+    what it would do alone is estimated by taking back OVERLAP_COST of the seconds the export
+    overlapped the batch. The export ending a quarter into the batch leaves an estimate of
+    40 x 0.4 / (0.4 - 0.5 x 0.1) = 45.7, which onnxruntime's 60 img/s beats: chosen without timing
+    channels_last again. Beside the export the whole batch, the estimate is 80: timed again."""
+    import threading
+
+    gate, started, clock = threading.Event(), threading.Event(), FakeClock()
+    prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 60.0}, gate=gate, started=started)
+    batches = [0]
+
+    def export_ends_early(name, *a, **kw):
+        engine = prep(name, *a, **kw)
+        if name != "channels_last":
+            return engine
+
+        def run(x):
+            if len(x) > E.CHECK_ROWS:
+                batches[0] += 1
+            if batches[0] == 2 and ended_at is not None and not gate.is_set():  # the batch beside the export
+                t = clock.t
+                clock.t += ended_at * len(x) / RATES["channels_last"]
+                gate.set()
+                _join_preparations()  # the export ends here, a quarter into the batch
+                clock.t = t
+            return engine.run(x)
+        return E.Prepared(name, engine.numerics, run)
+
+    m, x = tiny_backbone(), batch(16)
+    E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 1.0)
+    ch = E.Chooser("auto", m, torch.device("cpu"), allow_reduced=False, total=5000, cache_root=tmp_path,
+                   choice_key="k", say=quiet, _prepare=export_ends_early, _clock=clock)
+    ch.run(x)  # channels_last's warm-up batch; the export starts after it
+    assert started.wait(10)
+    ch.run(x)  # beside the export
+    gate.set()
+    _join_preparations()
+    ch.run(x)  # onnxruntime's warm-up batch
+    ch.run(x)  # ... and its timed one
+    assert (ch.selection is None) == timed_again
+    if timed_again:
+        assert ch.engine_name == "channels_last"
+        ch.run(x)
+    sel = ch.selection
+    assert sel is not None and sel.engine.name == "onnxruntime"
+    assert sel.lower_bounds == (set() if timed_again else {"channels_last"})
+
+
 def test_an_engine_timed_on_its_own_keeps_its_rate_when_it_runs_on_beside_the_export(tmp_path):
     """Here the export does not pay at channels_last's (fast) warm-up batch but does at its timed
     rate, so it starts after the timed batch and channels_last runs on beside it: its rate stays
@@ -495,3 +546,45 @@ def test_a_paying_export_starts_with_the_jobs_first_batch_at_the_cheap_engines_e
     assert sel is not None and sel.engine.name == "onnxruntime" and cheap[0] == cheap_batches
     assert sel.rates["channels_last"] == pytest.approx(40.0)
     assert sel.lower_bounds == ({"channels_last"} if cheap_batches == 1 else set())  # else timed on its own
+
+
+def test_the_onnxruntime_engine_exports_without_importing_onnx_and_leaves_other_threads_the_full_pass(tmp_path):
+    """The engine's export skips the TorchScript-based exporter's onnxscript pass, whose `import
+    onnx` alone cost more than the export (engine.py, `_no_onnxscript_pass`): in a fresh process,
+    preparing the engine leaves `onnx` unimported and the features still agree with eager. Another
+    thread exporting meanwhile gets the pass as before, and it is put back afterwards."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, threading, torch, torch.nn as nn
+        from zoo.features import engines as E
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten()).eval()
+        x = torch.randn(4, 3, 24, 24)
+        p = E.prepare("onnxruntime", m, x, torch.device("cpu"), onnx_dir=sys.argv[1])
+        with torch.inference_mode():
+            cos = float(E.row_cosine(p.run(x), m(x)).min())
+        print("onnx imported" if "onnx" in sys.modules else "onnx not imported", cos)
+
+        import importlib
+        from zoo_onnx import engine as engine_module
+        target = importlib.import_module("torch.onnx._internal.torchscript_exporter.onnx_proto_utils")
+        seen = []
+        original = target._add_onnxscript_fn
+        target._add_onnxscript_fn = lambda b, c: seen.append(threading.current_thread().name) or b
+        with engine_module._no_onnxscript_pass():
+            target._add_onnxscript_fn(b"", {})  # this thread: skipped
+            t = threading.Thread(target=lambda: target._add_onnxscript_fn(b"", {}), name="other")
+            t.start(); t.join()
+        target._add_onnxscript_fn(b"", {})
+        print("reached by", seen)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.strip().splitlines()[-2:]
+    assert first.startswith("onnx not imported") and float(first.split()[-1]) >= E.FP32_COSINE
+    assert second == "reached by ['other', 'MainThread']"

@@ -10,14 +10,16 @@ export that is not cached against what it would save on the job.
 
 The graph is traced with the TorchScript-based exporter (opset 17) first: for extraction any
 correct graph serves (the check compares it with eager), and it exports ResNet-18 in about half
-the time the dynamo exporter takes (EfficientNet-Lite0 about a third). The dynamo path is the
-fallback. Nothing here imports torch or onnxruntime until an engine is prepared.
+the time the dynamo exporter takes (EfficientNet-Lite0 about a third); its onnxscript pass, which
+imports `onnx` only to re-serialize a graph a backbone never needs it for, is skipped
+(`_no_onnxscript_pass`: 1.5 s -> 0.45 s for ResNet-18). The dynamo path is the fallback. Nothing here imports torch or onnxruntime until an engine is prepared.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import logging
 import tempfile
@@ -66,10 +68,10 @@ class OnnxRuntimeEngine(ExtractionEngine):
         if workdir is not None and (Path(workdir) / f"{module_digest(backbone)}.onnx").is_file():
             return 0.0  # exported before: a session loads in well under a second
         # Not measured here yet (the zoo remembers what an export took once it has run one): about
-        # 1.5 s plus 4 ms per module with the TorchScript-based exporter, in a thread beside the
-        # job's extraction on 2 CPU cores (measured 2.1 s for ResNet-18, 2.0 s for
-        # EfficientNet-Lite0; torch 2.14, benchmarks/bench_vs_peers.py).
-        return 1.5 + 0.004 * sum(1 for _ in backbone.modules())
+        # 0.9 s plus 1 ms per module with the TorchScript-based exporter and no onnxscript pass, in
+        # a thread beside the job's extraction on 2 CPU cores, the session included (measured
+        # 1.04-1.15 s for ResNet-18, 1.13 s for EfficientNet-Lite0; torch 2.14; 2.0-2.1 s with the pass).
+        return 0.9 + 0.001 * sum(1 for _ in backbone.modules())
 
     def prepare(self, backbone, example, device, *, workdir, threads) -> PreparedEngine:
         import onnxruntime as ort
@@ -148,9 +150,63 @@ def _quiet():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_onnxscript_pass():
+    """The TorchScript-based exporter with its last pass skipped, in this thread only.
+
+    Why: after building the graph, torch's TorchScript-based exporter always imports the `onnx`
+    package, parses the serialized model back and re-serializes it, to insert the onnxscript
+    functions of custom ops (`onnx_proto_utils._add_onnxscript_fn`). A backbone has none, and
+    importing `onnx` costs 0.6-0.9 s of CPU on its own (ml_dtypes registers its numpy loops), so
+    that pass was two thirds of the engine's export (ResNet-18: 1.5 s -> 0.45 s, on 2 cores, idle),
+    CPU taken from the job's extraction beside it. Other threads still get the pass (a user's own
+    export meanwhile is untouched); where torch is laid out differently nothing is skipped. A graph
+    that needed the pass fails to load in ONNX Runtime or fails the check against eager: the engine
+    is then rejected, never wrong."""
+    target = None
+    for where in ("torch.onnx._internal.torchscript_exporter.onnx_proto_utils", "torch.onnx._internal.onnx_proto_utils"):
+        with contextlib.suppress(ImportError):
+            target = importlib.import_module(where)
+            if callable(getattr(target, "_add_onnxscript_fn", None)):
+                break
+            target = None
+    if target is None:
+        yield
+        return
+    original, me = target._add_onnxscript_fn, threading.current_thread()
+
+    def passthrough(model_bytes, custom_opsets, *args, **kwargs):
+        if threading.current_thread() is me:
+            return model_bytes
+        return original(model_bytes, custom_opsets, *args, **kwargs)
+
+    with _PATCH_LOCK:
+        target._add_onnxscript_fn = passthrough
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            if target._add_onnxscript_fn is passthrough:
+                target._add_onnxscript_fn = original
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+def _export_lean(module, example, path: Path) -> None:
+    """The TorchScript-based exporter straight to `path` (dynamic batch, "input" -> "output")."""
+    import torch
+
+    with torch.no_grad(), _no_onnxscript_pass():
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=ENGINE_OPSET,
+                          input_names=["input"], output_names=["output"], do_constant_folding=True,
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+
+
 def _export(backbone, example, path: Path) -> None:
-    """Dynamic-batch export, atomically: the TorchScript-based exporter first (fast), dynamo if it
-    fails; any failure rejects the engine (eager and the others remain)."""
+    """Dynamic-batch export, atomically: the TorchScript-based exporter first (fast, and without
+    its onnxscript pass: `_no_onnxscript_pass`), dynamo if it fails; any failure rejects the
+    engine (eager and the others remain)."""
     import torch
 
     from zoo.io import atomic_path
@@ -160,11 +216,14 @@ def _export(backbone, example, path: Path) -> None:
     module = backbone.to(memory_format=torch.contiguous_format).eval()
     errors = []
     try:
-        for how, opset in (("legacy", ENGINE_OPSET), ("auto", None)):
+        for how in ("legacy", "auto"):
             try:
                 with torch.inference_mode(False), atomic_path(path) as tmp, _quiet():
                     x = example[:2].detach().float().cpu().clone()  # a normal tensor, even from inference mode
-                    export_module(module.to("cpu"), x, tmp, opset=opset, onnx_exporter=how)
+                    if how == "legacy":
+                        _export_lean(module.to("cpu"), x, tmp)
+                    else:
+                        export_module(module.to("cpu"), x, tmp, onnx_exporter=how)
                 return
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"{how}: {_first_line(exc)}")

@@ -36,9 +36,10 @@ always available.
     `_start_at_first_batch`); else right after the cheap engine's warm-up batch if it pays at that
     batch's rate (`_start_early`); else after the timed batch. A batch that runs beside a
     preparation gives only a lower bound of its engine's rate (on a CPU its warm-up batch too:
-    nothing is tuned there): the prepared engine wins outright if it beats the bound
-    RETIME_MARGIN times over (the bound is reported as ">=" and never remembered), otherwise the
-    cheap engine is timed again on the next batch;
+    nothing is tuned there): the prepared engine wins outright if it beats what that engine is
+    estimated to do alone, the bound with OVERLAP_COST of the seconds the preparation overlapped
+    the batch taken back (at most RETIME_MARGIN x the bound; the bound is reported as ">=" and
+    never remembered), otherwise the cheap engine is timed again on the next batch;
   * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
 No batch is computed twice. The selection's `overhead_seconds` is what the job spent until the
 choice beyond what the chosen engine alone would have taken on the same images.
@@ -82,10 +83,12 @@ DEFAULT_PREPARE_SECONDS = 60.0  # an engine whose preparation cost is unknown an
 # after the other); benchmarks/bench_vs_peers.py reports the job's real overhead.
 OVERLAP_COST = 0.5
 # A batch that ran while a preparation was running beside it is slowed by it, so its rate is only a
-# lower bound of the engine's own. An engine known only that way is not timed again when the
-# prepared engine beats that bound by this factor; closer than that, it is timed again on the next
-# batch. Measured on 2 cores (the main job, Lite0, 4 runs): channels_last ran 24-25 img/s beside
-# the ONNX export against 26-29 alone, so the bound is well within a factor of 2 of the rate.
+# lower bound of the engine's own. What the engine would do alone is estimated from it by taking
+# back what the preparation cost the batch, OVERLAP_COST x the seconds the two overlapped, and at
+# most this factor (a batch wholly beside a preparation: rate x 2). An engine known only that way
+# is not timed again when the prepared engine beats that estimate; otherwise it is timed again on
+# the next batch. Measured on 2 cores (the main job, Lite0, 4 runs): channels_last ran 24-25 img/s
+# beside the ONNX export against 26-29 alone, so the estimate errs towards timing it again.
 RETIME_MARGIN = 2.0
 # Before the cheap engine has run, its rate is guessed from the reference rows' (eager's first call,
 # on 8 rows): channels_last alone ran 2.7-3.3x that rate in fresh processes on 2 cores (ResNet-18
@@ -344,6 +347,7 @@ class Chooser:
         self._warm: set[str] = set()
         self._pending: tuple[str, threading.Thread, dict] | None = None  # a preparation in the background
         self._beside: dict[str, float] = {}  # rates measured while a preparation ran beside: lower bounds
+        self._alone: dict[str, float] = {}  # ... and what each engine would have done alone, estimated from them
         self._early = False  # whether a costly preparation was considered after the cheap engine's warm-up
         self._spent = 0.0  # main-thread seconds in run() until the choice: the job's extraction while choosing
         self.prepare_times: dict[str, float] = {}
@@ -480,9 +484,10 @@ class Chooser:
         module, box = copy.deepcopy(self.backbone), {}
 
         def work() -> None:
-            t0 = self._clock()
+            t0 = box["began"] = self._clock()
             box["engine"], box["why"] = self._build(name, module)
             box["seconds"] = self._clock() - t0
+            box["ended"] = self._clock()
 
         thread = threading.Thread(target=work, name=f"zoo-prepare-{name}", daemon=True)
         self._pending = (name, thread, box)
@@ -546,14 +551,15 @@ class Chooser:
                     # On a CPU an engine's first batch costs little more than its next ones (nothing is
                     # tuned), so beside a preparation it is a lower bound like a timed batch there. On a
                     # GPU the first batch includes autotuning (cudnn) and bounds nothing usefully.
-                    self._beside[engine.name] = max(self._beside.get(engine.name, 0.0), rate)
+                    self._bound(engine.name, rate, t0, dt)
                 if not beside:
                     self._start_early(engine.name, rate)
             elif beside:
-                self._beside[engine.name] = max(self._beside.get(engine.name, 0.0), rate)
+                self._bound(engine.name, rate, t0, dt)
             else:
                 self.rates[engine.name] = rate
                 self._beside.pop(engine.name, None)
+                self._alone.pop(engine.name, None)
                 self._plan = [n for n in self._plan if n != engine.name]
                 self._next()
         if choosing:
@@ -640,8 +646,18 @@ class Chooser:
         again (it cannot win), its bound kept for the record."""
         best = self._best_timed_rate()
         for name in [n for n in self._plan if n in self._beside]:
-            if best >= RETIME_MARGIN * self._beside[name]:
+            if best >= self._alone[name]:
                 self._plan.remove(name)
+
+    def _bound(self, name: str, rate: float, t0: float, dt: float) -> None:
+        """Record a batch of `name` that ran beside the pending preparation from t0 for dt seconds:
+        its rate is a lower bound; the estimate of the rate alone takes back OVERLAP_COST of the
+        seconds the preparation overlapped the batch (capped at RETIME_MARGIN x the rate)."""
+        box = self._pending[2] if self._pending is not None else {}
+        overlap = max(0.0, min(t0 + dt, box.get("ended", t0 + dt)) - max(t0, box.get("began", t0)))
+        alone = rate * dt / max(dt - OVERLAP_COST * overlap, dt / RETIME_MARGIN, 1e-12)
+        self._beside[name] = max(self._beside.get(name, 0.0), rate)
+        self._alone[name] = max(self._beside[name], min(self._alone.get(name, alone), alone))
 
     def _best_timed_rate(self) -> float:
         """The best rate timed on its own so far by a prepared engine other than the reference (0: none)."""
