@@ -642,8 +642,8 @@ class Chooser:
 
     def _drop_clear_losers(self) -> None:
         """Cheap engines still to be timed that were run only beside a preparation: their rate then is
-        a lower bound; one that the best engine timed beats RETIME_MARGIN times over is not timed
-        again (it cannot win), its bound kept for the record."""
+        a lower bound; one whose estimated rate alone (`_bound`) the best engine timed beats is not
+        timed again (it cannot win), its bound kept for the record."""
         best = self._best_timed_rate()
         for name in [n for n in self._plan if n in self._beside]:
             if best >= self._alone[name]:
