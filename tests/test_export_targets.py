@@ -377,3 +377,38 @@ def test_a_signal_after_openvino_compiles_is_handled_not_a_crash(tmp_path):
     for mode in ("fake-kept", "openvino"):
         proc = run(mode)
         assert proc.returncode == 0 and proc.stdout.strip() == "handled", (mode, proc.returncode, proc.stderr[-2000:])
+
+
+def test_shape_inference_without_the_weights_bytes_infers_what_onnx_infers():
+    """targets.infer_shapes declares the large float weights by type and shape instead of passing
+    their bytes: every inferred type and shape must be the one onnx infers on the whole graph (the
+    Reshape's shape comes from a small int64 initializer's data, which must stay), and folding
+    keeps the weights byte for byte."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+    from zoo_onnx import targets as tg
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((256, 3, 3, 3)).astype(np.float32), "w")  # 6912 > the limit
+    fc = numpy_helper.from_array(rng.standard_normal((10, 256 * 36)).astype(np.float32), "fc")
+    shape = numpy_helper.from_array(np.array([-1, 256 * 36], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "fc"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, fc, shape])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert max(int(np.prod(i.dims)) for i in proto.graph.initializer) > tg.INFER_DATA_ELEMENTS
+
+    def inferred(m):
+        return {vi.name: vi.type.SerializeToString() for vi in [*m.graph.value_info, *m.graph.output]}
+
+    light = tg.infer_shapes(proto)
+    assert {i.name for i in light.graph.initializer} == {"shape"}  # the weights' bytes were not carried
+    assert inferred(light) == inferred(shape_inference.infer_shapes(proto))
+    flat = next(vi for vi in light.graph.value_info if vi.name == "flat").type.tensor_type.shape.dim
+    assert [d.dim_value for d in flat] == [0, 9216]  # 9216 read from the kept "shape" data; batch unknown
+
+    folded = tg.fold_static_shapes(proto, 17)
+    assert {i.name: i.raw_data for i in folded.graph.initializer if i.name in ("w", "fc")} == \
+        {"w": w.raw_data, "fc": fc.raw_data}
