@@ -125,9 +125,11 @@ def infer_shapes(proto):
     if not big:
         return shape_inference.infer_shapes(proto)
     stripped = {i.name for i in big}
+    declared = {i.name for i in g.input}  # IR < 4 lists initializers as inputs too: declare each once
     graph = helper.make_graph(
         list(g.node), g.name,
-        [*g.input, *(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in big)],
+        [*g.input, *(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in big
+                     if i.name not in declared)],
         list(g.output), [i for i in g.initializer if i.name not in stripped], value_info=list(g.value_info))
     light = onnx.ModelProto(ir_version=proto.ir_version, graph=graph)
     light.opset_import.extend(proto.opset_import)
@@ -279,7 +281,7 @@ def _fold_once(proto, opset: int | None):
         out.graph.initializer.append(consts.tensors[name])  # an initializer kept as it was (not re-encoded)
     out.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name) for name, v in consts.items()
                                  if name in needed and name not in graph_inputs and name not in consts.tensors)
-    for out_name in graph_outputs & set(consts):  # an output that became constant: keep it computed
+    for out_name in graph_outputs & (set(consts) | set(consts.tensors)):  # an output that is a constant
         raise ZooError(f"graph output {out_name!r} folded to a constant: the model ignores its input")
     del out.graph.value_info[:]
     return out
