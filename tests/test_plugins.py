@@ -460,3 +460,68 @@ def test_the_kit_refuses_to_test_another_plugins_provider(tmp_path, monkeypatch,
     monkeypatch.setenv("ZOO_PROVIDERS", "shared=beta")
     fresh_plugins.reset()
     module.test_it()  # its own provider: passes
+
+
+# Modules whose state a state dict does not fully hold: loading a weights file must keep what
+# their own init set up (the loader skips random init only where the load overwrites everything).
+STATEFUL = plugin("""
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.register_buffer("gain", torch.full((1, 8, 1, 1), 2.0), persistent=False)
+            self.offset = torch.full((1, 8, 1, 1), 0.25)   # a plain attribute, not a buffer
+        def forward(self, x):
+            return self.conv(x) * self.gain + self.offset
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)
+            self.b.weight = self.a.weight
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+        def forward(self, x):
+            return self.conv(self.b(self.a(x)))
+
+    def headless(body):
+        return torch.nn.Sequential(body, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    class P(Base):
+        name = "stateful"
+        models = ("scale", "tied", "plain")
+        def build(self, spec, weights):
+            body = {"scale": Scale, "tied": Tied, "plain": lambda: torch.nn.Conv2d(3, 8, 3)}[spec.model]()
+            return BuiltBackbone(headless(body), feature_dim=8)
+    @hookimpl
+    def zoo_register_backbones(register):
+        register(P())
+""")
+
+
+@pytest.mark.parametrize("model", ["scale", "tied", "plain"])
+def test_a_weights_file_sets_every_tensor_and_keeps_what_the_module_set_up(model, tmp_path, monkeypatch,
+                                                                           fresh_plugins):
+    import torch
+    from safetensors.torch import save_file
+
+    install(tmp_path, monkeypatch, {"stateful": STATEFUL})
+    reference, _ = zoo.create_backbone(f"stateful/{model}", weights=None)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.clone() for k, v in reference.state_dict().items()}, path)  # a tied weight twice
+    rng = torch.random.get_rng_state()
+    loaded, info = zoo.create_backbone(f"stateful/{model}", weights=str(path))
+    # everything is in the file: nothing was randomly initialized only to be overwritten
+    rng_untouched = torch.equal(torch.random.get_rng_state(), rng)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in reference.state_dict().items()}
+    assert info.weights.startswith("file:w.safetensors@sha256:")
+    if model == "scale":
+        assert torch.equal(loaded[0].gain, torch.full((1, 8, 1, 1), 2.0)) and float(loaded[0].offset.max()) == 0.25
+    if model == "tied":
+        assert loaded[0].a.weight is loaded[0].b.weight  # still one parameter: training one trains both
+    assert rng_untouched == (model == "plain")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .backbones import BackboneInfo, create_backbone
+from .backbones import BackboneInfo, create_backbone, create_loaded_backbone
 from .errors import ZooError
 from .heads import HeadConfig, build_head
 from .io import save_safetensors, write_json
@@ -304,8 +304,8 @@ def load_model(directory: str | Path) -> ZooModel:
     if BACKBONE_FILE in files:
         tensors = _read_weights(directory, BACKBONE_FILE, files[BACKBONE_FILE],
                                 "the backbone's weights: random init, a local file, or trained layers")
-        module, info = create_backbone(meta.backbone, weights=None)
-        _load_state(module, tensors, directory / BACKBONE_FILE, f"the {meta.backbone} backbone")
+        module, info = create_loaded_backbone(
+            meta.backbone, lambda m: _load_state(m, tensors, directory / BACKBONE_FILE, f"the {meta.backbone} backbone"))
     else:
         module, info = create_backbone(meta.backbone, weights=meta.weights)
     head_tensors = _read_weights(directory, HEAD_FILE, files[HEAD_FILE], "the trained head")
