@@ -58,3 +58,23 @@ def test_provider_counts_cover_the_catalogues():
 
     assert len(zoo.list_models(provider="torchvision")) == len(tvm.list_models(module=tvm))
     assert len(zoo.list_models(provider="timm")) == len(timm.list_models())
+
+
+@pytest.mark.parametrize("name", ["torchvision/resnet18", "torchvision/vgg11", "torchvision/regnet_x_400mf",
+                                  "timm/tf_efficientnet_lite0", "timm/vit_small_patch16_rope_224"])
+def test_zoo_info_describes_the_architecture_the_random_init_build_has(name):
+    """`zoo info` counts parameters and layer groups and measures the feature dim on an architecture
+    built without weights (meta device where it builds there): the same numbers as a real build."""
+    import torch
+
+    from zoo.backbones import describe_backbone
+
+    rng = torch.random.get_rng_state()
+    _, described = describe_backbone(name)
+    untouched = torch.equal(torch.random.get_rng_state(), rng)
+    module, built = zoo.create_backbone(name, weights=None)
+    assert (described.num_params, described.feature_dim) == (built.num_params, built.feature_dim) != (None, None)
+    assert described.layer_groups == built.layer_groups and len(built.layer_groups) > 1
+    assert not any(p.is_meta for p in module.parameters())  # create_backbone's own build is real
+    if name in ("torchvision/resnet18", "torchvision/vgg11"):
+        assert untouched  # nothing was initialized

@@ -137,7 +137,22 @@ def create_loaded_backbone(name: str, load: Callable[[Any], None]) -> tuple["tor
     return _create(name, None, load)
 
 
-def _create(name: str, weights: Any, load: Callable[[Any], None] | None = None) -> tuple[Any, BackboneInfo]:
+def describe_backbone(name: str) -> tuple["torch.nn.Module", BackboneInfo]:  # noqa: F821
+    """What `create_backbone(name, weights=None)` reports (parameters, layer groups, the measured
+    feature dim) without computing any weights (`zoo info`): the architecture is built on the meta
+    device where it can be, so the module returned may hold meta tensors: count it, do not run it."""
+    try:
+        return _create(name, None, shapes_only=True)
+    except _NotOnMeta:
+        return _create(name, None)
+
+
+class _NotOnMeta(Exception):
+    """A module built on the meta device could not be measured there (data-dependent code)."""
+
+
+def _create(name: str, weights: Any, load: Callable[[Any], None] | None = None,
+            shapes_only: bool = False) -> tuple[Any, BackboneInfo]:
     from .weights import file_digest, load_into, read_state_dict
 
     # -- resolve: the record, its owner, the weights ------------------------------------------------
@@ -162,7 +177,7 @@ def _create(name: str, weights: Any, load: Callable[[Any], None] | None = None) 
         weights_id = f"file:{path.name}@sha256:{file_digest(path)}"
 
     # -- build, through the owning provider only: uninitialized where `load` overwrites every tensor -
-    built = _skeleton(reg, rec) if load is not None else None
+    built = _skeleton(reg, rec, materialize=not shapes_only) if load is not None or shapes_only else None
     if built is None:
         built = reg.ask(rec, "build", lambda p: p.build(rec.spec, build_tag))
         if not isinstance(built, BuiltBackbone):
@@ -175,7 +190,14 @@ def _create(name: str, weights: Any, load: Callable[[Any], None] | None = None) 
     module.eval()
 
     # -- verify what the plugin declared --------------------------------------------------------------
-    feature_dim = verify_feature_dim(module, rec, built.feature_dim, reg.static_feature_dim(rec), normalization)
+    try:
+        feature_dim = verify_feature_dim(module, rec, built.feature_dim, reg.static_feature_dim(rec), normalization)
+    except ZooError:
+        raise
+    except Exception as exc:
+        if shapes_only and any(t.is_meta for t in module.parameters()):
+            raise _NotOnMeta() from exc
+        raise
     groups = built.layer_groups
     if groups is None:
         from .layers import auto_layer_groups
@@ -199,11 +221,13 @@ def _create(name: str, weights: Any, load: Callable[[Any], None] | None = None) 
     return module, info
 
 
-def _skeleton(reg: registry.BackboneRegistry, rec: registry.BackboneRecord) -> BuiltBackbone | None:
+def _skeleton(reg: registry.BackboneRegistry, rec: registry.BackboneRecord,
+              materialize: bool = True) -> BuiltBackbone | None:
     """The provider's random-init build with its tensors allocated but not initialized, for a state
     dict to overwrite: random init is most of a small job's model build (ResNet-18 0.15 s, VGG-16
     1.9 s), and a loaded backbone throws it away. The build runs on the meta device (shapes only),
-    then every parameter and buffer gets uninitialized CPU memory.
+    then every parameter and buffer gets uninitialized CPU memory (materialize=False: it stays on
+    meta, for shapes and counts only, and none of the checks below apply).
 
     None (build for real) unless a strict load is sure to overwrite all of it: the build must run on
     meta tensors (no data-dependent code), every parameter and buffer must be in the state dict
@@ -220,6 +244,8 @@ def _skeleton(reg: registry.BackboneRegistry, rec: registry.BackboneRecord) -> B
     if not isinstance(built, BuiltBackbone) or not isinstance(built.module, torch.nn.Module):
         return None
     module = built.module
+    if not materialize:
+        return built
     tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     unique = {id(t) for _, t in tensors}
     stray = any(isinstance(v, torch.Tensor) for m in module.modules() for v in vars(m).values())

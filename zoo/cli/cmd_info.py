@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    p = sub.add_parser("info", help="describe one backbone (builds it with random init to count parameters)")
+    p = sub.add_parser("info", help="describe one backbone (builds its architecture, without weights, to count parameters)")
     p.add_argument("name", help="provider/model[.tag], e.g. torchvision/vgg16 or timm/resnet18.a1_in1k")
     p.add_argument("--weights", default=None, help="weights tag to describe (default: the name's tag or the default)")
     p.add_argument("--no-build", action="store_true",
@@ -17,7 +17,7 @@ def run(args) -> int:
     import warnings
 
     from zoo import index
-    from zoo.backbones import DEFAULT, create_backbone, get_info
+    from zoo.backbones import DEFAULT, describe_backbone, get_info
     from zoo.table import fmt_count, fmt_stats, print_json, render
 
     weights = args.weights or DEFAULT
@@ -28,8 +28,9 @@ def run(args) -> int:
     if not args.no_build:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # random init: the architecture is the same, and nothing is downloaded
-            module, built = create_backbone(info.name, weights=None)
+            # the architecture only (random init, on the meta device where it builds there): nothing is
+            # downloaded or computed
+            module, built = describe_backbone(info.name)
         data["num_params"] = built.num_params
         data["feature_dim"] = built.feature_dim
         params = dict(module.named_parameters())
