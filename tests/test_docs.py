@@ -357,3 +357,18 @@ def test_doc_block(block: Block, sessions):
         note = (f"\n(earlier blocks of {block.doc} failed too: {', '.join(str(b.line) for b in earlier)})"
                 if earlier else "")
         pytest.fail(session.done[block.index] + note, pytrace=False)
+
+
+def test_a_parallel_run_keeps_each_part_of_a_document_together():
+    """Each block runs after the earlier blocks of its session, so a parallel run must send a part of
+    a document (its `<!-- session: fresh -->` sections) to one worker whole (tests/xdist_groups.py);
+    different parts and documents are different work units, other tests are grouped by module."""
+    from xdist_groups import group_of
+
+    groups = {b.id: group_of(f"tests/test_docs.py::test_doc_block[{b.id}]") for b in RUNNABLE}
+    assert all(groups[b.id] == f"doc:{b.session_key}" for b in RUNNABLE)
+    readme = {groups[b.id] for b in RUNNABLE if b.doc == "README.md"}
+    assert readme == {"doc:README.md", "doc:README.md#1"}  # README's one session marker: two parts
+    assert len(set(groups.values())) == len({b.session_key for b in RUNNABLE})
+    assert group_of("tests/test_cache.py::test_index[a-b]") == "tests/test_cache.py"
+    assert group_of("tests/test_docs.py::test_every_block_is_run_or_marked") == "tests/test_docs.py"
