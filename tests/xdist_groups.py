@@ -9,7 +9,7 @@ run side by side.
 Why a scheduler and not `xdist_group` marks: with pytest 9.2 xdist's way of applying the marks
 (appending "@group" to the item's node id) no longer takes effect, silently
 (pytest-dev/pytest-xdist#1386), and every group fell apart: docs blocks reran their predecessors on
-both workers and the suite took 15-18 minutes (fresh-venv CI: 17:46 before, 13:44 after). The
+both workers and the suite took 15-18 minutes (fresh-venv CI: 17:46 before, 13:44 and 15:23 after). The
 grouping is decided here from the node id alone, on the controller, whatever the versions.
 
 Order: the work units go out longest first (the classic longest-processing-time rule), so that no
