@@ -5,6 +5,7 @@ cache key follows the engine's numerics."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -121,6 +122,76 @@ def test_auto_skips_a_broken_engine_and_remembers_the_fastest(tmp_path):
     remembered = E.select("auto", m, x, cpu, allow_reduced=False, total=50, cache_root=tmp_path, choice_key="key",
                           say=quiet, _prepare=prep)
     assert remembered.how == "remembered"  # a remembered choice serves small jobs too
+
+
+@pytest.mark.parametrize("broken", [None, "channels_last"])
+def test_the_first_batchs_engine_is_checked_on_that_batch_and_a_failure_never_reaches_the_output(tmp_path, broken):
+    """The probe's first engine is checked on the first batch's own rows (not run on them beforehand):
+    when it disagrees with eager, that batch's features come from the next engine, never from it.
+    broken=None is the control: the same engine passes and its output is kept."""
+    m, cpu = tiny_backbone(), torch.device("cpu")
+    ran = []
+
+    def prep(name, backbone, example, device, **kw):
+        eng = _broken(broken)(name, backbone, example, device, **kw)
+        run = eng.run
+        eng.run = lambda x, _run=run, _name=name: (ran.append((_name, len(x))), _run(x))[1]
+        return eng
+
+    ch = E.Chooser("auto", m, cpu, allow_reduced=False, total=50, cache_root=tmp_path, choice_key="k", say=quiet,
+                   _prepare=prep)
+    x = batch(16)
+    with torch.inference_mode():
+        want = m.eval()(x).flatten(1)
+    got = ch.run(x)
+    assert torch.allclose(got, want, atol=1e-5), "the first batch's features are not eager's"
+    assert ("channels_last", E.FP32_CHECK_ROWS) not in ran  # no separate run on the check rows
+    assert ran[:2] == [("eager", E.FP32_CHECK_ROWS), ("channels_last", 16)]
+    if broken:
+        assert "disagree with eager" in ch.rejected["channels_last"] and ch.engine_name != "channels_last"
+        ran.clear()
+        assert torch.allclose(ch.run(x), want, atol=1e-5)
+        assert all(name != "channels_last" for name, _ in ran)  # a rejected engine runs no later batch
+    else:
+        assert "channels_last" not in ch.rejected and ch.engine_name == "channels_last"
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_an_engine_ready_within_the_first_batch_takes_over_its_second_part(tmp_path, monkeypatch, split):
+    """On a CPU a probing job runs each batch in parts of PROBE_ROWS rows until the choice, so an
+    export that is ready after the cheap engine's first part runs the rest of that batch.
+    split=False is the control: with parts as large as the batch the cheap engine runs all of it."""
+    if not split:
+        monkeypatch.setattr(E, "PROBE_ROWS", 1000)
+    clock, gate = FakeClock(), threading.Event()
+    prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 100.0}, gate=gate, opens="channels_last")
+    rows: dict[str, int] = {}
+
+    def counting(name, *a, **kw):
+        eng = prep(name, *a, **kw)
+        run = eng.run
+
+        def counted(x):
+            rows[name] = rows.get(name, 0) + len(x)
+            f = run(x)
+            if name == "channels_last" and ch._pending is not None:  # as on a real machine: the export,
+                ch._pending[1].join(10)  # started beside this part, is done by the end of it
+            return f
+        eng.run = counted
+        return eng
+
+    m = tiny_backbone()
+    E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", 0.5)
+    ch = E.Chooser("auto", m, torch.device("cpu"), allow_reduced=False, total=5000, cache_root=tmp_path,
+                   choice_key="k", say=quiet, _prepare=counting, _clock=clock)
+    x = batch(64)
+    got = ch.run(x)
+    with torch.inference_mode():
+        assert torch.allclose(got, m.eval()(x).flatten(1), atol=1e-5)  # the parts in order, each right
+    if split:
+        assert rows["channels_last"] == 32 and rows["onnxruntime"] == E.FP32_CHECK_ROWS + 32
+    else:
+        assert rows["channels_last"] == 64 and "onnxruntime" not in rows
 
 
 def test_only_the_probing_rank_probes_the_others_use_the_remembered_choice(tmp_path):
@@ -269,10 +340,10 @@ class FakeClock:
 RATES = {"eager": 20.0, "channels_last": 40.0, "onnxruntime": 70.0}  # img/s on the fake clock
 
 
-def fake_engines(clock, rates=RATES, gate=None, started=None):
+def fake_engines(clock, rates=RATES, gate=None, started=None, opens=None):
     """Engines that compute eager's features (so they pass their check) and advance the clock by
     len(x) / their rate; gate: an Event the onnxruntime preparation waits for; started: an Event
-    it sets when it begins."""
+    it sets when it begins; opens: the engine whose first run sets the gate."""
     prepared = []
 
     def prep(name, backbone, example, device, **kw):
@@ -285,6 +356,8 @@ def fake_engines(clock, rates=RATES, gate=None, started=None):
 
         def timed(x):
             clock.t += len(x) / rates.get(name, 10.0)
+            if name == opens:
+                gate.set()
             return run(x)
         return E.Prepared(name, E.numerics_of(name), timed)
     return prep, prepared
@@ -292,7 +365,7 @@ def fake_engines(clock, rates=RATES, gate=None, started=None):
 
 def _probe(tmp_path, total, export_seconds, **kw):
     clock = FakeClock()
-    prep, prepared = fake_engines(clock, **{k: v for k, v in kw.items() if k == "gate"})
+    prep, prepared = fake_engines(clock, **{k: v for k, v in kw.items() if k in ("gate", "opens")})
     m = tiny_backbone()
     if export_seconds is not None:  # what exporting this architecture took on this machine before
         E.ChoiceStore(tmp_path).put_prepare_seconds("onnxruntime", type(m).__qualname__, "", export_seconds)
@@ -315,11 +388,14 @@ def test_the_export_runs_only_when_its_saving_on_this_job_exceeds_its_cost(tmp_p
 
 
 def test_the_probes_overhead_is_what_the_job_spent_beyond_the_chosen_engine(tmp_path):
-    sel, _ = _probe(tmp_path, 5000, 4.0)
-    # until the choice (64 images): eager's 8 reference rows, channels_last's check rows and two
-    # batches, onnxruntime's check rows and two batches (the chosen engine's features of the check
-    # rows are the check's own, not computed again); the chosen engine alone would have taken 64 / 70 s
-    spent = 8 / 20 + 8 / 40 + 32 / 40 + 8 / 70 + 32 / 70
+    # the export is ready once channels_last has run the first batch (as on a real machine: it takes longer)
+    sel, _ = _probe(tmp_path, 5000, 4.0, gate=threading.Event(), opens="channels_last")
+    # until the choice (64 images): eager's 4 reference rows (every candidate is fp32), channels_last's
+    # two batches (checked on the first batch's own rows, not run on the check rows), onnxruntime's
+    # check rows and two batches (the chosen engine's features of the check rows are the check's
+    # own, not computed again); the chosen engine alone would have taken 64 / 70 s
+    rows = E.FP32_CHECK_ROWS
+    spent = rows / 20 + 32 / 40 + rows / 70 + 32 / 70
     assert sel.overhead_seconds == pytest.approx(spent - 64 / 70)
     assert sel.overhead_seconds < 0.1 * 5000 / 70  # the issue's bound: under 10% of the feature phase
     assert "probe overhead" in sel.describe()
@@ -345,7 +421,6 @@ def test_pays_weighs_the_saving_against_the_preparation():
 
 
 def test_a_job_that_ends_while_the_export_runs_keeps_its_engine_and_leaves_the_export(tmp_path):
-    import threading
 
     gate = threading.Event()
     clock = FakeClock()
@@ -365,7 +440,6 @@ def test_a_job_that_ends_while_the_export_runs_keeps_its_engine_and_leaves_the_e
 
 
 def _join_preparations():
-    import threading
 
     for t in threading.enumerate():
         if t.name.startswith("zoo-prepare-"):
@@ -379,7 +453,6 @@ def test_the_export_starts_after_the_cheap_engines_warm_up_and_only_a_close_engi
     the export, gives channels_last's rate only as a lower bound. An engine beating the bound
     RETIME_MARGIN times over is chosen without timing channels_last again (and the bound is never
     remembered); a closer one is, on the next batch, and then the two timed rates decide."""
-    import threading
 
     gate, started, clock = threading.Event(), threading.Event(), FakeClock()
     prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": ort_rate}, gate=gate, started=started)
@@ -418,7 +491,6 @@ def test_a_preparation_that_ends_early_in_a_batch_leaves_a_close_bound_that_need
     overlapped the batch. The export ending a quarter into the batch leaves an estimate of
     40 x 0.4 / (0.4 - 0.5 x 0.1) = 45.7, which onnxruntime's 60 img/s beats: chosen without timing
     channels_last again. Beside the export the whole batch, the estimate is 80: timed again."""
-    import threading
 
     gate, started, clock = threading.Event(), threading.Event(), FakeClock()
     prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 60.0}, gate=gate, started=started)
@@ -465,7 +537,6 @@ def test_an_engine_timed_on_its_own_keeps_its_rate_when_it_runs_on_beside_the_ex
     """Here the export does not pay at channels_last's (fast) warm-up batch but does at its timed
     rate, so it starts after the timed batch and channels_last runs on beside it: its rate stays
     the one timed alone, not a lower bound."""
-    import threading
 
     gate, clock = threading.Event(), FakeClock()
     prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 100.0}, gate=gate)
@@ -513,7 +584,6 @@ def test_a_paying_export_starts_with_the_jobs_first_batch_at_the_cheap_engines_e
     whose rate (a CPU's first batch) is a lower bound, so onnxruntime (100 img/s) wins after one
     channels_last batch. Measured 30x faster than eager here, channels_last is expected too fast
     for the export to pay at once: it starts after the warm-up batch, and channels_last runs two."""
-    import threading
 
     gate, clock = threading.Event(), FakeClock()
     prep, _ = fake_engines(clock, rates={**RATES, "onnxruntime": 100.0}, gate=gate)

@@ -7,9 +7,10 @@ eager, channels_last, bf16 and compile (zoo.features.core_engines), onnxruntime 
 plugin, and any third party's. This module names none of them but the reference ("eager") and
 the cheap default ("channels_last").
 
-The check: eager fp32 computes the first rows of the job's first batch (CHECK_ROWS when probing
-or for reduced precision, FP32_CHECK_ROWS for one known fp32 engine); every engine is run on those
-rows and each row's cosine similarity to eager's must be >= 0.9999 for fp32 engines, >= 0.99 for
+The check: eager fp32 computes the first rows of the job's first batch (CHECK_ROWS when an engine
+that may run has reduced precision, else FP32_CHECK_ROWS); every engine is run on those rows (the
+engine that runs the first batch is checked on that batch's own first rows, not run on them again)
+and each row's cosine similarity to eager's must be >= 0.9999 for fp32 engines, >= 0.99 for
 bf16 (BF16_COSINE, the documented bound for reduced precision; the trainer also reports whether
 the trained head's predictions on the check rows are unchanged). An engine that fails its check,
 or cannot be prepared, is rejected with a one-line reason and the next one is used; eager is
@@ -41,7 +42,10 @@ always available.
     the batch taken back (at most RETIME_MARGIN x the bound; the bound is reported as ">=" and
     never remembered), otherwise the cheap engine is timed again on the next batch;
   * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
-No batch is computed twice. The selection's `overhead_seconds` is what the job spent until the
+On a CPU, until the choice, each batch is run in parts of PROBE_ROWS rows, each part one step of
+the above (so an engine is warmed up, timed or taken over from within a batch).
+No batch is computed twice (but for the first part, when the engine that ran it fails its check
+on it: it is then run again by the next engine). The selection's `overhead_seconds` is what the job spent until the
 choice beyond what the chosen engine alone would have taken on the same images.
 
 Numerics: fp32 engines agree to cosine >= 0.9999 and share the cache key's "numerics": "fp32";
@@ -75,7 +79,10 @@ from .core_engines import bf16_supported  # noqa: F401 - re-exported
 FP32_COSINE = 0.9999
 BF16_COSINE = 0.99
 CHECK_ROWS = 8  # rows of the first batch that eager fp32 also computes (it is the slowest engine)
-FP32_CHECK_ROWS = 4  # ... for one remembered or asked fp32 engine: a broken engine disagrees on every image
+# ... when every engine that may run is fp32 (asked, remembered, or each candidate of a probe): a
+# broken fp32 engine disagrees on every image, and a reduced-precision one needs more rows to tell
+# its rounding from a fault
+FP32_CHECK_ROWS = 4
 DEFAULT_PREPARE_SECONDS = 60.0  # an engine whose preparation cost is unknown and never measured here
 # What preparing an engine in the background costs the extraction running beside it, as a fraction
 # of the preparation's own seconds: an estimate from one measurement on 2 busy cores (ResNet-18,
@@ -95,6 +102,15 @@ RETIME_MARGIN = 2.0
 # and Lite0, 320 and 640 images). A little under, so that the guess errs towards starting a
 # preparation that pays.
 CHEAP_OVER_REFERENCE = 2.5
+# While a probe on a CPU is choosing, each batch is run in parts of this many rows, each part a step
+# of the probe (a warm-up, a timed run, a takeover by an engine whose preparation became ready):
+# why: a slow engine then runs only the rows needed to time it, and the faster engine takes over
+# within the batch instead of at the next one. With batches of 64 the cheap engine ran the whole
+# first batch beside the ONNX export, about 1.4 s slower than onnxruntime would have (ResNet-18, 2
+# cores). Not fewer rows: onnxruntime's rate at 16 rows was 15-40% under its rate at 32 or 64
+# (channels_last's was not), which would bias the timing; on a GPU batches are never split (a new
+# shape is a new cudnn tuning).
+PROBE_ROWS = 32
 REFERENCE, DEFAULT = "eager", "channels_last"
 
 
@@ -288,11 +304,13 @@ class ChoiceStore:
         self._write(data)
 
 
-def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Run the engine on the check rows; raise EngineRejected when they disagree with eager fp32's
-    (`reference`). Returns (the engine's features of those rows, min cosine)."""
-    with torch.inference_mode():
-        got = engine.run(x[:len(reference)]).float().cpu()
+def check(engine: Prepared, x: torch.Tensor, reference: torch.Tensor,
+          got: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Run the engine on the check rows (or take `got`, its features of them); raise EngineRejected
+    when they disagree with eager fp32's (`reference`). Returns (those features, min cosine)."""
+    if got is None:
+        with torch.inference_mode():
+            got = engine.run(x[:len(reference)]).float().cpu()
     if got.shape[1:] != reference.shape[1:] or len(got) != len(reference):
         raise EngineRejected(f"{engine.name}: features of shape {tuple(got.shape)}, eager gives "
                              f"{tuple(reference.shape)}")
@@ -343,6 +361,7 @@ class Chooser:
         self._cos: dict[str, float] = {}
         self._check_features: dict[str, torch.Tensor] = {}  # each checked engine's features of the check rows
         self._prepared: dict[str, Prepared] = {}
+        self._unchecked: Prepared | None = None  # the engine running the first batch, checked on its rows
         self._plan: list[str] = []  # probe: engines still to warm up and time, in order
         self._warm: set[str] = set()
         self._pending: tuple[str, threading.Thread, dict] | None = None  # a preparation in the background
@@ -368,7 +387,8 @@ class Chooser:
             else:
                 order, self.how = [], "probe"
         probing = self.how == "probe"
-        rows = CHECK_ROWS if probing or any(self._numerics(n) != "fp32" for n in order) else FP32_CHECK_ROWS
+        may_run = self._candidates() if probing else order
+        rows = FP32_CHECK_ROWS if all(self._numerics(n) == "fp32" for n in may_run) else CHECK_ROWS
         t0 = self._clock()
         eager = self._prepare(REFERENCE, self.backbone, x, self.device)
         with torch.inference_mode():
@@ -387,13 +407,13 @@ class Chooser:
             self._plan = [n for n in self._candidates() if self._cheap(n)]
             if not self._plan:
                 self._plan = [REFERENCE]
-            self._use_first_usable(self._plan, warming=True)
+            self._use_first_usable(self._plan, check_on_batch=True)
             if self._current is None:
                 self._next()
             else:
                 self._start_at_first_batch()
         else:
-            self._use_first_usable(order, warming=False)
+            self._use_first_usable(order)
             if self._current is None:  # every asked/remembered engine failed: eager, said so
                 if self.asked != "auto":
                     self.say(f"engine {self.asked} rejected ({self.rejected.get(self.asked)}); using eager")
@@ -434,8 +454,9 @@ class Chooser:
         except Exception:  # noqa: BLE001 - an engine that cannot say is not cheap
             return False
 
-    def _get(self, name: str) -> Prepared | None:
-        """The prepared and checked engine `name`, or None (rejected, with its reason)."""
+    def _get(self, name: str, check_on_batch: bool = False) -> Prepared | None:
+        """The prepared and checked engine `name`, or None (rejected, with its reason).
+        check_on_batch: checked on the first batch's own rows once it has run it (`_check_on_batch`)."""
         if name in self._prepared:
             return self._prepared[name]
         if name in self.rejected:
@@ -444,7 +465,7 @@ class Chooser:
         t0 = self._clock()
         try:
             engine, why = self._build(name, self.backbone)
-            return self._adopt(name, engine, why, self._clock() - t0, costly)
+            return self._adopt(name, engine, why, self._clock() - t0, costly, check_on_batch)
         finally:
             self.probe_seconds += self._clock() - t0
 
@@ -457,10 +478,13 @@ class Chooser:
             return None, _reason(name, exc)
 
     def _adopt(self, name: str, engine: Prepared | None, why: str | None, seconds: float,
-               costly: bool) -> Prepared | None:
-        """Check a prepared engine against the reference rows and keep it, or record its rejection."""
+               costly: bool, check_on_batch: bool = False) -> Prepared | None:
+        """Check a prepared engine against the reference rows and keep it, or record its rejection
+        (check_on_batch: the check waits for the engine's run of the first batch)."""
         cos, got = 0.0, None
-        if engine is not None:
+        if check_on_batch and engine is not None:
+            self._unchecked = engine
+        elif engine is not None:
             try:
                 got, cos = check(engine, self.check_x, self.reference)
             except Exception as exc:  # noqa: BLE001
@@ -506,10 +530,10 @@ class Chooser:
         finally:
             self.probe_seconds += self._clock() - t0
 
-    def _use_first_usable(self, names: list[str], warming: bool) -> None:
+    def _use_first_usable(self, names: list[str], check_on_batch: bool = False) -> None:
         self._current = None
         while names:
-            engine = self._get(names[0])
+            engine = self._get(names[0], check_on_batch)
             if engine is not None:
                 self._current = engine
                 return
@@ -521,7 +545,23 @@ class Chooser:
 
     # -- each batch ------------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The features of batch x (float32, CPU), from the engine of the moment."""
+        """The features of batch x (float32, CPU), from the engine of the moment; while a CPU probe
+        is choosing, in parts of PROBE_ROWS rows, each a step of the probe (see PROBE_ROWS)."""
+        parts, start = [], 0
+        while start < len(x):
+            rows = self._part_rows(len(x) - start)
+            parts.append(self._run_part(x[start:start + rows]))
+            start += rows
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _part_rows(self, left: int) -> int:
+        if self.device.type != "cpu" or self.selection is not None or left < PROBE_ROWS + PROBE_ROWS // 2:
+            return left
+        if self.reference is None and self.asked != "auto":
+            return left  # an asked engine: chosen at its first rows, nothing to time
+        return PROBE_ROWS
+
+    def _run_part(self, x: torch.Tensor) -> torch.Tensor:
         choosing, entered = self.selection is None, self._clock()
         if self.reference is None:
             self._start(x)
@@ -533,6 +573,11 @@ class Chooser:
             elif self._pending is None:  # rejected: the next candidate, or the choice
                 self._next()
         engine = self._current
+        if self._unchecked is not None and self._unchecked is not engine:  # another took the first batch
+            unchecked, self._unchecked = self._unchecked, None
+            self._prepared.pop(unchecked.name, None)
+            if self._adopt(unchecked.name, unchecked, None, 0.0, costly=False) is None:
+                self._plan = [n for n in self._plan if n != unchecked.name]
         beside = self._pending is not None  # a preparation runs beside this batch: its rate is a lower bound
         # (an engine timed on its own already, running on beside a preparation, keeps its rate)
         timed = self.selection is None and engine.name in self._warm and engine.name not in self.rates
@@ -541,10 +586,13 @@ class Chooser:
             f = engine.run(x).float().cpu()
         _sync(self.device)
         dt = self._clock() - t0
+        counted = True  # the batch times its engine
+        if self._unchecked is engine and not self._check_on_batch(engine, f):
+            f, counted = self._after_rejection(x), False  # this batch from the next engine
         self.seen += len(x)
         self.last_batch = len(x)
         rate = len(x) / max(dt, 1e-9)
-        if self.selection is None:
+        if self.selection is None and counted:
             if not timed:
                 self._warm.add(engine.name)
                 if beside and self.device.type == "cpu" and engine.name not in self.rates:
@@ -568,10 +616,44 @@ class Chooser:
                 self._settle()
         return f
 
+    def _check_on_batch(self, engine: Prepared, f: torch.Tensor) -> bool:
+        """Check the engine that ran the first batch on that batch's first rows (they are the check
+        rows): why: running it on them beforehand cost a call of its own (the check rows' shape is
+        new to it), 0.15-0.2 s of a 320-image job on 2 cores. False: rejected, with its reason."""
+        self._unchecked = None
+        t0 = self._clock()
+        try:
+            got, self._cos[engine.name] = check(engine, self.check_x, self.reference, got=f[:len(self.reference)])
+            self._check_features[engine.name] = got.clone()
+            return True
+        except Exception as exc:  # noqa: BLE001 - as in _adopt: a failed check is a rejection
+            self.rejected[engine.name] = _reason(engine.name, exc)
+            self._prepared.pop(engine.name, None)
+            self._plan = [n for n in self._plan if n != engine.name]
+            return False
+        finally:
+            self.probe_seconds += self._clock() - t0
+
+    def _after_rejection(self, x: torch.Tensor) -> torch.Tensor:
+        """The first batch again, from the next usable engine (checked as usual), after the one that
+        ran it failed its check; a preparation beside goes on (eager runs until it is ready)."""
+        t0 = self._clock()
+        self._use_first_usable(self._plan)
+        if self._current is None:
+            if self._pending is not None:
+                self._current = self._prepared[REFERENCE]
+            else:
+                self._next()
+        with torch.inference_mode():
+            f = self._current.run(x).float().cpu()
+        _sync(self.device)
+        self.probe_seconds += self._clock() - t0
+        return f
+
     def _next(self) -> None:
         """After an engine is timed: the next cheap one, else a costly one that pays, else decide."""
         self._drop_clear_losers()
-        self._use_first_usable(self._plan, warming=True)
+        self._use_first_usable(self._plan)
         if self._current is not None:
             return
         timed = {n: r for n, r in self.rates.items() if n in self._prepared}
