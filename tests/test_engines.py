@@ -158,8 +158,9 @@ def test_the_first_batchs_engine_is_checked_on_that_batch_and_a_failure_never_re
 
 @pytest.mark.parametrize("split", [True, False])
 def test_an_engine_ready_within_the_first_batch_takes_over_its_second_part(tmp_path, monkeypatch, split):
-    """On a CPU a probing job runs each batch in parts of PROBE_ROWS rows until the choice, so an
-    export that is ready after the cheap engine's first part runs the rest of that batch.
+    """On a CPU, while a preparation runs beside, a probing job runs each batch in parts of
+    PROBE_ROWS rows, so an export that is ready after the cheap engine's first part runs the rest
+    of that batch.
     split=False is the control: with parts as large as the batch the cheap engine runs all of it."""
     if not split:
         monkeypatch.setattr(E, "PROBE_ROWS", 1000)

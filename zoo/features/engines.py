@@ -42,8 +42,8 @@ always available.
     the batch taken back (at most RETIME_MARGIN x the bound; the bound is reported as ">=" and
     never remembered), otherwise the cheap engine is timed again on the next batch;
   * once every candidate has a rate the fastest is kept for the rest of the job and remembered.
-On a CPU, until the choice, each batch is run in parts of PROBE_ROWS rows, each part one step of
-the above (so an engine is warmed up, timed or taken over from within a batch).
+On a CPU, while a preparation runs beside, each batch is run in parts of PROBE_ROWS rows, so the
+prepared engine takes over within a batch.
 No batch is computed twice (but for the first part, when the engine that ran it fails its check
 on it: it is then run again by the next engine). The selection's `overhead_seconds` is what the job spent until the
 choice beyond what the chosen engine alone would have taken on the same images.
@@ -102,14 +102,14 @@ RETIME_MARGIN = 2.0
 # and Lite0, 320 and 640 images). A little under, so that the guess errs towards starting a
 # preparation that pays.
 CHEAP_OVER_REFERENCE = 2.5
-# While a probe on a CPU is choosing, each batch is run in parts of this many rows, each part a step
-# of the probe (a warm-up, a timed run, a takeover by an engine whose preparation became ready):
-# why: a slow engine then runs only the rows needed to time it, and the faster engine takes over
-# within the batch instead of at the next one. With batches of 64 the cheap engine ran the whole
-# first batch beside the ONNX export, about 1.4 s slower than onnxruntime would have (ResNet-18, 2
-# cores). Not fewer rows: onnxruntime's rate at 16 rows was 15-40% under its rate at 32 or 64
-# (channels_last's was not), which would bias the timing; on a GPU batches are never split (a new
-# shape is a new cudnn tuning).
+# While a preparation runs beside the extraction on a CPU, each batch is run in parts of this many
+# rows, and the prepared engine takes over at the next part once it is ready. Why: with whole
+# batches of 64 the cheap engine ran all of the first batch beside the ONNX export, about 1.4 s
+# slower than onnxruntime would have (ResNet-18, 2 cores). Only beside a preparation: a rate timed
+# on a part was too noisy to choose by (onnxruntime timed at 25 img/s on a part, 38-45 on whole
+# batches, and channels_last was kept once); the batches timed are whole. Not fewer rows:
+# onnxruntime's rate at 16 rows was 15-40% under its rate at 32 or 64. On a GPU batches are never
+# split (a new shape is a new cudnn tuning).
 PROBE_ROWS = 32
 REFERENCE, DEFAULT = "eager", "channels_last"
 
@@ -545,8 +545,14 @@ class Chooser:
 
     # -- each batch ------------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The features of batch x (float32, CPU), from the engine of the moment; while a CPU probe
-        is choosing, in parts of PROBE_ROWS rows, each a step of the probe (see PROBE_ROWS)."""
+        """The features of batch x (float32, CPU), from the engine of the moment; on a CPU, while a
+        preparation runs beside, in parts of PROBE_ROWS rows (see PROBE_ROWS)."""
+        if self.reference is None:  # the job's first batch: the reference rows, then the plan
+            entered = self._clock()
+            self._start(x)
+            self._spent += self._clock() - entered
+            if self.selection is not None:  # asked or remembered: nothing to time
+                self._settle()
         parts, start = [], 0
         while start < len(x):
             rows = self._part_rows(len(x) - start)
@@ -555,16 +561,13 @@ class Chooser:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _part_rows(self, left: int) -> int:
-        if self.device.type != "cpu" or self.selection is not None or left < PROBE_ROWS + PROBE_ROWS // 2:
+        if self.device.type != "cpu" or self.selection is not None or self._pending is None \
+                or left < PROBE_ROWS + PROBE_ROWS // 2:
             return left
-        if self.reference is None and self.asked != "auto":
-            return left  # an asked engine: chosen at its first rows, nothing to time
         return PROBE_ROWS
 
     def _run_part(self, x: torch.Tensor) -> torch.Tensor:
         choosing, entered = self.selection is None, self._clock()
-        if self.reference is None:
-            self._start(x)
         if self._pending is not None:
             ready = self._collect(wait=False)
             if ready is not None:  # it takes over: warmed up on this batch, timed on the next (then
