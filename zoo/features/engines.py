@@ -389,7 +389,8 @@ class Chooser:
             else:
                 order, self.how = [], "probe"
         probing = self.how == "probe"
-        may_run = self._candidates() if probing else order
+        candidates = self._candidates() if probing else []
+        may_run = candidates if probing else order
         rows = FP32_CHECK_ROWS if all(self._numerics(n) == "fp32" for n in may_run) else CHECK_ROWS
         t0 = self._clock()
         eager = self._prepare(REFERENCE, self.backbone, x, self.device)
@@ -406,7 +407,7 @@ class Chooser:
         self._cos[REFERENCE] = 1.0
         if probing:
             self.rates[REFERENCE] = rows / max(dt, 1e-9)  # the reference rows time eager for free
-            self._plan = [n for n in self._candidates() if self._cheap(n)]
+            self._plan = [n for n in candidates if self._cheap(n)]
             if not self._plan:
                 self._plan = [REFERENCE]
             self._use_first_usable(self._plan, check_on_batch=True)
@@ -458,7 +459,7 @@ class Chooser:
 
     def _get(self, name: str, check_on_batch: bool = False) -> Prepared | None:
         """The prepared and checked engine `name`, or None (rejected, with its reason).
-        check_on_batch: checked on the first batch's own rows once it has run it (`_check_on_batch`)."""
+        check_on_batch: checked on the first batch's own rows once it has run it (`_check_unchecked`)."""
         if name in self._prepared:
             return self._prepared[name]
         if name in self.rejected:
@@ -480,15 +481,16 @@ class Chooser:
             return None, _reason(name, exc)
 
     def _adopt(self, name: str, engine: Prepared | None, why: str | None, seconds: float,
-               costly: bool, check_on_batch: bool = False) -> Prepared | None:
+               costly: bool, check_on_batch: bool = False, got: torch.Tensor | None = None) -> Prepared | None:
         """Check a prepared engine against the reference rows and keep it, or record its rejection
-        (check_on_batch: the check waits for the engine's run of the first batch)."""
-        cos, got = 0.0, None
+        (check_on_batch: the check waits for the engine's run of the first batch; got: the engine's
+        features of the check rows, already computed)."""
+        cos = 0.0
         if check_on_batch and engine is not None:
             self._unchecked = engine
         elif engine is not None:
             try:
-                got, cos = check(engine, self.check_x, self.reference)
+                got, cos = check(engine, self.check_x, self.reference, got=got)
             except Exception as exc:  # noqa: BLE001
                 why = _reason(name, exc)
         if engine is None or why is not None:
@@ -579,10 +581,7 @@ class Chooser:
                 self._next()
         engine = self._current
         if self._unchecked is not None and self._unchecked is not engine:  # another took the first batch
-            unchecked, self._unchecked = self._unchecked, None
-            self._prepared.pop(unchecked.name, None)
-            if self._adopt(unchecked.name, unchecked, None, 0.0, costly=False) is None:
-                self._plan = [n for n in self._plan if n != unchecked.name]
+            self._check_unchecked()
         beside = self._pending is not None  # a preparation runs beside this batch: its rate is a lower bound
         # (an engine timed on its own already, running on beside a preparation, keeps its rate)
         timed = self.selection is None and engine.name in self._warm and engine.name not in self.rates
@@ -592,7 +591,7 @@ class Chooser:
         _sync(self.device)
         dt = self._clock() - t0
         counted = True  # the batch times its engine
-        if self._unchecked is engine and not self._check_on_batch(engine, f):
+        if self._unchecked is engine and not self._check_unchecked(f[:len(self.reference)].clone()):
             f, counted = self._after_rejection(x), False  # this batch from the next engine
         self.seen += len(x)
         self.last_batch = len(x)
@@ -621,23 +620,22 @@ class Chooser:
                 self._settle()
         return f
 
-    def _check_on_batch(self, engine: Prepared, f: torch.Tensor) -> bool:
-        """Check the engine that ran the first batch on that batch's first rows (they are the check
-        rows): why: running it on them beforehand cost a call of its own (the check rows' shape is
-        new to it), 0.15-0.2 s of a 320-image job on 2 cores. False: rejected, with its reason."""
-        self._unchecked = None
+    def _check_unchecked(self, got: torch.Tensor | None = None) -> bool:
+        """Check the engine whose check waited for the first batch: on `got`, its features of that
+        batch's first rows (they are the check rows), else on the check rows (another engine ran
+        that batch). Why wait: running it on them beforehand cost a call of its own (the check
+        rows' shape is new to it), 0.15-0.2 s of a 320-image job on 2 cores. False: rejected, with
+        its reason, and out of the plan."""
+        engine, self._unchecked = self._unchecked, None
+        self._prepared.pop(engine.name, None)
         t0 = self._clock()
         try:
-            got, self._cos[engine.name] = check(engine, self.check_x, self.reference, got=f[:len(self.reference)])
-            self._check_features[engine.name] = got.clone()
-            return True
-        except Exception as exc:  # noqa: BLE001 - as in _adopt: a failed check is a rejection
-            self.rejected[engine.name] = _reason(engine.name, exc)
-            self._prepared.pop(engine.name, None)
-            self._plan = [n for n in self._plan if n != engine.name]
-            return False
+            ok = self._adopt(engine.name, engine, None, 0.0, costly=False, got=got) is not None
         finally:
             self.probe_seconds += self._clock() - t0
+        if not ok:
+            self._plan = [n for n in self._plan if n != engine.name]
+        return ok
 
     def _after_rejection(self, x: torch.Tensor) -> torch.Tensor:
         """The first batch again, from the next usable engine (checked as usual), after the one that
