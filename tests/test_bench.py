@@ -138,6 +138,30 @@ def test_probe_and_training_summary(doc):
         assert p["time_ratio"] == pytest.approx(p["full_ms"] / p["frozen_ms"], rel=0.01)
 
 
+def test_probe_extracts_through_the_feature_cache_under_zoo_trains_key(tmp_path):
+    """`zoo bench --probe` then `zoo train` on the same sample, backbone, weights and image size:
+    the training run finds every image's features in the cache (the two share one key), and a
+    second probe extracts nothing and scores the same; the control, another image size, is a
+    different key and extracts all 600."""
+    import zoo
+    from zoo.bench.probe import linear_probe
+
+    cache = str(tmp_path / "cache")
+    first = linear_probe(TINY, None, 32, "cpu", threads=1, cache_dir=cache)
+    again = linear_probe(TINY, None, 32, "cpu", threads=1, cache_dir=cache)
+    assert first["error"] is None and again["error"] is None
+    assert (first["cache"], again["cache"]) == ("0 hit / 600 extracted", "600 hit / 0 extracted")
+    assert again["val_acc"] == first["val_acc"] and again["train_acc"] == first["train_acc"]
+
+    def train(image_size):
+        run = zoo.train(TINY, None, weights=None, image_size=image_size, epochs=1, cache_dir=cache,
+                        progress=False, folds=0)
+        return run.cache["hits"], run.cache["misses"]
+
+    assert train(32) == (600, 0)
+    assert train(64) == (0, 600)  # control: a key that differs extracts everything
+
+
 def test_outputs_table_csv_json_and_plots(doc, tmp_path):
     import matplotlib.image
 

@@ -1,8 +1,10 @@
 """--probe: linear-probe accuracy on the embedded Fashion-MNIST sample, so quality shows beside speed.
 
 Every backbone gets the same treatment: the 28x28 grayscale images go through the backbone's own
-eval preprocessing (upscaled to its input size, or --image-size), features are extracted once
-(inference mode), standardized with the training split's statistics, and the same linear head
+eval preprocessing (upscaled to its input size, or --image-size), features are extracted the way
+`zoo train` extracts them (its engine choice and feature cache, under its key: probing again, or
+training on the sample afterwards, extracts nothing), standardized with the training split's
+statistics, and the same linear head
 (softmax regression, full-batch Adam, fixed steps, fixed seed) is trained on the 400 training
 images and scored on the 200 validation images. It is a small sample: differences of a few
 points are noise. With random-init weights the number measures random features.
@@ -18,34 +20,39 @@ PROBE_LR = 0.01
 PROBE_WEIGHT_DECAY = 1e-4
 
 
-def _normalization(info, image_size: int | None):
-    from zoo.data import with_image_size  # the one image-size rounding (keeps the crop ratio)
-
-    return with_image_size(info.normalization, image_size)
-
-
-def preprocess_images(images, norm):
-    """uint8 (N, 28, 28) grayscale -> float32 (N, 3, H, W), the backbone's eval preprocessing."""
-    import numpy as np
-    from PIL import Image
-
-    from zoo.preprocess import normalize_uint8, resize_crop, to_rgb, to_uint8_hwc
-
-    hwc = np.stack([to_uint8_hwc(resize_crop(to_rgb(Image.fromarray(np.asarray(img), mode="L")), norm))
-                    for img in images])
-    return normalize_uint8(hwc, norm)
-
-
-def extract_features(module, images, norm, device: str, batch_size: int):
+def probe_features(name: str, weights: Any, image_size: int | None, device: str, seed: int = 0,
+                   cache: bool = True, cache_dir: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(train features, val features, facts) of the embedded sample, extracted the way `zoo train`
+    extracts them (the backbone's eval transform, zoo's engine choice, the feature cache) and under
+    the key `zoo train` uses for the same backbone, weights and image size: a second probe, or a
+    `zoo train` on the sample afterwards, extracts nothing (tests/test_bench.py holds the two to that)."""
     import torch
 
-    feats = []
-    module.eval()
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(preprocess_images(images[i:i + batch_size], norm)).to(device)
-            feats.append(module(x).float().flatten(1).cpu())
-    return torch.cat(feats)
+    from zoo.data import EvalTransform, embedded_samples, with_image_size
+    from zoo.features import cached_features, model_key
+    from zoo.model import build_model
+    from zoo.device import seed_everything
+
+    train, val = embedded_samples()
+    seed_everything(seed)  # random-init weights: the same draw (and cache key) as `zoo train --seed`
+    model = build_model(name, list(train.classes), weights=weights)
+    norm = with_image_size(model.meta.normalization, image_size)
+    model.backbone.requires_grad_(False)
+    model.to(device)
+    eval_tf = EvalTransform(norm)
+    key = dict(model_key(model), transform=eval_tf.describe(), view_seed=None)
+    out, facts = [], {"weights": model.meta.weights, "image_size": norm.input_size[-1], "hits": 0, "misses": 0}
+    t0 = time.perf_counter()
+    for samples in (train, val):
+        feats, stats = cached_features(model.backbone, samples, eval_tf, norm, key_fields=key,
+                                       device=torch.device(device), cache=cache, cache_dir=cache_dir,
+                                       desc=f"{name} probe features")
+        out.append(feats[0])
+        facts["hits"] += stats.hits
+        facts["misses"] += stats.misses
+        facts["engine"] = stats.engine.get("name") if stats.engine else None
+    facts["extract_s"] = round(time.perf_counter() - t0, 2)
+    return out[0], out[1], facts
 
 
 def fit_linear_head(train_x, train_y, num_classes: int, seed: int = 0):
@@ -66,11 +73,10 @@ def fit_linear_head(train_x, train_y, num_classes: int, seed: int = 0):
 
 
 def linear_probe(name: str, weights: Any, image_size: int | None, device: str, threads: int,
-                 batch_size: int = 50, seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, cache: bool = True, cache_dir: str | None = None) -> dict[str, Any]:
     """Never raises: a backbone that cannot be probed gets a result with `error` set."""
     import torch
 
-    from zoo.backbones import create_backbone
     from zoo.embedded import load_embedded_dataset
 
     from .measure import error_text
@@ -78,22 +84,16 @@ def linear_probe(name: str, weights: Any, image_size: int | None, device: str, t
     result: dict[str, Any] = {"backbone": name, "weights": weights, "dataset": "embedded Fashion-MNIST sample",
                               "train_images": None, "val_images": None, "image_size": image_size,
                               "val_acc": None, "train_acc": None, "extract_s": None, "error": None,
+                              "cache": None, "engine": None,
                               "head": f"linear, standardized features, Adam lr={PROBE_LR} "
                                       f"wd={PROBE_WEIGHT_DECAY}, {PROBE_STEPS} full-batch steps"}
     prev_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         data = load_embedded_dataset()
-        torch.manual_seed(seed)
-        module, info = create_backbone(name, weights=weights)
-        result["weights"] = info.weights
-        module = module.to(device)
-        norm = _normalization(info, image_size)
-        result["image_size"] = norm.input_size[-1]
-        t0 = time.perf_counter()
-        train_x = extract_features(module, data.train_images, norm, device, batch_size)
-        val_x = extract_features(module, data.val_images, norm, device, batch_size)
-        result["extract_s"] = round(time.perf_counter() - t0, 2)
+        train_x, val_x, facts = probe_features(name, weights, image_size, device, seed, cache, cache_dir)
+        result.update(weights=facts["weights"], image_size=facts["image_size"], extract_s=facts["extract_s"],
+                      engine=facts["engine"], cache=f"{facts['hits']} hit / {facts['misses']} extracted")
         train_y = torch.as_tensor(data.train_labels.astype("int64"))
         val_y = torch.as_tensor(data.val_labels.astype("int64"))
         predict = fit_linear_head(train_x, train_y, data.num_classes, seed)

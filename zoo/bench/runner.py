@@ -35,7 +35,8 @@ class BenchConfig:
     head_classes: int = 0
     num_classes: int = 10
     probe: bool = False
-    probe_batch_size: int = 50
+    cache: bool = True  # --probe's features through the feature cache (zoo train's key); --no-cache: not
+    cache_dir: str | None = None  # None: $ZOO_CACHE_DIR or the default
     seed: int = 0
     precisions: Sequence[str] = ("fp32",)
 
@@ -196,8 +197,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None,
             from .probe import linear_probe
 
             say(f"probe: {name} ...")
-            probes.append(linear_probe(name, cfg.weights, cfg.image_size, device, threads,
-                                       batch_size=cfg.probe_batch_size, seed=cfg.seed))
+            probes.append(linear_probe(name, cfg.weights, cfg.image_size, device, threads, seed=cfg.seed,
+                                       cache=cfg.cache, cache_dir=cfg.cache_dir))
             p = probes[-1]
             say(f"probe: {name}: " + (f"val acc {p['val_acc']:.3f}" if p["error"] is None else p["error"]))
     if probes:

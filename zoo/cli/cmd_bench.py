@@ -67,7 +67,9 @@ def add_parser(sub):
     p.add_argument("--head-classes", type=int, default=0, metavar="N",
                    help="infer mode: time backbone + linear head with N classes (default 0: headless backbone)")
     p.add_argument("--probe", action="store_true",
-                   help="also linear-probe accuracy on the embedded Fashion-MNIST sample (same head for all)")
+                   help="also linear-probe accuracy on the embedded Fashion-MNIST sample (same head for all); its "
+                        "features go through the feature cache under `zoo train`'s key")
+    p.add_argument("--no-cache", action="store_true", help="--probe: extract without the feature cache")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write bench.json, bench.csv, bench.txt and PNG plots here (default: bench-results/<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -100,7 +102,7 @@ def run(args) -> int:
         precisions=_csv(args.precision), batch_sizes=args.batch_size,
         image_size=args.image_size, device=args.device, weights=weights, warmup=args.warmup, repeats=args.repeats,
         threads=args.threads, isolate=args.isolate, timeout=args.timeout, head_classes=args.head_classes,
-        probe=args.probe,
+        probe=args.probe, cache=not args.no_cache,
     )
     out_dir = Path(args.out) if args.out else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
