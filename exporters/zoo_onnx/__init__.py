@@ -44,7 +44,7 @@ from .int8 import (  # noqa: F401
     export_onnx_int8,
     validate_onnx_int8,
 )
-from .metadata import METADATA_PREFIX, read_metadata, set_metadata  # noqa: F401
+from .metadata import METADATA_PREFIX, read_header, read_metadata, rewrite_metadata, set_metadata  # noqa: F401
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def validate_onnx(model, path, images, *, target: str | None = None, validate_ta
         else:
             report["passed"] = False
             report["problems"] = [*report["problems"], *(f"{xml.name}: {p}" for p in ir["problems"])]
-    names = [o.name for o in __import__("onnx").load(str(path), load_external_data=False).graph.output]
+    names = [o.name for o in read_header(path).graph.output]
     meta = read_metadata(path)
     if "embedding" in meta.get("outputs", []) and "embedding" not in names:
         report["problems"] = list(report["problems"]) + ["metadata lists an embedding output the graph does not have"]
@@ -112,8 +112,6 @@ def _validate_listed_runtimes(model, path, images, report: dict[str, Any], valid
     itself was checked in the target) and judged on the same criteria. The file's `runtimes` (and
     `metadata`, the sidecar's dict) keep only those that passed; `validated_in` records each one's
     version and precision; OpenCV's claim is the major version validated."""
-    import onnx
-
     from . import targets as tg
 
     meta = read_metadata(path)
@@ -138,9 +136,7 @@ def _validate_listed_runtimes(model, path, images, report: dict[str, Any], valid
     if kept == listed and meta.get("validated_in") == checks:
         return
     meta.update(runtimes=kept, validated_in=checks)
-    proto = onnx.load(str(path))
-    set_metadata(proto, meta)
-    onnx.save(proto, str(path))
+    rewrite_metadata(path, meta)
     if metadata is not None:  # the same dict the core writes the sidecar from
         metadata.update(runtimes=kept, validated_in=checks)
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .metadata import set_metadata
+from .metadata import read_header, set_metadata
 
 ONNX_OPSETS = (7, 23)  # what torch.onnx can write (torch.onnx._constants: ONNX_MIN/MAX_OPSET)
 DEFAULT_OPSET = 18
@@ -137,7 +137,7 @@ def _ort_optimize(path: Path) -> None:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = str(optimized)
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        before = onnx.load(str(path), load_external_data=False)
+        before = read_header(path)  # its metadata and doc string
         after = onnx.load(str(optimized))
         used = {n.domain for n in after.graph.node} | {""}  # ORT declares all its domains; keep the used ones
         kept = [o for o in after.opset_import if o.domain in used]

@@ -342,9 +342,9 @@ def runtime_version(target: str) -> str:
 
 def runner(target: str, path) -> tuple[Callable[[np.ndarray], dict[str, np.ndarray]], list[str]]:
     """(fn(batch) -> {output name: array}, output names) running the file in the target runtime."""
-    import onnx
+    from .metadata import read_header
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = read_header(path).graph
     names, input_name = [o.name for o in graph.output], graph.input[0].name
     del graph
     mod = import_runtime(target)
@@ -392,12 +392,10 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
     """Run the file in the target's runtime at each batch size and compare with eager PyTorch
     (zoo.validation's criteria); with dynamic_size, also at a second input size. Fail-closed:
     a runtime that is absent, or that cannot load the file, fails the validation."""
-    import onnx
-
     from zoo.validation import (compare, compare_full, eager_outputs, metadata_problems, model_inputs, run_full,
                                 run_in_batches)
 
-    from . import read_metadata
+    from . import read_header, read_metadata
 
     norm = model.meta.normalization
     try:
@@ -440,7 +438,7 @@ def validate_in_target(model, path, images, *, target: str = DEFAULT_TARGET, ref
     problems += metadata_problems(meta, model, preprocess)
     if target not in (meta.get("runtimes") or [target]):
         problems.append(f"metadata runtimes {meta.get('runtimes')} do not include the target {target!r}")
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = read_header(path).graph
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     report["dynamic_batch"] = bool(batch_dim.dim_param) and not batch_dim.HasField("dim_value")
     if not report["dynamic_batch"]:
