@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 METADATA_PREFIX = "zoo."
@@ -42,7 +43,7 @@ _DOC_STRING, _GRAPH, _METADATA_PROPS = 6, 7, 14
 _INITIALIZER, _SPARSE_INITIALIZER = 5, 15
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
+def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         byte = buf[pos]
@@ -53,7 +54,7 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _records(buf, start: int, end: int):
+def _records(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, record start, value start, record end) of each protobuf field in buf[start:end]."""
     pos = start
     while pos < end:
@@ -88,7 +89,7 @@ def _key_and_length(field: int, size: int) -> bytes:
     return bytes(out)
 
 
-def read_header(path):
+def read_header(path: str | os.PathLike[str]) -> Any:
     """The file's onnx.ModelProto without its weights: every field as written except the graph's
     initializers (opset, metadata_props, the graph's nodes, inputs and outputs are all there). A
     file's weights are most of its bytes, so this reads a few kilobytes where onnx.load parses them
@@ -113,7 +114,7 @@ def read_header(path):
 
 
 
-def rewrite_metadata(path, metadata: dict[str, Any]) -> None:
+def rewrite_metadata(path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
     """set_metadata on the file itself, without parsing or re-serializing its weights: every other
     field's bytes are copied as they are and the new doc string and metadata_props follow them
     (protobuf reads fields in any order). What it gives is checked against onnx's own parse of
