@@ -252,6 +252,7 @@ def _import_nncf():
 def _quantize_ort(source: str, path: Path, batches, int8_ops: str, tmp: str, method: str = "MinMax") -> str:
     """ONNX Runtime's quantize_static. MinMax keeps the rare large activations that ReLU6-style
     networks clip to anyway; Percentile clips the top 0.001%."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -260,14 +261,12 @@ def _quantize_ort(source: str, path: Path, batches, int8_ops: str, tmp: str, met
         quantize_static,
     )
 
-    from .metadata import read_header
-
     prepared = os.path.join(tmp, "prepared.onnx")
     try:  # shape inference + ORT's basic fusions first, as onnxruntime recommends for static quantization
         quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
     except Exception:  # noqa: BLE001 - the plain fp32 graph quantizes too, just less fused
         prepared = str(source)
-    graph = read_header(prepared).graph
+    graph = onnx.load(prepared, load_external_data=False).graph  # whole: _head_nodes reads initializer names
     input_name = graph.input[0].name
     # The rest of the backbone in int8 (every op type: Add, pooling and Clip too, so activations stay
     # int8 between convolutions instead of round-tripping through float).
