@@ -96,7 +96,6 @@ def read_header(path: str | os.PathLike[str]) -> Any:
     all (once per metadata or input-name lookup: a 515 MB VGG-11 took 1.3 s a read). The file is
     mapped, not read: the skipped bytes are never touched."""
     import onnx
-    from google.protobuf.message import DecodeError
 
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -109,7 +108,7 @@ def read_header(path: str | os.PathLike[str]) -> Any:
                                  if f_ not in (_INITIALIZER, _SPARSE_INITIALIZER))
                 parts.append(_key_and_length(_GRAPH, len(graph)) + graph)
         return onnx.ModelProto.FromString(b"".join(parts))
-    except (ValueError, IndexError, DecodeError):  # empty, truncated, not protobuf: onnx's own verdict
+    except Exception:  # noqa: BLE001 - empty, truncated, not protobuf (a DecodeError): onnx's own verdict
         return onnx.load(str(path), load_external_data=False)
 
 
