@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 METADATA_PREFIX = "zoo."
@@ -110,7 +110,6 @@ def read_header(path: str | os.PathLike[str]) -> Any:
         return onnx.ModelProto.FromString(b"".join(parts))
     except Exception:  # noqa: BLE001 - empty, truncated, not protobuf (a DecodeError): onnx's own verdict
         return onnx.load(str(path), load_external_data=False)
-
 
 
 def rewrite_metadata(path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
