@@ -156,6 +156,47 @@ def test_the_first_batchs_engine_is_checked_on_that_batch_and_a_failure_never_re
         assert "channels_last" not in ch.rejected and ch.engine_name == "channels_last"
 
 
+@pytest.mark.parametrize("broken", [None, "channels_last"])
+@pytest.mark.parametrize("path", ["asked", "remembered"])
+def test_an_asked_or_remembered_engine_is_checked_on_its_first_batch_and_a_failure_falls_back_to_eager(
+        tmp_path, path, broken):
+    """An engine asked for (or remembered) is checked, like the probe's first, on the first batch's own
+    rows: no run of its own on the check rows. When it disagrees with eager, that batch and the
+    job's others come from eager, said so; broken=None is the control: it is kept, and its check
+    rows' features (the selection's) are the ones its batch gave."""
+    m, cpu, said, ran = tiny_backbone(), torch.device("cpu"), [], []
+
+    def prep(name, backbone, example, device, **kw):
+        eng = _broken(broken)(name, backbone, example, device, **kw)
+        run = eng.run
+        eng.run = lambda x, _run=run, _name=name: (ran.append((_name, len(x))), _run(x))[1]
+        return eng
+
+    if path == "remembered":
+        E.ChoiceStore(tmp_path).put("k", "channels_last", {"channels_last": 100.0})
+    ch = E.Chooser("channels_last" if path == "asked" else "auto", m, cpu, allow_reduced=False, total=50,
+                   cache_root=tmp_path, choice_key="k", say=said.append, _prepare=prep)
+    x = batch(16)
+    with torch.inference_mode():
+        want = m.eval()(x).flatten(1)
+    got = ch.run(x)
+    assert torch.allclose(got, want, atol=1e-5), "the first batch's features are not eager's"
+    assert ran[:2] == [("eager", E.FP32_CHECK_ROWS), ("channels_last", 16)]  # no separate run on the check rows
+    sel = ch.selection
+    if broken:
+        assert sel.engine.name == "eager" and sel.how == f"{path}, fallback"
+        assert "disagree with eager" in sel.rejected["channels_last"]
+        assert ran[2:] == [("eager", 16)]  # the batch again, from eager
+        assert any("channels_last rejected" in s and "using eager" in s for s in said) == (path == "asked")
+        ran.clear()
+        assert torch.allclose(ch.run(x), want, atol=1e-5) and ran == [("eager", 16)]
+    else:
+        assert sel.engine.name == "channels_last" and sel.how == path and not sel.rejected
+        assert sel.cosine_min >= E.FP32_COSINE and len(ran) == 2
+        assert torch.equal(sel.features, got[:E.FP32_CHECK_ROWS])
+        assert any(s.startswith("engine: channels_last") for s in said)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_an_engine_ready_within_the_first_batch_takes_over_its_second_part(tmp_path, monkeypatch, split):
     """On a CPU, while a preparation runs beside, a probing job runs each batch in parts of

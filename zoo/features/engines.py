@@ -415,14 +415,18 @@ class Chooser:
                 self._next()
             else:
                 self._start_at_first_batch()
-        else:
-            self._use_first_usable(order)
-            if self._current is None:  # every asked/remembered engine failed: eager, said so
-                if self.asked != "auto":
-                    self.say(f"engine {self.asked} rejected ({self.rejected.get(self.asked)}); using eager")
-                self.how += ", fallback"
-                self._current = eager
-            self._select(self._current)
+        else:  # asked or remembered: chosen once its first batch passes the check (`_run_part`)
+            self._use_first_usable(order, check_on_batch=True)
+            if self._current is None:  # it could not be prepared
+                self._fall_back()
+
+    def _fall_back(self) -> None:
+        """The asked or remembered engine was rejected: eager, said so."""
+        if self.asked != "auto":
+            self.say(f"engine {self.asked} rejected ({self.rejected.get(self.asked)}); using eager")
+        self.how += ", fallback"
+        self._current = self._prepared[REFERENCE]
+        self._select(self._current)
 
     def _numerics(self, name: str) -> str:
         try:
@@ -593,6 +597,8 @@ class Chooser:
         counted = True  # the batch times its engine
         if self._unchecked is engine and not self._check_unchecked(f[:len(self.reference)].clone()):
             f, counted = self._after_rejection(x), False  # this batch from the next engine
+        if self.selection is None and self.how != "probe":  # asked or remembered: its first batch passed
+            self._select(engine)
         self.seen += len(x)
         self.last_batch = len(x)
         rate = len(x) / max(dt, 1e-9)
@@ -638,10 +644,14 @@ class Chooser:
         return ok
 
     def _after_rejection(self, x: torch.Tensor) -> torch.Tensor:
-        """The first batch again, from the next usable engine (checked as usual), after the one that
-        ran it failed its check; a preparation beside goes on (eager runs until it is ready)."""
+        """The first batch again after the engine that ran it failed its check: from the probe's next
+        usable engine (checked as usual; a preparation beside goes on, eager running until it is
+        ready), or from eager for an asked or remembered one."""
         t0 = self._clock()
-        self._use_first_usable(self._plan)
+        if self.how != "probe":
+            self._fall_back()
+        else:
+            self._use_first_usable(self._plan)
         if self._current is None:
             if self._pending is not None:
                 self._current = self._prepared[REFERENCE]
