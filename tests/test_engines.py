@@ -77,6 +77,11 @@ def _broken(name_to_break, how="noise"):
         if how == "raise":
             raise RuntimeError("cannot build this engine here")
         run = eng.run
+        if how == "raise on run":
+            def fail(x):
+                raise RuntimeError("this engine fails on a real batch")
+            eng.run = fail
+            return eng
         eng.run = lambda x: run(x) + 0.5 * torch.randn_like(run(x))  # wrong features, right shape
         return eng
     return prep
@@ -124,16 +129,16 @@ def test_auto_skips_a_broken_engine_and_remembers_the_fastest(tmp_path):
     assert remembered.how == "remembered"  # a remembered choice serves small jobs too
 
 
-@pytest.mark.parametrize("broken", [None, "channels_last"])
+@pytest.mark.parametrize("broken", [None, "noise", "raise on run"])
 def test_the_first_batchs_engine_is_checked_on_that_batch_and_a_failure_never_reaches_the_output(tmp_path, broken):
     """The probe's first engine is checked on the first batch's own rows (not run on them beforehand):
-    when it disagrees with eager, that batch's features come from the next engine, never from it.
-    broken=None is the control: the same engine passes and its output is kept."""
+    when it disagrees with eager, or raises on that batch, that batch's features come from the next
+    engine, never from it. broken=None is the control: the same engine passes and its output is kept."""
     m, cpu = tiny_backbone(), torch.device("cpu")
     ran = []
 
     def prep(name, backbone, example, device, **kw):
-        eng = _broken(broken)(name, backbone, example, device, **kw)
+        eng = _broken("channels_last" if broken else None, broken or "noise")(name, backbone, example, device, **kw)
         run = eng.run
         eng.run = lambda x, _run=run, _name=name: (ran.append((_name, len(x))), _run(x))[1]
         return eng
@@ -148,7 +153,8 @@ def test_the_first_batchs_engine_is_checked_on_that_batch_and_a_failure_never_re
     assert ("channels_last", E.FP32_CHECK_ROWS) not in ran  # no separate run on the check rows
     assert ran[:2] == [("eager", E.FP32_CHECK_ROWS), ("channels_last", 16)]
     if broken:
-        assert "disagree with eager" in ch.rejected["channels_last"] and ch.engine_name != "channels_last"
+        why = "disagree with eager" if broken == "noise" else "fails on a real batch"
+        assert why in ch.rejected["channels_last"] and ch.engine_name != "channels_last"
         ran.clear()
         assert torch.allclose(ch.run(x), want, atol=1e-5)
         assert all(name != "channels_last" for name, _ in ran)  # a rejected engine runs no later batch
@@ -156,18 +162,18 @@ def test_the_first_batchs_engine_is_checked_on_that_batch_and_a_failure_never_re
         assert "channels_last" not in ch.rejected and ch.engine_name == "channels_last"
 
 
-@pytest.mark.parametrize("broken", [None, "channels_last"])
+@pytest.mark.parametrize("broken", [None, "noise", "raise on run"])
 @pytest.mark.parametrize("path", ["asked", "remembered"])
 def test_an_asked_or_remembered_engine_is_checked_on_its_first_batch_and_a_failure_falls_back_to_eager(
         tmp_path, path, broken):
     """An engine asked for (or remembered) is checked, like the probe's first, on the first batch's own
-    rows: no run of its own on the check rows. When it disagrees with eager, that batch and the
-    job's others come from eager, said so; broken=None is the control: it is kept, and its check
-    rows' features (the selection's) are the ones its batch gave."""
+    rows: no run of its own on the check rows. When it disagrees with eager, or raises on that batch,
+    that batch and the job's others come from eager, said so; broken=None is the control: it is
+    kept, and its check rows' features (the selection's) are the ones its batch gave."""
     m, cpu, said, ran = tiny_backbone(), torch.device("cpu"), [], []
 
     def prep(name, backbone, example, device, **kw):
-        eng = _broken(broken)(name, backbone, example, device, **kw)
+        eng = _broken("channels_last" if broken else None, broken or "noise")(name, backbone, example, device, **kw)
         run = eng.run
         eng.run = lambda x, _run=run, _name=name: (ran.append((_name, len(x))), _run(x))[1]
         return eng
@@ -185,7 +191,7 @@ def test_an_asked_or_remembered_engine_is_checked_on_its_first_batch_and_a_failu
     sel = ch.selection
     if broken:
         assert sel.engine.name == "eager" and sel.how == f"{path}, fallback"
-        assert "disagree with eager" in sel.rejected["channels_last"]
+        assert ("disagree with eager" if broken == "noise" else "fails on a real batch") in sel.rejected["channels_last"]
         assert ran[2:] == [("eager", 16)]  # the batch again, from eager
         assert any("channels_last rejected" in s and "using eager" in s for s in said) == (path == "asked")
         ran.clear()

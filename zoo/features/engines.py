@@ -590,12 +590,20 @@ class Chooser:
         # (an engine timed on its own already, running on beside a preparation, keeps its rate)
         timed = self.selection is None and engine.name in self._warm and engine.name not in self.rates
         t0 = self._clock()
-        with torch.inference_mode():
-            f = engine.run(x).float().cpu()
-        _sync(self.device)
+        try:
+            with torch.inference_mode():
+                f = engine.run(x).float().cpu()
+            _sync(self.device)
+        except Exception as exc:  # noqa: BLE001 - an engine failing on the batch it is checked on is rejected,
+            if self._unchecked is not engine:  # as a failure on the check rows is; after its check, an error
+                raise
+            self._unchecked, f = None, None
+            self._prepared.pop(engine.name, None)
+            self.rejected[engine.name] = _reason(engine.name, exc)
+            self._plan = [n for n in self._plan if n != engine.name]
         dt = self._clock() - t0
         counted = True  # the batch times its engine
-        if self._unchecked is engine and not self._check_unchecked(f[:len(self.reference)].clone()):
+        if f is None or (self._unchecked is engine and not self._check_unchecked(f[:len(self.reference)].clone())):
             f, counted = self._after_rejection(x), False  # this batch from the next engine
         if self.selection is None and self.how != "probe":  # asked or remembered: its first batch passed
             self._select(engine)
