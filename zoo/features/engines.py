@@ -594,13 +594,13 @@ class Chooser:
             with torch.inference_mode():
                 f = engine.run(x).float().cpu()
             _sync(self.device)
-        except Exception as exc:  # noqa: BLE001 - an engine failing on the batch it is checked on is rejected,
-            if self._unchecked is not engine:  # as a failure on the check rows is; after its check, an error
+        except Exception as exc:  # noqa: BLE001
+            # failing on the batch it is checked on rejects an engine, as failing its check does; once
+            # checked, its errors are the job's
+            if self._unchecked is not engine:
                 raise
-            self._unchecked, f = None, None
-            self._prepared.pop(engine.name, None)
-            self.rejected[engine.name] = _reason(engine.name, exc)
-            self._plan = [n for n in self._plan if n != engine.name]
+            f = None
+            self._check_unchecked(error=exc)
         dt = self._clock() - t0
         counted = True  # the batch times its engine
         if f is None or (self._unchecked is engine and not self._check_unchecked(f[:len(self.reference)].clone())):
@@ -634,17 +634,18 @@ class Chooser:
                 self._settle()
         return f
 
-    def _check_unchecked(self, got: torch.Tensor | None = None) -> bool:
+    def _check_unchecked(self, got: torch.Tensor | None = None, error: BaseException | None = None) -> bool:
         """Check the engine whose check waited for the first batch: on `got`, its features of that
         batch's first rows (they are the check rows), else on the check rows (another engine ran
         that batch). Why wait: running it on them beforehand cost a call of its own (the check
-        rows' shape is new to it), 0.15-0.2 s of a 320-image job on 2 cores. False: rejected, with
-        its reason, and out of the plan."""
+        rows' shape is new to it), 0.15-0.2 s of a 320-image job on 2 cores. error: what it raised on
+        that batch (rejected without a check). False: rejected, with its reason, and out of the plan."""
         engine, self._unchecked = self._unchecked, None
         self._prepared.pop(engine.name, None)
         t0 = self._clock()
         try:
-            ok = self._adopt(engine.name, engine, None, 0.0, costly=False, got=got) is not None
+            why = _reason(engine.name, error) if error is not None else None
+            ok = self._adopt(engine.name, None if why else engine, why, 0.0, costly=False, got=got) is not None
         finally:
             self.probe_seconds += self._clock() - t0
         if not ok:
