@@ -24,6 +24,16 @@ Targets (issue 21): zoo cold >= 1.5x seed and >= 1.2x channels_last at 640 and 2
 >= 1.2x / 1.0x at 320; remembered no lower than 1.8x / 1.4x (ResNet-18); the cold probe's overhead
 (the feature phase's seconds beyond what the engine it chose would take alone, run.cache["engine"]
 ["overhead_seconds"]) under 10% of the feature phase.
+
+Diagnostic, not a target (a raw engine on tensors in memory): each round also times zoo's own
+channels_last and onnxruntime engines (zoo.features.engines.prepare, as the trainer prepares them)
+on one random batch of `--batch` rows at the backbone's input size, in a fresh process, after one
+warm-up call. Their ratio is about the ceiling of remembered/cl (the remembered job runs the
+onnxruntime engine, the channels_last loader the same module as the channels_last engine, both on
+the same cores as their decoding): when it is below a remembered target, the engines bound that
+target on this host, not the pipeline around them. And a cold job with `--engine onnxruntime`
+asked (no probe: the export, eager's reference rows and the check only): its overhead's share of
+its feature phase is about the floor of the cold probe's.
 """
 
 from __future__ import annotations
@@ -98,7 +108,31 @@ def peer(name: str, data: Path, batch: int, channels_last: bool) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def zoo_cold(name: str, data: Path, cache: Path, batch: int, remembered: bool) -> tuple[float, dict]:
+def raw_engines(name: str, batch: int, calls: int = 3) -> dict[str, float]:
+    """img/s of zoo's channels_last and onnxruntime engines on a random batch in memory (no decoding,
+    no loader), after one warm-up call each; the ONNX export is not timed."""
+    import torch
+
+    from zoo.backbones import create_backbone
+    from zoo.features.engines import prepare
+
+    module, info = create_backbone(name, weights=None)
+    x = torch.randn(batch, *info.normalization.input_size)
+    cpu, rates = torch.device("cpu"), {}
+    with tempfile.TemporaryDirectory(prefix="zoo-raw-") as tmp:
+        for engine in ("channels_last", "onnxruntime"):
+            run = prepare(engine, module.eval(), x, cpu, onnx_dir=tmp).run
+            with torch.inference_mode():
+                run(x)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    run(x)
+            rates[engine] = calls * batch / (time.perf_counter() - t0)
+    return rates
+
+
+def zoo_cold(name: str, data: Path, cache: Path, batch: int, remembered: bool, engine: str = "auto"
+             ) -> tuple[float, dict]:
     import zoo
 
     if remembered:  # the features go, what the machine learnt about engines stays
@@ -109,14 +143,16 @@ def zoo_cold(name: str, data: Path, cache: Path, batch: int, remembered: bool) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = zoo.train(name, data, weights=None, epochs=1, batch_size=batch, cache_dir=str(cache), progress=False,
-                        seed=0)
+                        seed=0, engine=engine)
     n = run.cache["hits"] + run.cache["misses"]
     return n / run.cache["seconds"], run.cache
 
 
-def fresh(kind: str, name: str, data: Path, batch: int, cache: Path | None = None) -> tuple[float, dict]:
-    """One contender in a fresh process (kind: seed, channels_last, cold, remembered): (img/s, info)."""
-    argv = [sys.executable, __file__, "--contender", kind, "--name", name, "--data", str(data), "--batch", str(batch)]
+def fresh(kind: str, name: str, data: Path | None, batch: int, cache: Path | None = None) -> tuple[float, dict]:
+    """One contender in a fresh process (kind: seed, channels_last, cold, remembered, asked, raw): (img/s, info)."""
+    argv = [sys.executable, __file__, "--contender", kind, "--name", name, "--batch", str(batch)]
+    if data is not None:
+        argv += ["--data", str(data)]
     if cache is not None:
         argv += ["--cache", str(cache)]
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -128,11 +164,16 @@ def fresh(kind: str, name: str, data: Path, batch: int, cache: Path | None = Non
 
 def contender(args) -> int:
     """The child side of fresh(): run one contender, print its result as JSON."""
+    if args.contender == "raw":
+        rates = raw_engines(args.name, args.batch)
+        print(json.dumps({"rate": rates["onnxruntime"], "info": rates}))
+        return 0
     data = Path(args.data)
     if args.contender in ("seed", "channels_last"):
         result = {"rate": peer(args.name, data, args.batch, channels_last=args.contender == "channels_last")}
     else:
-        rate, info = zoo_cold(args.name, data, Path(args.cache), args.batch, remembered=args.contender == "remembered")
+        rate, info = zoo_cold(args.name, data, Path(args.cache), args.batch, remembered=args.contender == "remembered",
+                              engine="onnxruntime" if args.contender == "asked" else "auto")
         result = {"rate": rate, "info": info}
     print(json.dumps(result, default=str))
     return 0
@@ -140,7 +181,7 @@ def contender(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contender", choices=("seed", "channels_last", "cold", "remembered"), help=argparse.SUPPRESS)
+    ap.add_argument("--contender", choices=("seed", "channels_last", "cold", "remembered", "asked", "raw"), help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -165,7 +206,7 @@ def main(argv=None) -> int:
                 primed = tmp / f"primed-{name.replace('/', '_')}-{n}"
                 fresh("cold", name, data, args.batch, primed)  # leaves its engine choice behind
                 rates: dict[str, list[float]] = {"seed": [], "channels_last": [], "zoo cold": [], "zoo remembered": []}
-                notes, overheads = [], []
+                notes, overheads, raw, asked = [], [], [], []
                 for r in range(args.rounds):
                     rates["seed"].append(fresh("seed", name, data, args.batch)[0])
                     rate, info = fresh("cold", name, data, args.batch, tmp / "fresh")
@@ -174,18 +215,26 @@ def main(argv=None) -> int:
                     rates["channels_last"].append(fresh("channels_last", name, data, args.batch)[0])
                     rate, rinfo = fresh("remembered", name, data, args.batch, primed)
                     rates["zoo remembered"].append(rate)
+                    raw.append(fresh("raw", name, None, args.batch)[1])
+                    _, ainfo = fresh("asked", name, data, args.batch, tmp / "fresh")
+                    asked.append(ainfo["engine"].get("overhead_seconds", 0.0) / max(ainfo["seconds"], 1e-9))
                     print(f"{name} {n} round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
                           + f" | cold engine {info['engine'].get('name')} ({info['engine'].get('how')}; probe "
                           f"overhead {info['engine'].get('overhead_seconds')} s of a {info['seconds']} s feature "
                           f"phase; prepared {info['engine'].get('prepare_seconds')}; rejected "
-                          f"{info['engine'].get('rejected')}), remembered {rinfo['engine'].get('name')}", flush=True)
+                          f"{info['engine'].get('rejected')}), remembered {rinfo['engine'].get('name')} | raw engines on a batch in "
+                          f"memory: onnxruntime {raw[-1]['onnxruntime']:.1f}, channels_last {raw[-1]['channels_last']:.1f} | asked "
+                          f"onnxruntime cold: overhead {ainfo['engine'].get('overhead_seconds')} s of {ainfo['seconds']} s",
+                          flush=True)
                     overheads.append(info["engine"].get("overhead_seconds", 0.0) / max(info["seconds"], 1e-9))
                 med = {k: statistics.median(v) for k, v in rates.items()}
-                rows.append((name, n, med, statistics.median(overheads)))
+                raw_ratio = statistics.median(r["onnxruntime"] / r["channels_last"] for r in raw)
+                rows.append((name, n, med, statistics.median(overheads), raw_ratio, statistics.median(asked)))
         print("\n| backbone | images | seed img/s | channels_last | zoo cold | zoo remembered | cold/seed | "
-              "cold/cl | remembered/seed | remembered/cl | cold probe overhead | targets (cold) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, n, med, overhead in rows:
+              "cold/cl | remembered/seed | remembered/cl | raw ort/cl (diagnostic) | cold probe overhead | asked ort "
+              "overhead (diagnostic) | targets (cold) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, n, med, overhead, raw_ratio, asked_overhead in rows:
             ts, tc = TARGETS.get(n, (1.5, 1.2))
             cs, cc = med["zoo cold"] / med["seed"], med["zoo cold"] / med["channels_last"]
             rs, rc = med["zoo remembered"] / med["seed"], med["zoo remembered"] / med["channels_last"]
@@ -193,8 +242,8 @@ def main(argv=None) -> int:
             if name == "torchvision/resnet18":
                 ok += "; remembered >= 1.8x / 1.4x " + ("met" if rs >= 1.8 and rc >= 1.4 else "MISSED")
             print(f"| {name} | {n} | {med['seed']:.1f} | {med['channels_last']:.1f} | {med['zoo cold']:.1f} | "
-                  f"{med['zoo remembered']:.1f} | {cs:.2f}x | {cc:.2f}x | {rs:.2f}x | {rc:.2f}x | {overhead:.0%} "
-                  f"(< 10%: {'met' if overhead < 0.1 else 'MISSED'}) | >= {ts}x / {tc}x "
+                  f"{med['zoo remembered']:.1f} | {cs:.2f}x | {cc:.2f}x | {rs:.2f}x | {rc:.2f}x | {raw_ratio:.2f}x | {overhead:.0%} "
+                  f"(< 10%: {'met' if overhead < 0.1 else 'MISSED'}) | {asked_overhead:.0%} | >= {ts}x / {tc}x "
                   f"{ok} |")
     return 0
 
