@@ -119,23 +119,6 @@ def ours(data: Path, weights: Path, epochs: int, batch: int, lr: float, size: in
     return {"seconds": time.perf_counter() - t0, "val_top1": run.val_top1, "cache": run.cache}
 
 
-def raw_rate(module, engine: str, batch: int, size: int, calls: int = 3) -> float:
-    """img/s of zoo's `engine` on a random batch in memory, after one warm-up call."""
-    import torch
-
-    from zoo.features.engines import prepare
-
-    x = torch.randn(batch, 3, size, size)
-    with tempfile.TemporaryDirectory(prefix="zoo-raw-") as tmp:
-        run = prepare(engine, module.eval(), x, torch.device("cpu"), onnx_dir=tmp).run
-        with torch.inference_mode():
-            run(x)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run(x)
-    return calls * batch / (time.perf_counter() - t0)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
@@ -146,6 +129,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from bench_extraction import raw_rates
     from zoo.backbones import create_backbone
     from zoo.io import save_safetensors
 
@@ -162,7 +146,7 @@ def main(argv=None) -> int:
         bf16 = ours(*common, cache=tmp / "cache-bf16", amp="bf16")
         ort = ours(*common, cache=tmp / "cache-ort", engine="onnxruntime")
         slow = naive(*common)
-        raw = raw_rate(module, "onnxruntime", 64, args.size)
+        raw = raw_rates("torchvision/resnet18", 64, engines=["onnxruntime"])["onnxruntime"]  # speed: not the weights
     print(f"end to end: {args.images} images (160 train / 40 val), {args.epochs} epochs, batch {args.batch}, "
           f"{args.size}px, ResNet-18 random init, CPU x{torch.get_num_threads()} threads")
     print(f"{'contender':<40}{'seconds':>9}{'val top-1':>11}{'speedup':>9}")

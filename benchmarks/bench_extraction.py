@@ -41,7 +41,10 @@ def write_jpegs(root: Path, n: int, px: int) -> Path:
     return root
 
 
-def raw_rates(name: str, batch: int, threads: int) -> dict[str, float]:
+def raw_rates(name: str, batch: int, threads: int | None = None, engines: list[str] | None = None) -> dict[str, float]:
+    """img/s of each of zoo's `engines` (default: every CPU engine) on one random batch in memory, as
+    the trainer prepares them, timed after a warm-up call (the ONNX export is not timed); an engine
+    that fails is printed and left out. Also the other benchmarks' raw diagnostic."""
     import torch
 
     from zoo.features import engines as E
@@ -52,7 +55,8 @@ def raw_rates(name: str, batch: int, threads: int) -> dict[str, float]:
     size = info.normalization.input_size[-1]
     x = torch.randn(batch, 3, size, size)
     out = {}
-    names = ["eager", "channels_last", "onnxruntime"] + (["bf16"] if E.bf16_supported(torch.device("cpu")) else [])
+    names = engines or ["eager", "channels_last", "onnxruntime"] + (
+        ["bf16"] if E.bf16_supported(torch.device("cpu")) else [])
     with tempfile.TemporaryDirectory() as onnx_dir:
         for eng in names:
             try:

@@ -26,9 +26,9 @@ Targets (issue 21): zoo cold >= 1.5x seed and >= 1.2x channels_last at 640 and 2
 ["overhead_seconds"]) under 10% of the feature phase.
 
 Diagnostic, not a target (a raw engine on tensors in memory): each round also times zoo's own
-channels_last and onnxruntime engines (zoo.features.engines.prepare, as the trainer prepares them)
-on one random batch of `--batch` rows at the backbone's input size, in a fresh process, after one
-warm-up call. Their ratio is about the ceiling of remembered/cl (the remembered job runs the
+channels_last and onnxruntime engines (bench_extraction.raw_rates: as the trainer prepares them, on
+one random batch of `--batch` rows at the backbone's input size, after a warm-up call), in a fresh
+process. Their ratio is about the ceiling of remembered/cl (the remembered job runs the
 onnxruntime engine, the channels_last loader the same module as the channels_last engine, both on
 the same cores as their decoding): when it is below a remembered target, the engines bound that
 target on this host, not the pipeline around them. And a cold job with `--engine onnxruntime`
@@ -109,29 +109,6 @@ def peer(name: str, data: Path, batch: int, channels_last: bool) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def raw_engines(name: str, batch: int, calls: int = 3) -> dict[str, float]:
-    """img/s of zoo's channels_last and onnxruntime engines on a random batch in memory (no decoding,
-    no loader), after one warm-up call each; the ONNX export is not timed."""
-    import torch
-
-    from zoo.backbones import create_backbone
-    from zoo.features.engines import prepare
-
-    module, info = create_backbone(name, weights=None)
-    x = torch.randn(batch, *info.normalization.input_size)
-    cpu, rates = torch.device("cpu"), {}
-    with tempfile.TemporaryDirectory(prefix="zoo-raw-") as tmp:
-        for engine in ("channels_last", "onnxruntime"):
-            run = prepare(engine, module.eval(), x, cpu, onnx_dir=tmp).run
-            with torch.inference_mode():
-                run(x)
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    run(x)
-            rates[engine] = calls * batch / (time.perf_counter() - t0)
-    return rates
-
-
 def zoo_cold(name: str, data: Path, cache: Path, batch: int, remembered: bool, engine: str = "auto"
              ) -> tuple[float, dict]:
     import zoo
@@ -166,7 +143,9 @@ def fresh(kind: str, name: str, data: Path | None, batch: int, cache: Path | Non
 def contender(args) -> int:
     """The child side of fresh(): run one contender, print its result as JSON."""
     if args.contender == "raw":
-        rates = raw_engines(args.name, args.batch)
+        from bench_extraction import raw_rates
+
+        rates = raw_rates(args.name, args.batch, engines=["channels_last", "onnxruntime"])
         print(json.dumps({"rate": rates["onnxruntime"], "info": rates}))
         return 0
     data = Path(args.data)
